@@ -1,0 +1,233 @@
+"""The training config: one YAML file, validated strictly, every key documented.
+
+Unknown keys are errors (a typo that silently falls back to a default costs a GPU day).
+``describe_keys()`` renders the reference that ``kt train --help`` prints.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+STAGES = ("finetune_teacher", "distill", "finetune_student", "export", "evaluate")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetRef(_Strict):
+    path: str = Field(
+        description="ImageFolder directory or .zip, or a CSV/JSONL manifest with path,label columns; "
+        "unlabeled sets also take webdataset .tar shards (a directory, a list, or name-{000..009}.tar)"
+    )
+    split: str | None = Field(None, description="list file: keep only these entries (one relative path per line)")
+    root: str | None = Field(None, description="base directory for relative paths in a manifest")
+    max_items: int | None = Field(None, ge=1, description="use a seeded random subset of this many items")
+
+
+class AugmentConfig(_Strict):
+    scale_min: float = Field(0.25, gt=0, le=1, description="smallest RandomResizedCrop area fraction")
+    hflip: bool = Field(True, description="random horizontal flips")
+    vflip: bool = Field(False, description="random vertical flips (aerial / microscopy images)")
+    color_jitter: float = Field(0.0, ge=0, le=1, description="brightness/contrast/saturation jitter strength")
+
+
+class OptimConfig(_Strict):
+    steps: int = Field(100, ge=0, description="optimizer steps (0 skips this phase)")
+    batch_size: int = Field(64, ge=1, description="images per step")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW; cosine decay after linear warmup)")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not applied to norms and biases)")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup steps")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy loss")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="training augmentation")
+
+
+class TeacherConfig(_Strict):
+    model: str = Field(
+        "timm:test_vit", description="model spec timm:<name>[@tag|path] or open_clip:<arch>[@tag|path]"
+    )
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra create_model kwargs")
+    head: Literal["linear", "mlp"] = Field("linear", description="task head on the pooled features")
+    image_size: int | None = Field(None, ge=8, description="input side in pixels (default: the model's)")
+    norm_eval: bool = Field(False, description="keep batch-norm layers in eval mode while finetuning")
+
+
+class StudentConfig(_Strict):
+    model: str = Field("timm:resnet10t", description="timm model spec of the student")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model kwargs")
+    image_size: int | None = Field(None, ge=8, description="input side in pixels (default: the model's)")
+
+
+class DataConfigSection(_Strict):
+    train: DatasetRef | None = Field(None, description="the labeled images")
+    val: DatasetRef | None = Field(None, description="labeled images for validation (never trained on)")
+    test: DatasetRef | None = Field(None, description="labeled images the evaluate stage reports on")
+    transfer: DatasetRef | None = Field(None, description="the unlabeled transfer set for distillation")
+    view_size: int | None = Field(
+        None, ge=8, description="side of the augmented view both models see (default: the larger input size)"
+    )
+    cache_images: bool = Field(True, description="decode every image once and keep it in memory")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = in the training process)")
+
+
+class FinetuneTeacherConfig(_Strict):
+    linear_probe: OptimConfig = Field(
+        default_factory=lambda: OptimConfig(steps=100, lr=1e-2, weight_decay=0.0),
+        description="phase 1: train the head only on frozen features",
+    )
+    full_finetune: OptimConfig = Field(
+        default_factory=lambda: OptimConfig(steps=0, lr=1e-4),
+        description="phase 2: finetune all layers (steps 0 = linear probe only)",
+    )
+    layer_decay: float | None = Field(
+        None, gt=0, le=1, description="layer-wise lr decay in the full finetune (ViTs: 0.65-0.75)"
+    )
+
+
+class DistillConfig(OptimConfig):
+    method: Literal["task_oriented", "task_agnostic"] = Field(
+        "task_oriented",
+        description="task_oriented: match the finetuned teacher's class probabilities; "
+        "task_agnostic: match frozen backbone features (baseline)",
+    )
+    temperature: float = Field(4.0, gt=0, description="softmax temperature of the KL term")
+    ce_weight: float = Field(0.0, ge=0, description="weight of a cross-entropy term on labeled batches")
+    feature_loss: Literal["cosine", "contrastive"] = Field(
+        "cosine", description="task_agnostic only: how projected student features match teacher features"
+    )
+    feature_source: Literal["pretrained", "finetuned"] = Field(
+        "pretrained", description="task_agnostic only: features of the pretrained or the finetuned teacher backbone"
+    )
+
+
+class ExportConfig(_Strict):
+    formats: list[Literal["safetensors", "onnx", "torchscript"]] = Field(
+        default_factory=lambda: ["safetensors", "onnx", "torchscript"], description="files to write"
+    )
+    opset: int = Field(17, ge=11, description="ONNX opset")
+
+
+class TrainConfig(_Strict):
+    seed: int = Field(0, description="seed of every random choice")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    out_dir: str = Field("runs/kt", description="where each stage writes <out_dir>/<stage>/")
+    stages: list[Literal[STAGES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(STAGES), description=f"stages to run, in order: {', '.join(STAGES)}"
+    )
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="save last.ckpt every N steps (default: every epoch of the data)"
+    )
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    data: DataConfigSection = Field(default_factory=DataConfigSection)
+    finetune_teacher: FinetuneTeacherConfig = Field(default_factory=FinetuneTeacherConfig)
+    distill: DistillConfig = Field(default_factory=lambda: DistillConfig(steps=200, lr=2e-3))
+    finetune_student: OptimConfig = Field(default_factory=lambda: OptimConfig(steps=100, lr=5e-4))
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The valid keys at a config location, for did-you-mean hints."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        sub = _submodel(field)
+        if sub is None:
+            return []
+        model = sub
+    return list(model.model_fields)
+
+
+def _explain(e: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for err in e.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc)
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _field_names(TrainConfig, loc), n=1)
+            hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
+            lines.append(f"unknown key '{key}'{hint}; `kt train --help` lists every key")
+        else:
+            lines.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
+    return ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines))
+
+
+def parse_config(data: dict[str, Any] | None, source: str = "") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data or {})
+    except ValidationError as e:
+        raise _explain(e, source) from None
+
+
+def set_key(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Apply a ``a.b.c=value`` override to a nested dict."""
+    node = data
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    data: dict[str, Any] = {}
+    source = "(defaults)"
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of keys, not {type(data).__name__}")
+        source = str(p)
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key.sub=value")
+        k, v = ov.split("=", 1)
+        set_key(data, k.strip(), yaml.safe_load(v))
+    return parse_config(data, source)
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _submodel(field: Any) -> type[BaseModel] | None:
+    ann = field.annotation
+    for a in (ann, *getattr(ann, "__args__", ())):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
+
+
+def _fmt(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def describe_keys(model: type[BaseModel] = TrainConfig, value: BaseModel | None = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, description) for every key, depth first: the reference `kt train --help` prints."""
+    if value is None and model is TrainConfig:
+        value = TrainConfig()
+    rows: list[tuple[str, str, str]] = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        v = getattr(value, name) if value is not None else (None if field.is_required() else field.get_default(call_default_factory=True))
+        sub = _submodel(field)
+        if sub is not None:
+            rows.append((key, "" if isinstance(v, BaseModel) else _fmt(v), field.description or ""))
+            rows.extend(describe_keys(sub, v if isinstance(v, BaseModel) else None, f"{key}."))
+        else:
+            rows.append((key, "(required)" if field.is_required() else _fmt(v), field.description or ""))
+    return rows

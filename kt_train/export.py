@@ -1,0 +1,500 @@
+"""Export a trained timm student to deployable files plus a model card.
+
+Every artifact is derived from one CPU model rebuilt exactly the way a consumer will rebuild it
+(``timm.create_model(timm_name, num_classes=..., **model_kwargs)`` + strict ``load_state_dict``), so a
+mismatch between the trained model and its recorded recipe fails here, not in production. Each
+format is verified numerically against that model before the card, written last, declares it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kt_train.errors import ConfigError, KTError
+
+SUPPORTED_FORMATS: tuple[str, ...] = ("safetensors", "onnx", "torchscript")
+
+FILE_NAMES: dict[str, str] = {
+    "safetensors": "model.safetensors",
+    "onnx": "model.onnx",
+    "torchscript": "model.torchscript.pt",
+}
+CARD_NAME = "model_card.json"
+
+ONNX_INPUT_NAME = "input"
+ONNX_OUTPUT_NAME = "logits"
+
+# Batch sizes used to verify exported files: 2 is the traced size, 3 proves the batch axis is dynamic.
+_VERIFY_BATCHES = (2, 3)
+_VERIFY_SEED = 0
+
+
+class ExportError(KTError):
+    """An exported file cannot be produced or does not reproduce the torch model's logits."""
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------------
+
+
+def export_model(
+    model: torch.nn.Module,
+    *,
+    timm_name: str,
+    model_kwargs: dict,
+    num_classes: int,
+    input_size: int,
+    out_dir: str | Path,
+    formats: Sequence[str] = SUPPORTED_FORMATS,
+    card: dict | None = None,
+    opset: int = 17,
+    atol: float = 1e-4,
+) -> dict[str, Path]:
+    """Write the requested formats and ``model_card.json`` to ``out_dir``; return ``{format|"card": path}``.
+
+    ``model`` is a timm classifier producing raw logits from normalized input. It is never modified:
+    all work happens on CPU copies, so its device and train/eval mode are unchanged for the caller.
+    The card is written last, so its presence means every listed file was written and verified.
+    """
+    fmts = _check_formats(formats)
+    model_kwargs = dict(model_kwargs or {})
+    _check_args(timm_name, model_kwargs, num_classes, input_size, opset, atol)
+    caller_card = dict(card or {})
+    _to_json(caller_card)  # fail fast on an unserializable card, before any expensive work
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    state = _cpu_state_dict(model)
+    ref = _rebuild(timm_name, model_kwargs, num_classes, state)
+    export_info: dict[str, Any] = {"verify_batches": list(_VERIFY_BATCHES), "atol": atol}
+    export_info["torch_reload_max_abs_diff"] = _check_reload_parity(model, ref, input_size, atol)
+
+    written: dict[str, Path] = {}
+    for fmt in fmts:
+        path = out / FILE_NAMES[fmt]
+        if fmt == "safetensors":
+            _export_safetensors(state, path)
+        elif fmt == "onnx":
+            export_info.update(_export_onnx(ref, path, input_size, opset, atol))
+        else:
+            export_info["torchscript_max_abs_diff"] = _export_torchscript(ref, path, input_size, atol)
+        written[fmt] = path
+    export_info["versions"] = _versions()
+
+    full_card = _build_card(
+        caller_card, timm_name, model_kwargs, num_classes, input_size, written, export_info
+    )
+    card_path = out / CARD_NAME
+    _atomic_write(card_path, lambda tmp: tmp.write_text(_to_json(full_card) + "\n", encoding="utf-8"))
+    written["card"] = card_path
+    return written
+
+
+def load_exported(out_dir: str | Path) -> torch.nn.Module:
+    """Rebuild the timm model described by ``out_dir/model_card.json`` from its safetensors, in eval mode.
+
+    Uses the same recipe the card advertises, so this is the reference way to consume an export.
+    """
+    import safetensors.torch
+    import timm
+
+    out = Path(out_dir)
+    card_path = out / CARD_NAME
+    if not card_path.is_file():
+        raise ExportError(f"{card_path} not found; is {out} the out_dir of an export_model call?")
+    try:
+        meta = json.loads(card_path.read_text(encoding="utf-8"))
+        timm_name = meta["timm_name"]
+        num_classes = int(meta["num_classes"])
+        model_kwargs = dict(meta.get("model_kwargs") or {})
+        files = meta.get("files") or {}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"{card_path} is not a valid model card: {e}") from e
+    if "safetensors" not in files:
+        raise ExportError(
+            f"{card_path} lists no safetensors file (files: {sorted(files)}); "
+            "re-export with 'safetensors' in formats to make it loadable."
+        )
+    weights = out / files["safetensors"]
+    if not weights.is_file():
+        raise ExportError(f"{weights} listed in {card_path} does not exist")
+    model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, **model_kwargs)
+    model.load_state_dict(safetensors.torch.load_file(str(weights)), strict=True)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_formats(formats: Sequence[str]) -> list[str]:
+    """Normalize ``formats`` to an ordered, de-duplicated list of supported names."""
+    if isinstance(formats, str):  # a lone "onnx" would otherwise iterate as characters
+        formats = (formats,)
+    fmts = list(dict.fromkeys(str(f).strip().lower() for f in formats))
+    unknown = [f for f in fmts if f not in SUPPORTED_FORMATS]
+    if unknown:
+        raise ConfigError(
+            f"unknown export format(s) {unknown}; supported formats are {list(SUPPORTED_FORMATS)}"
+        )
+    if not fmts:
+        raise ConfigError(f"no export format requested; choose from {list(SUPPORTED_FORMATS)}")
+    return fmts
+
+
+def _check_args(
+    timm_name: str, model_kwargs: dict, num_classes: int, input_size: int, opset: int, atol: float
+) -> None:
+    """Reject arguments that would produce an export that cannot be rebuilt from its card."""
+    if not isinstance(timm_name, str) or not timm_name:
+        raise ConfigError("timm_name must be a non-empty timm model name, e.g. 'resnet18'")
+    for key in ("num_classes", "pretrained"):
+        if key in model_kwargs:
+            raise ConfigError(
+                f"model_kwargs must not contain {key!r}: the export records num_classes separately "
+                "and the weights always come from the exported safetensors"
+            )
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a positive int, got {num_classes!r}")
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
+        raise ConfigError(f"input_size must be a positive int (pixels), got {input_size!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 7:
+        raise ConfigError(f"opset must be an int ONNX opset version (e.g. 17), got {opset!r}")
+    if not atol > 0:
+        raise ConfigError(f"atol must be > 0, got {atol!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# model handling
+# --------------------------------------------------------------------------------------------------
+
+
+def _cpu_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU copies of the state dict.
+
+    Cloning also un-ties shared storage, which ``safetensors`` refuses to save.
+    """
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+def _rebuild(
+    timm_name: str, model_kwargs: dict, num_classes: int, state: Mapping[str, torch.Tensor]
+) -> torch.nn.Module:
+    """Rebuild the model the way consumers will; a strict-load failure means the recipe is wrong."""
+    import timm
+
+    try:
+        model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, **model_kwargs)
+    except Exception as e:
+        raise ExportError(
+            f"timm.create_model({timm_name!r}, num_classes={num_classes}, **{model_kwargs!r}) failed: {e}"
+        ) from e
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ExportError(
+            f"the model's weights do not fit timm.create_model({timm_name!r}, num_classes={num_classes}, "
+            f"**{model_kwargs!r}); pass the timm_name/model_kwargs/num_classes it was created with. {e}"
+        ) from e
+    return model.float().eval()
+
+
+def _check_reload_parity(
+    model: torch.nn.Module, ref: torch.nn.Module, input_size: int, atol: float
+) -> float | None:
+    """Compare the caller's model with the rebuilt one on CPU; return the max abs diff.
+
+    Catches recipe drift that leaves the state dict intact (e.g. a different ``pad_type`` or
+    activation). Runs on a deep copy so the caller's model keeps its device and mode. Returns None when
+    the model cannot be deep-copied (the strict state-dict load still guards the weights then).
+    """
+    try:
+        twin = copy.deepcopy(model).to("cpu").float().eval()
+    except Exception:
+        return None
+    x = _verify_inputs(input_size)[0]
+    with torch.no_grad():
+        expected = twin(x)
+        got = _ref_logits(ref, x)
+    if expected.shape != got.shape:
+        raise ExportError(
+            f"the model's logits have shape {tuple(expected.shape)} but the rebuilt model gives "
+            f"{tuple(got.shape)}; check timm_name/num_classes/model_kwargs"
+        )
+    diff = _max_abs_diff(expected, got)
+    if diff > atol:
+        raise ExportError(
+            f"rebuilding the model from timm_name/model_kwargs changes its logits (max abs diff {diff:.3g} > "
+            f"atol {atol:g}); model_kwargs must contain every create_model option the model was built with"
+        )
+    return diff
+
+
+def _ref_logits(ref: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits of the reference model, checked to be (batch, num_classes)."""
+    with torch.no_grad():
+        out = ref(x)
+    num_classes = getattr(ref, "num_classes", None)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ExportError(f"the model must return (batch, num_classes) logits, got {shape}")
+    if num_classes is not None and out.shape[1] != num_classes:
+        raise ExportError(f"the model returns {out.shape[1]} logits but num_classes={num_classes}")
+    return out
+
+
+def _verify_inputs(input_size: int) -> list[torch.Tensor]:
+    """Deterministic standard-normal batches: the model expects normalized input, so N(0,1) is realistic."""
+    gen = torch.Generator().manual_seed(_VERIFY_SEED)
+    return [torch.randn(b, 3, input_size, input_size, generator=gen) for b in _VERIFY_BATCHES]
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    diff = (a.detach().float().cpu() - b.detach().float().cpu()).abs().max().item()
+    return float("inf") if diff != diff else float(diff)  # NaN must never pass a tolerance check
+
+
+# --------------------------------------------------------------------------------------------------
+# formats
+# --------------------------------------------------------------------------------------------------
+
+
+def _export_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    import safetensors.torch
+
+    _atomic_write(path, lambda tmp: safetensors.torch.save_file(state, str(tmp)))
+
+
+@contextlib.contextmanager
+def _quiet_torch_warnings() -> Iterator[None]:
+    """Silence deprecation and tracer warnings from torch.jit / torch.onnx.
+
+    Both are deprecated in torch 2.x but still work; the numeric verification below is what decides
+    whether an export is usable, so the warnings would only be noise for users.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
+
+
+def _export_torchscript(ref: torch.nn.Module, path: Path, input_size: int, atol: float) -> float:
+    """Trace in eval mode, save atomically, reload the file and verify it against torch."""
+    xs = _verify_inputs(input_size)
+    try:
+        with _quiet_torch_warnings(), torch.no_grad():
+            traced = torch.jit.trace(ref, xs[0], check_trace=False)
+            _atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp)))
+            loaded = torch.jit.load(str(path), map_location="cpu")
+            diff = max(_max_abs_diff(loaded(x), _ref_logits(ref, x)) for x in xs)
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"TorchScript export failed with torch {torch.__version__}: {e}") from e
+    if diff > atol:
+        raise ExportError(
+            f"TorchScript export of {path.name} differs from torch by {diff:.3g} (> atol {atol:g})"
+        )
+    return diff
+
+
+def _onnx_export_legacy(ref: torch.nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
+    """TorchScript-based exporter: fast, honors opset <= 17, and handles timm CNNs and ViTs."""
+    with _quiet_torch_warnings():
+        torch.onnx.export(
+            ref,
+            (x,),
+            str(path),
+            dynamo=False,
+            input_names=[ONNX_INPUT_NAME],
+            output_names=[ONNX_OUTPUT_NAME],
+            opset_version=opset,
+            dynamic_axes={ONNX_INPUT_NAME: {0: "batch"}, ONNX_OUTPUT_NAME: {0: "batch"}},
+            do_constant_folding=True,
+        )
+
+
+def _onnx_export_dynamo(ref: torch.nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
+    """torch.export-based exporter (needs onnxscript): the fallback for when the legacy one is gone."""
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with _quiet_torch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # it prints progress
+        torch.onnx.export(
+            ref,
+            (x,),
+            str(path),
+            dynamo=True,
+            input_names=[ONNX_INPUT_NAME],
+            output_names=[ONNX_OUTPUT_NAME],
+            opset_version=opset,
+            dynamic_shapes=({0: batch},),
+            external_data=False,  # one self-contained file; student models are far below 2 GB
+            verbose=False,
+        )
+
+
+_ONNX_EXPORTERS: tuple[tuple[str, Callable[[torch.nn.Module, torch.Tensor, Path, int], None]], ...] = (
+    ("torchscript", _onnx_export_legacy),
+    ("dynamo", _onnx_export_dynamo),
+)
+
+
+def _export_onnx(
+    ref: torch.nn.Module, path: Path, input_size: int, opset: int, atol: float
+) -> dict[str, Any]:
+    """Export with the first exporter whose file onnxruntime runs within ``atol``; raise if none does."""
+    xs = _verify_inputs(input_size)
+    expected = [_ref_logits(ref, x) for x in xs]
+    failures: list[str] = []
+    for name, exporter in _ONNX_EXPORTERS:
+        result: dict[str, Any] = {}
+
+        def write(tmp: Path, exporter=exporter, result=result) -> None:
+            # Verify the temp file before os.replace, so a bad model never lands at ``path``.
+            exporter(ref, xs[0], tmp, opset)
+            result.update(_verify_onnx(tmp, xs, expected))
+            if result["onnx_max_abs_diff"] > atol:
+                raise ExportError(
+                    f"onnxruntime differs from torch by {result['onnx_max_abs_diff']:.3g} (> atol {atol:g})"
+                )
+
+        try:
+            _atomic_write(path, write)
+        except Exception as e:
+            failures.append(f"{name} exporter: {type(e).__name__}: {e}")
+            continue
+        return {"onnx_exporter": name, **result}
+    raise ExportError(f"ONNX export failed with torch {torch.__version__}: " + "; ".join(failures))
+
+
+def _verify_onnx(path: Path, xs: list[torch.Tensor], expected: list[torch.Tensor]) -> dict[str, Any]:
+    """Check the graph, run it in onnxruntime on every verify batch and measure the diff to torch."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    opsets = {imp.domain: imp.version for imp in proto.opset_import}
+    inputs = [i.name for i in proto.graph.input]
+    outputs = [o.name for o in proto.graph.output]
+    if inputs != [ONNX_INPUT_NAME] or outputs != [ONNX_OUTPUT_NAME]:
+        raise ExportError(
+            f"ONNX graph has inputs {inputs} / outputs {outputs}, expected ['input'] / ['logits']"
+        )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    diff = 0.0
+    for x, want in zip(xs, expected, strict=True):
+        (got,) = session.run([ONNX_OUTPUT_NAME], {ONNX_INPUT_NAME: x.numpy()})
+        diff = max(diff, _max_abs_diff(torch.from_numpy(got), want))
+    return {"onnx_max_abs_diff": diff, "onnx_opset": opsets.get("", opsets.get("ai.onnx"))}
+
+
+# --------------------------------------------------------------------------------------------------
+# card and files
+# --------------------------------------------------------------------------------------------------
+
+
+def _build_card(
+    caller_card: dict,
+    timm_name: str,
+    model_kwargs: dict,
+    num_classes: int,
+    input_size: int,
+    written: dict[str, Path],
+    export_info: dict[str, Any],
+) -> dict[str, Any]:
+    """Merge the caller's fields with the export facts; the facts win, a caller ``export`` dict is merged."""
+    card = dict(caller_card)
+    card.update(
+        {
+            "timm_name": timm_name,
+            "model_kwargs": model_kwargs,
+            "num_classes": num_classes,
+            "input_size": input_size,
+            "files": {fmt: p.name for fmt, p in written.items()},
+            "sha256": {fmt: _sha256(p) for fmt, p in written.items()},
+            "export": {**(caller_card.get("export") or {}), **export_info},
+        }
+    )
+    if "safetensors" in written:
+        card["load"] = _load_snippet(timm_name, model_kwargs, num_classes, written["safetensors"].name)
+    else:
+        card.pop("load", None)
+    return card
+
+
+def _load_snippet(timm_name: str, model_kwargs: dict, num_classes: int, weights_name: str) -> str:
+    kwargs = "".join(f", {k}={v!r}" for k, v in model_kwargs.items())
+    return (
+        "import timm, safetensors.torch as st; "
+        f"m = timm.create_model({timm_name!r}, num_classes={num_classes}{kwargs}); "
+        f"m.load_state_dict(st.load_file({weights_name!r})); m.eval()"
+    )
+
+
+def _versions() -> dict[str, str | None]:
+    """Library versions that determine how the files were produced (for reproducing or debugging)."""
+    versions: dict[str, str | None] = {"torch": torch.__version__}
+    for mod in ("timm", "onnx", "onnxruntime", "safetensors"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:
+            versions[mod] = None
+    return versions
+
+
+def _json_default(obj: Any) -> Any:
+    """Make common non-JSON card values serializable (paths, numpy/torch scalars and arrays)."""
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy arrays/scalars, torch tensors
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def _to_json(card: dict) -> str:
+    try:
+        return json.dumps(card, indent=2, sort_keys=False, default=_json_default, allow_nan=True)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model card is not JSON serializable: {e}") from e
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp)`` on a temp file next to ``path``, then ``os.replace`` it into place.
+
+    Readers therefore see either the old file or the complete new one, never a partial file. The temp
+    name keeps the real suffix because some writers (torch.onnx) look at it.
+    """
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,513 @@
+"""The pipeline stages, each a plain function ``stage(cfg, inputs, out_dir) -> outputs``.
+
+A stage writes only inside ``out_dir`` (atomically), writes ``_SUCCESS`` last and returns at once
+when it finds that marker, so a crashed or redelivered run resumes instead of redoing work.
+Training stages also resume mid-way from ``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import STAGES, DatasetRef, OptimConfig, TrainConfig, dump_config
+from .data import ImageDataset, load_labeled, load_unlabeled
+from .errors import ConfigError, DatasetError
+from .evaluate import evaluate_model
+from .io import atomic_write_json, atomic_write_text, is_done, mark_done, read_outputs
+from .losses import contrastive_feature_loss, cosine_feature_loss, kd_loss
+from .models import ImageClassifier, create_backbone, create_student, create_teacher, load_checkpoint, save_checkpoint, set_norm_eval
+from .train import LoopResult, Reporter, param_groups, resolve_device, train_loop
+from .transforms import EvalTransform, TrainAugment
+
+log = logging.getLogger(__name__)
+
+Outputs = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def open_labeled(ref: DatasetRef | None, *, what: str, classes: list[str] | None = None, seed: int = 0, cache: bool = True) -> ImageDataset:
+    if ref is None:
+        raise ConfigError(f"data.{what} is not set; give the path of the {what} images (data.{what}.path)")
+    ds = load_labeled(ref.path, split=ref.split, root=ref.root, classes=classes)
+    ds.name = ds.name or f"{what} ({ref.path})"
+    ds = _subset(ds, ref.max_items, seed)
+    if cache:
+        ds.cache_in_memory()
+    empty = [c for c, n in ds.class_counts().items() if n == 0]
+    if empty and classes is None:
+        raise DatasetError(
+            f"class{'es' if len(empty) > 1 else ''} {', '.join(map(repr, empty))} of {ref.path} "
+            f"{'have' if len(empty) > 1 else 'has'} no readable images; add images or remove the class"
+        )
+    return ds
+
+
+def open_unlabeled(ref: DatasetRef | None, *, what: str = "transfer", seed: int = 0, cache: bool = True) -> ImageDataset:
+    if ref is None:
+        raise ConfigError(f"data.{what} is not set; give the path of the unlabeled {what} images (data.{what}.path)")
+    ds = load_unlabeled(ref.path, split=ref.split, root=ref.root)
+    ds.name = ds.name or f"{what} ({ref.path})"
+    ds = _subset(ds, ref.max_items, seed)
+    if cache:
+        ds.cache_in_memory()
+    return ds
+
+
+def _subset(ds: ImageDataset, n: int | None, seed: int) -> ImageDataset:
+    if n is None or n >= len(ds):
+        return ds
+    g = torch.Generator().manual_seed(seed)
+    keep = sorted(torch.randperm(len(ds), generator=g)[:n].tolist())
+    return ImageDataset(ds.stores, [ds.items[i] for i in keep], ds.classes, ds.transform, ds.name)
+
+
+def with_transform(ds: ImageDataset, transform: Any) -> ImageDataset:
+    """A view of ``ds`` (sharing its decoded-image cache) with another transform."""
+    view = copy.copy(ds)
+    view.transform = transform
+    return view
+
+
+def augment_for(opt: OptimConfig, size: int) -> TrainAugment:
+    a = opt.augment
+    return TrainAugment(size, scale=(a.scale_min, 1.0), hflip=a.hflip, vflip=a.vflip, color_jitter=a.color_jitter)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _stage_begin(out_dir: str | Path, cfg: TrainConfig) -> Path | None:
+    out = Path(out_dir)
+    if is_done(out):
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    return out
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _to_device(model: nn.Module, device: torch.device, channels_last: bool = False) -> nn.Module:
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _views(batch: Any, device: torch.device) -> torch.Tensor:
+    return batch[0].to(device, non_blocking=True)
+
+
+def _save_history(out: Path, **loops: LoopResult) -> dict[str, Any]:
+    timings = {
+        name: {"seconds": round(r.seconds, 2), "images_per_s": round(r.images_per_s, 1), "data_wait_share": round(r.data_wait_share, 3), "resumed_from": r.resumed_from}
+        for name, r in loops.items()
+    }
+    atomic_write_json(out / "history.json", {name: r.history for name, r in loops.items()})
+    return timings
+
+
+def _val_metrics(cfg: TrainConfig, model: ImageClassifier, classes: list[str], device: torch.device) -> dict[str, Any]:
+    if cfg.data.val is None:
+        return {}
+    val = open_labeled(cfg.data.val, what="val", classes=classes, seed=cfg.seed)
+    m = evaluate_model(model, val, device=device, batch_size=256)
+    return {"val_acc": m["top1"]}
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def finetune_teacher(cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None) -> Outputs:
+    """Task head on the foundation model: a linear probe, then (optionally) a full finetune."""
+    out = _stage_begin(out_dir, cfg)
+    if out is None:
+        return read_outputs(out_dir)
+    device = resolve_device(cfg.device)
+    train = open_labeled(cfg.data.train, what="train", seed=cfg.seed)
+    classes = list(train.classes or [])
+    tc = cfg.teacher
+    teacher = create_teacher(tc.model, len(classes), head=tc.head, image_size=tc.image_size, model_kwargs=tc.model_kwargs)
+    teacher = _to_device(teacher, device)
+    size = cfg.data.view_size or teacher.data_config.input_size
+    ft = cfg.finetune_teacher
+
+    def ce_step(opt: OptimConfig):
+        def step(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+            x, y = _views(batch, device), batch[1].to(device)
+            logits = teacher(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=opt.label_smoothing)
+            return loss, {"acc": float((logits.argmax(-1) == y).float().mean())}
+
+        return step
+
+    # Phase 1: linear probe. The trunk is frozen and in eval mode, so its features are those of
+    # the pretrained model and the head learns a clean readout before any trunk weight moves.
+    for p in teacher.net.parameters():
+        p.requires_grad_(False)
+    assert teacher.head is not None
+    probe = train_loop(
+        task="teacher linear probe",
+        modules={"teacher": teacher},
+        groups=param_groups(teacher.head, ft.linear_probe.weight_decay),
+        step_fn=ce_step(ft.linear_probe),
+        dataset=with_transform(train, augment_for(ft.linear_probe, size)),
+        batch_size=ft.linear_probe.batch_size,
+        steps=ft.linear_probe.steps,
+        lr=ft.linear_probe.lr,
+        warmup_steps=ft.linear_probe.warmup_steps,
+        seed=cfg.seed,
+        ckpt_path=out / "linear_probe.last.ckpt",
+        checkpoint_every=cfg.checkpoint_every,
+        num_workers=cfg.data.num_workers,
+        device=device,
+        reporter=reporter,
+        train_mode=lambda: (teacher.eval(), teacher.head.train()),  # type: ignore[union-attr]
+    )
+    loops = {"linear_probe": probe}
+    # Phase 2: full finetune with layer-wise lr decay (ViTs) and, if asked, frozen batch norm.
+    if ft.full_finetune.steps > 0:
+        for p in teacher.parameters():
+            p.requires_grad_(True)
+
+        def finetune_mode() -> None:
+            teacher.train()
+            if tc.norm_eval:
+                set_norm_eval(teacher)
+
+        groups = param_groups(teacher.net, ft.full_finetune.weight_decay, ft.layer_decay) + param_groups(
+            teacher.head, ft.full_finetune.weight_decay
+        )
+        loops["full_finetune"] = train_loop(
+            task="teacher finetune",
+            modules={"teacher": teacher},
+            groups=groups,
+            step_fn=ce_step(ft.full_finetune),
+            dataset=with_transform(train, augment_for(ft.full_finetune, size)),
+            batch_size=ft.full_finetune.batch_size,
+            steps=ft.full_finetune.steps,
+            lr=ft.full_finetune.lr,
+            warmup_steps=ft.full_finetune.warmup_steps,
+            seed=cfg.seed + 1,
+            ckpt_path=out / "last.ckpt",
+            checkpoint_every=cfg.checkpoint_every,
+            num_workers=cfg.data.num_workers,
+            device=device,
+            reporter=reporter,
+            train_mode=finetune_mode,
+        )
+    teacher.eval()
+    metrics = _val_metrics(cfg, teacher, classes, device)
+    timings = _save_history(out, **loops)
+    save_checkpoint(out / "teacher.pt", teacher.cpu(), classes=classes, metrics=metrics, lineage={"teacher": tc.model})
+    return mark_done(out, {"checkpoint": str(out / "teacher.pt"), "classes": classes, "metrics": metrics, "timings": timings, "bad_images": train.bad})
+
+
+def distill(cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None) -> Outputs:
+    """Task-oriented distillation: the student matches the finetuned teacher's softened class
+    probabilities on the transfer set, both models seeing the same augmented view."""
+    if cfg.distill.method == "task_agnostic":
+        return distill_task_agnostic(cfg, inputs, out_dir, reporter)
+    out = _stage_begin(out_dir, cfg)
+    if out is None:
+        return read_outputs(out_dir)
+    device = resolve_device(cfg.device)
+    if "teacher" not in inputs:
+        raise ConfigError("distill needs a finetuned teacher: run finetune_teacher first (stages) or pass inputs['teacher']")
+    teacher, ckpt = load_checkpoint(inputs["teacher"])
+    classes = list(ckpt["classes"])
+    teacher = _freeze(_to_device(teacher, device, channels_last=True))
+    student = _to_device(
+        create_student(cfg.student.model, len(classes), image_size=cfg.student.image_size, model_kwargs=cfg.student.model_kwargs),
+        device,
+    )
+    dc = cfg.distill
+    size = cfg.data.view_size or max(teacher.data_config.input_size, student.data_config.input_size)
+    transfer = with_transform(open_unlabeled(cfg.data.transfer, seed=cfg.seed), augment_for(dc, size))
+    labeled_iter = _labeled_stream(cfg, classes, size, dc) if dc.ce_weight > 0 else None
+
+    def step(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        x = _views(batch, device)
+        with torch.no_grad():
+            t_logits = teacher(x.contiguous(memory_format=torch.channels_last))
+        loss = kd_loss(student(x), t_logits, dc.temperature)
+        metrics = {"kd": float(loss.detach())}
+        if labeled_iter is not None:
+            xl, yl = next(labeled_iter)
+            ce = F.cross_entropy(student(xl.to(device)), yl.to(device))
+            loss = loss + dc.ce_weight * ce
+            metrics["ce"] = float(ce.detach())
+        return loss, metrics
+
+    loop = train_loop(
+        task="distill",
+        modules={"student": student},
+        groups=param_groups(student, dc.weight_decay),
+        step_fn=step,
+        dataset=transfer,
+        batch_size=dc.batch_size,
+        steps=dc.steps,
+        lr=dc.lr,
+        warmup_steps=dc.warmup_steps,
+        seed=cfg.seed,
+        ckpt_path=out / "last.ckpt",
+        checkpoint_every=cfg.checkpoint_every,
+        num_workers=cfg.data.num_workers,
+        device=device,
+        reporter=reporter,
+    )
+    return _finish_student(cfg, out, student, classes, device, {"distill": loop}, lineage={
+        "teacher": ckpt.get("lineage", {}).get("teacher", str(inputs["teacher"])),
+        "teacher_checkpoint": str(inputs["teacher"]),
+        "transfer_set": cfg.data.transfer.model_dump() if cfg.data.transfer else None,
+        "transfer_set_size": len(transfer),
+        "method": "task_oriented",
+    }, bad=transfer.bad)
+
+
+def distill_task_agnostic(cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None) -> Outputs:
+    """The baseline: student features, through a projection, regress (cosine) or contrast onto the
+    frozen teacher backbone's features on the transfer set; no task knowledge is used."""
+    out = _stage_begin(out_dir, cfg)
+    if out is None:
+        return read_outputs(out_dir)
+    device = resolve_device(cfg.device)
+    dc, tc = cfg.distill, cfg.teacher
+    if dc.feature_source == "finetuned":
+        if "teacher" not in inputs:
+            raise ConfigError("distill.feature_source=finetuned needs the finetune_teacher stage first")
+        backbone, ckpt = load_checkpoint(inputs["teacher"])
+        backbone.head = nn.Identity()
+        classes = list(ckpt["classes"])
+    else:
+        backbone = create_backbone(tc.model, image_size=tc.image_size, model_kwargs=tc.model_kwargs)
+        classes = _classes(cfg, inputs)
+    backbone = _freeze(_to_device(backbone, device, channels_last=True))
+    student = _to_device(
+        create_student(cfg.student.model, len(classes), image_size=cfg.student.image_size, model_kwargs=cfg.student.model_kwargs),
+        device,
+    )
+    with torch.no_grad():
+        probe = torch.zeros(2, 3, student.data_config.input_size, student.data_config.input_size, device=device)
+        t_dim = backbone(probe).shape[-1]
+        s_dim = student.features(probe).shape[-1]
+    projection = nn.Linear(s_dim, t_dim).to(device)
+    size = cfg.data.view_size or max(backbone.data_config.input_size, student.data_config.input_size)
+    transfer = with_transform(open_unlabeled(cfg.data.transfer, seed=cfg.seed), augment_for(dc, size))
+    loss_fn = cosine_feature_loss if dc.feature_loss == "cosine" else contrastive_feature_loss
+
+    def step(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        x = _views(batch, device)
+        with torch.no_grad():
+            target = backbone(x.contiguous(memory_format=torch.channels_last))
+        return loss_fn(projection(student.features(x)), target), {}
+
+    loop = train_loop(
+        task="distill (task-agnostic)",
+        modules={"student": student, "projection": projection},
+        groups=param_groups(student, dc.weight_decay) + param_groups(projection, dc.weight_decay),
+        step_fn=step,
+        dataset=transfer,
+        batch_size=dc.batch_size,
+        steps=dc.steps,
+        lr=dc.lr,
+        warmup_steps=dc.warmup_steps,
+        seed=cfg.seed,
+        ckpt_path=out / "last.ckpt",
+        checkpoint_every=cfg.checkpoint_every,
+        num_workers=cfg.data.num_workers,
+        device=device,
+        reporter=reporter,
+    )
+    return _finish_student(cfg, out, student, classes, device, {"distill": loop}, lineage={
+        "teacher": tc.model,
+        "transfer_set": cfg.data.transfer.model_dump() if cfg.data.transfer else None,
+        "transfer_set_size": len(transfer),
+        "method": "task_agnostic",
+        "feature_loss": dc.feature_loss,
+    }, bad=transfer.bad, evaluate=False)
+
+
+def finetune_student(cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None) -> Outputs:
+    """Cross-entropy on the labeled images, from the distilled student (or from scratch if none)."""
+    out = _stage_begin(out_dir, cfg)
+    if out is None:
+        return read_outputs(out_dir)
+    device = resolve_device(cfg.device)
+    lineage: dict[str, Any] = {}
+    if inputs.get("student"):
+        student, ckpt = load_checkpoint(inputs["student"])
+        classes = list(ckpt["classes"])
+        lineage = dict(ckpt.get("lineage", {}))
+        lineage["distilled_checkpoint"] = str(inputs["student"])
+    else:
+        classes = _classes(cfg, inputs)
+        student = create_student(cfg.student.model, len(classes), image_size=cfg.student.image_size, model_kwargs=cfg.student.model_kwargs)
+        lineage["method"] = "scratch"
+    student = _to_device(student, device)
+    fs = cfg.finetune_student
+    train = open_labeled(cfg.data.train, what="train", classes=classes, seed=cfg.seed)
+    size = cfg.data.view_size or student.data_config.input_size
+
+    def step(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        x, y = _views(batch, device), batch[1].to(device)
+        logits = student(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=fs.label_smoothing)
+        return loss, {"acc": float((logits.argmax(-1) == y).float().mean())}
+
+    loop = train_loop(
+        task="student finetune",
+        modules={"student": student},
+        groups=param_groups(student, fs.weight_decay),
+        step_fn=step,
+        dataset=with_transform(train, augment_for(fs, size)),
+        batch_size=fs.batch_size,
+        steps=fs.steps,
+        lr=fs.lr,
+        warmup_steps=fs.warmup_steps,
+        seed=cfg.seed + 2,
+        ckpt_path=out / "last.ckpt",
+        checkpoint_every=cfg.checkpoint_every,
+        num_workers=cfg.data.num_workers,
+        device=device,
+        reporter=reporter,
+    )
+    return _finish_student(cfg, out, student, classes, device, {"finetune": loop}, lineage=lineage, bad=train.bad)
+
+
+def evaluate(cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None) -> Outputs:
+    """Top-1, per-class accuracy and confusion matrix on data.test for every model given."""
+    out = _stage_begin(out_dir, cfg)
+    if out is None:
+        return read_outputs(out_dir)
+    device = resolve_device(cfg.device)
+    results: dict[str, Any] = {}
+    for role in ("student", "teacher"):
+        if not inputs.get(role):
+            continue
+        model, ckpt = load_checkpoint(inputs[role])
+        test = open_labeled(cfg.data.test, what="test", classes=list(ckpt["classes"]), seed=cfg.seed)
+        model = _to_device(model, device, channels_last=True)
+        results[role] = evaluate_model(model, test, device=device, batch_size=256, classes=list(ckpt["classes"]))
+    if not results:
+        raise ConfigError("evaluate needs a model: run a training stage first or pass inputs['student'] / inputs['teacher']")
+    atomic_write_json(out / "metrics.json", results)
+    return mark_done(out, {"metrics": str(out / "metrics.json"), **{f"{r}_top1": m["top1"] for r, m in results.items()}})
+
+
+def export(cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None) -> Outputs:
+    """safetensors (plain timm state dict), ONNX and TorchScript, each verified, plus model_card.json."""
+    from .export import export_model
+    from .specs import ModelSpec
+
+    out = _stage_begin(out_dir, cfg)
+    if out is None:
+        return read_outputs(out_dir)
+    if not inputs.get("student"):
+        raise ConfigError("export needs a student checkpoint: run finetune_student (or distill) first")
+    model, ckpt = load_checkpoint(inputs["student"])
+    recipe = model.recipe
+    dc = model.data_config
+    card = {
+        "classes": ckpt["classes"],
+        "preprocessing": {**dc.to_dict(), "input": "RGB, [0, 1] floats, NCHW; resize to input_size, then (x - mean) / std"},
+        "metrics": ckpt.get("metrics", {}),
+        "lineage": {**ckpt.get("lineage", {}), "student": recipe.spec, "config": cfg.model_dump(mode="json"), "git_commit": _git_commit()},
+    }
+    files = export_model(
+        model.net.eval(),
+        timm_name=ModelSpec.parse(recipe.spec).name,
+        model_kwargs=recipe.model_kwargs,
+        num_classes=recipe.num_classes,
+        input_size=dc.input_size,
+        out_dir=out,
+        formats=cfg.export.formats,
+        card=card,
+        opset=cfg.export.opset,
+    )
+    return mark_done(out, {k: str(v) for k, v in files.items()})
+
+
+STAGE_FUNCS = {
+    "finetune_teacher": finetune_teacher,
+    "distill": distill,
+    "finetune_student": finetune_student,
+    "export": export,
+    "evaluate": evaluate,
+}
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def _classes(cfg: TrainConfig, inputs: Outputs) -> list[str]:
+    if inputs.get("classes"):
+        return list(inputs["classes"])
+    return list(open_labeled(cfg.data.train, what="train", seed=cfg.seed, cache=False).classes or [])
+
+
+def _labeled_stream(cfg: TrainConfig, classes: list[str], size: int, opt: OptimConfig):
+    train = with_transform(open_labeled(cfg.data.train, what="train", classes=classes, seed=cfg.seed), augment_for(opt, size))
+    loader = torch.utils.data.DataLoader(train, batch_size=min(opt.batch_size, len(train)), shuffle=True, drop_last=True)
+    while True:
+        for x, y, _ in loader:
+            yield x, y
+
+
+def _finish_student(cfg, out, student, classes, device, loops, *, lineage, bad, evaluate: bool = True) -> Outputs:
+    student.eval()
+    metrics = _val_metrics(cfg, student, classes, device) if evaluate else {}
+    timings = _save_history(out, **loops)
+    save_checkpoint(out / "student.pt", student.cpu(), classes=classes, metrics=metrics, lineage=lineage)
+    return mark_done(out, {"checkpoint": str(out / "student.pt"), "classes": classes, "metrics": metrics, "timings": timings, "bad_images": bad})
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_pipeline(cfg: TrainConfig, reporter: Reporter | None = None) -> dict[str, Outputs]:
+    """Run ``cfg.stages`` in order under ``cfg.out_dir``, each stage fed the outputs before it."""
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+    torch.manual_seed(cfg.seed)
+    root = Path(cfg.out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / "config.yaml", dump_config(cfg))
+    results: dict[str, Outputs] = {}
+    inputs: Outputs = {}
+    for name in cfg.stages:
+        t0 = time.perf_counter()
+        res = STAGE_FUNCS[name](cfg, dict(inputs), root / name, reporter)
+        res = {**res, "seconds": round(time.perf_counter() - t0, 2)}
+        results[name] = res
+        if name == "finetune_teacher":
+            inputs["teacher"], inputs["classes"] = res["checkpoint"], res["classes"]
+        elif name in ("distill", "finetune_student"):
+            inputs["student"], inputs["classes"] = res["checkpoint"], res["classes"]
+    atomic_write_json(root / "summary.json", results)
+    log.info("pipeline done: %s", json.dumps({k: v.get("metrics") for k, v in results.items()}, default=str))
+    return results

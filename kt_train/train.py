@@ -1,0 +1,223 @@
+"""One training loop for every stage (teacher finetune, distillation, student finetune).
+
+Step-based, resumable to the exact step: the sampler is an endless stream of seeded permutations,
+so the batches after a resume are the ones the interrupted run would have drawn; ``last.ckpt``
+holds the trainable modules, the optimizer, the step and the loss history.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .io import atomic_torch_save
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Reporter(Protocol):
+    """Receives progress: the CLI draws bars from it, the worker writes it to the job row."""
+
+    def start(self, task: str, total: int) -> None: ...
+    def update(self, task: str, step: int, metrics: dict[str, float]) -> None: ...
+    def finish(self, task: str) -> None: ...
+
+
+class LogReporter:
+    def __init__(self, every: int = 50):
+        self.every = every
+        self.totals: dict[str, int] = {}
+
+    def start(self, task: str, total: int) -> None:
+        self.totals[task] = total
+
+    def update(self, task: str, step: int, metrics: dict[str, float]) -> None:
+        if step % self.every == 0 or step == self.totals.get(task):
+            log.info("%s %d/%d %s", task, step, self.totals.get(task, 0), {k: round(v, 4) for k, v in metrics.items()})
+
+    def finish(self, task: str) -> None:
+        pass
+
+
+class StreamSampler(Sampler[int]):
+    """Positions [start, stop) of an endless stream of seeded permutations of range(n).
+
+    Position p is permutation p // n at offset p % n, so the stream can be resumed anywhere.
+    """
+
+    def __init__(self, n: int, seed: int, start: int, stop: int):
+        self.n, self.seed, self.start, self.stop = n, seed, start, stop
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self) -> Iterator[int]:
+        p = self.start
+        while p < self.stop:
+            epoch, offset = divmod(p, self.n)
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            perm = torch.randperm(self.n, generator=g)[offset:].tolist()
+            take = perm[: self.stop - p]
+            yield from take
+            p += len(take)
+
+
+def batches(
+    dataset: Dataset, batch_size: int, *, seed: int, start_step: int, steps: int, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    n = len(dataset)  # type: ignore[arg-type]
+    sampler = StreamSampler(n, seed, start_step * batch_size, steps * batch_size)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+        persistent_workers=False,
+    )
+
+
+def param_groups(
+    module: nn.Module, weight_decay: float, layer_decay: float | None = None, lr_scale: float = 1.0
+) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on norms/biases; optional layer-wise lr decay (timm's group matcher)."""
+    if layer_decay is not None and hasattr(module, "group_matcher"):
+        from timm.optim import param_groups_layer_decay
+
+        groups = param_groups_layer_decay(module, weight_decay=weight_decay, layer_decay=layer_decay)
+        for g in groups:
+            g["lr_scale"] = g.get("lr_scale", 1.0) * lr_scale
+        return groups
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale},
+        {"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale},
+    ]
+
+
+def lr_at(step: int, steps: int, base_lr: float, warmup: int, min_ratio: float = 0.01) -> float:
+    if warmup and step < warmup:
+        return base_lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    resumed_from: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    data_wait_share: float = 0.0
+
+
+def train_loop(
+    *,
+    task: str,
+    modules: dict[str, nn.Module],
+    groups: list[dict[str, Any]],
+    step_fn: Callable[[Any], tuple[torch.Tensor, dict[str, float]]],
+    dataset: Dataset,
+    batch_size: int,
+    steps: int,
+    lr: float,
+    warmup_steps: int,
+    seed: int,
+    ckpt_path: Path,
+    checkpoint_every: int | None = None,
+    num_workers: int = 0,
+    device: torch.device | None = None,
+    reporter: Reporter | None = None,
+    train_mode: Callable[[], None] | None = None,
+    log_every: int = 10,
+) -> LoopResult:
+    """Run ``steps`` optimizer steps of ``step_fn`` over seeded batches of ``dataset``.
+
+    ``modules`` are what the checkpoint holds (the trainable parts); ``train_mode`` puts them in
+    the right mode (e.g. train mode with batch norm frozen). Resumes from ``ckpt_path`` if present.
+    """
+    reporter = reporter or LogReporter()
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    start, history = 0, []
+    if ckpt_path.exists():
+        ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
+        for name, m in modules.items():
+            m.load_state_dict(ckpt["modules"][name])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, history = int(ckpt["step"]), list(ckpt["history"])
+        torch.set_rng_state(ckpt["rng"])
+        log.info("%s: resuming from step %d (%s)", task, start, ckpt_path)
+    n = len(dataset)  # type: ignore[arg-type]
+    every = checkpoint_every or max(1, math.ceil(n / batch_size))
+
+    def save(step: int) -> None:
+        atomic_torch_save(
+            {
+                "modules": {k: m.state_dict() for k, m in modules.items()},
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "history": history,
+                "rng": torch.get_rng_state(),
+            },
+            ckpt_path,
+        )
+
+    result = LoopResult(steps=steps, resumed_from=start, history=history)
+    reporter.start(task, steps)
+    if start >= steps:
+        reporter.finish(task)
+        return result
+    (train_mode or (lambda: [m.train() for m in modules.values()]))()
+    loader = batches(
+        dataset, batch_size, seed=seed, start_step=start, steps=steps, num_workers=num_workers,
+        pin_memory=device is not None and device.type == "cuda",
+    )
+    step, t0, wait, seen, running = start, time.perf_counter(), 0.0, 0, {}
+    t_data = time.perf_counter()
+    for batch in loader:
+        wait += time.perf_counter() - t_data
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup_steps) * g.get("lr_scale", 1.0)
+        loss, metrics = step_fn(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{task}: loss is {loss.item()} at step {step}; lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        seen += batch_size
+        metrics = {"loss": float(loss.detach()), **metrics}
+        for k, v in metrics.items():
+            running[k] = 0.9 * running.get(k, v) + 0.1 * v
+        if step % log_every == 0 or step == steps:
+            history.append({"step": step, "lr": optimizer.param_groups[0]["lr"], **running})
+        reporter.update(task, step, running)
+        if step % every == 0 or step == steps:
+            save(step)
+        t_data = time.perf_counter()
+    reporter.finish(task)
+    result.seconds = time.perf_counter() - t0
+    result.images_per_s = seen / max(result.seconds, 1e-9)
+    result.data_wait_share = wait / max(result.seconds, 1e-9)
+    return result
