@@ -27,7 +27,9 @@ class DatasetRef(_Strict):
         description="ImageFolder directory or .zip, or a CSV/JSONL manifest with path,label columns; "
         "unlabeled sets also take webdataset .tar shards (a directory, a list, or name-{000..009}.tar)"
     )
-    split: str | None = Field(None, description="list file: keep only these entries (one relative path per line)")
+    split: str | None = Field(
+        None, description="list file: keep only these entries (one relative path per line)"
+    )
     root: str | None = Field(None, description="base directory for relative paths in a manifest")
     max_items: int | None = Field(None, ge=1, description="use a seeded random subset of this many items")
 
@@ -43,7 +45,9 @@ class OptimConfig(_Strict):
     steps: int = Field(100, ge=0, description="optimizer steps (0 skips this phase)")
     batch_size: int = Field(64, ge=1, description="images per step")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW; cosine decay after linear warmup)")
-    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not applied to norms and biases)")
+    weight_decay: float = Field(
+        0.05, ge=0, description="AdamW weight decay (not applied to norms and biases)"
+    )
     warmup_steps: int = Field(0, ge=0, description="linear warmup steps")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy loss")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="training augmentation")
@@ -103,7 +107,8 @@ class DistillConfig(OptimConfig):
         "cosine", description="task_agnostic only: how projected student features match teacher features"
     )
     feature_source: Literal["pretrained", "finetuned"] = Field(
-        "pretrained", description="task_agnostic only: features of the pretrained or the finetuned teacher backbone"
+        "pretrained",
+        description="task_agnostic only: features of the pretrained or the finetuned teacher backbone",
     )
 
 
@@ -216,14 +221,20 @@ def _fmt(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def describe_keys(model: type[BaseModel] = TrainConfig, value: BaseModel | None = None, prefix: str = "") -> list[tuple[str, str, str]]:
+def describe_keys(
+    model: type[BaseModel] = TrainConfig, value: BaseModel | None = None, prefix: str = ""
+) -> list[tuple[str, str, str]]:
     """(key, default, description) for every key, depth first: the reference `kt train --help` prints."""
     if value is None and model is TrainConfig:
         value = TrainConfig()
     rows: list[tuple[str, str, str]] = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
-        v = getattr(value, name) if value is not None else (None if field.is_required() else field.get_default(call_default_factory=True))
+        v = (
+            getattr(value, name)
+            if value is not None
+            else (None if field.is_required() else field.get_default(call_default_factory=True))
+        )
         sub = _submodel(field)
         if sub is not None:
             rows.append((key, "" if isinstance(v, BaseModel) else _fmt(v), field.description or ""))

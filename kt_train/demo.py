@@ -35,7 +35,15 @@ def demo_image(cls: int, rng: np.random.Generator, size: int = 32) -> Image.Imag
     return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
 
 
-def make_demo_data(root: str | Path, *, per_class: int = 10, test_per_class: int = 20, unlabeled: int = 400, size: int = 32, seed: int = 0) -> dict[str, Path]:
+def make_demo_data(
+    root: str | Path,
+    *,
+    per_class: int = 10,
+    test_per_class: int = 20,
+    unlabeled: int = 400,
+    size: int = 32,
+    seed: int = 0,
+) -> dict[str, Path]:
     """Write train/ and test/ ImageFolders and an unlabeled transfer/ folder under ``root``."""
     root = Path(root)
     rng = np.random.default_rng(seed)

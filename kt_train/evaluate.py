@@ -14,7 +14,14 @@ from .transforms import EvalTransform
 
 
 @torch.inference_mode()
-def predict(model: ImageClassifier, ds: ImageDataset, *, device: torch.device, batch_size: int = 256, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(
+    model: ImageClassifier,
+    ds: ImageDataset,
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+    num_workers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels for every image, each image resized whole to the model's input size."""
     view = copy.copy(ds)
     view.transform = EvalTransform(model.data_config.input_size, crop_pct=1.0)
@@ -44,6 +51,13 @@ def metrics_from_predictions(pred: torch.Tensor, labels: torch.Tensor, classes: 
     }
 
 
-def evaluate_model(model: ImageClassifier, ds: ImageDataset, *, device: torch.device, batch_size: int = 256, classes: list[str] | None = None) -> dict[str, Any]:
+def evaluate_model(
+    model: ImageClassifier,
+    ds: ImageDataset,
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+    classes: list[str] | None = None,
+) -> dict[str, Any]:
     logits, labels = predict(model, ds, device=device, batch_size=batch_size)
     return metrics_from_predictions(logits.argmax(-1), labels, classes or list(ds.classes or []))

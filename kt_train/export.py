@@ -78,6 +78,7 @@ def export_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
+    model = _unwrap(model)
     state = _cpu_state_dict(model)
     ref = _rebuild(timm_name, model_kwargs, num_classes, state)
     export_info: dict[str, Any] = {"verify_batches": list(_VERIFY_BATCHES), "atol": atol}
@@ -184,6 +185,29 @@ def _check_args(
 # --------------------------------------------------------------------------------------------------
 
 
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip torch.compile / (Distributed)DataParallel wrappers, whose state-dict key prefixes timm can't load."""
+    while True:
+        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
+    """Run ``model`` without grad; turn a failure (e.g. input_size the model rejects) into an ExportError."""
+    try:
+        with torch.no_grad():
+            return model(x)
+    except Exception as e:
+        raise ExportError(
+            f"{what} failed on a {tuple(x.shape)} input ({type(e).__name__}: {e}); "
+            "check input_size and model_kwargs (e.g. img_size for ViTs)"
+        ) from e
+
+
 def _cpu_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Detached, contiguous CPU copies of the state dict.
 
@@ -228,9 +252,8 @@ def _check_reload_parity(
     except Exception:
         return None
     x = _verify_inputs(input_size)[0]
-    with torch.no_grad():
-        expected = twin(x)
-        got = _ref_logits(ref, x)
+    expected = _forward(twin, x, "the model's forward pass")
+    got = _ref_logits(ref, x)
     if expected.shape != got.shape:
         raise ExportError(
             f"the model's logits have shape {tuple(expected.shape)} but the rebuilt model gives "
@@ -247,8 +270,7 @@ def _check_reload_parity(
 
 def _ref_logits(ref: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Logits of the reference model, checked to be (batch, num_classes)."""
-    with torch.no_grad():
-        out = ref(x)
+    out = _forward(ref, x, "the rebuilt model's forward pass")
     num_classes = getattr(ref, "num_classes", None)
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

@@ -19,7 +19,9 @@ def cosine_feature_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.T
     return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
 
 
-def contrastive_feature_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+def contrastive_feature_loss(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.1
+) -> torch.Tensor:
     """InfoNCE: each student feature must pick its own image's teacher feature among the batch."""
     s = F.normalize(student.float(), dim=-1)
     t = F.normalize(teacher.float(), dim=-1)

@@ -64,7 +64,9 @@ class Preprocess(nn.Module):
         if x.dtype == torch.uint8:
             x = x.float().div_(255)
         if x.shape[-2:] != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode=self.mode, align_corners=False, antialias=True)
+            x = F.interpolate(
+                x, size=(self.size, self.size), mode=self.mode, align_corners=False, antialias=True
+            )
         return (x - self.mean) / self.std
 
 
@@ -94,7 +96,9 @@ class ImageClassifier(nn.Module):
     feature backbone followed by ``head`` (teachers: a foundation-model trunk plus a task head).
     """
 
-    def __init__(self, net: nn.Module, preprocess: Preprocess, recipe: ModelRecipe, head: nn.Module | None = None):
+    def __init__(
+        self, net: nn.Module, preprocess: Preprocess, recipe: ModelRecipe, head: nn.Module | None = None
+    ):
         super().__init__()
         self.net = net
         self.preprocess = preprocess
@@ -154,7 +158,9 @@ def _card_for(path: Path) -> dict[str, Any]:
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
-        raise WeightsNotFoundError(f"weights file {path} does not exist; check the path after '@' in the model spec")
+        raise WeightsNotFoundError(
+            f"weights file {path} does not exist; check the path after '@' in the model spec"
+        )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -170,7 +176,9 @@ def _load_into(net: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None
     """Load weights, tolerating only a classifier that the task replaces."""
     own = net.state_dict()
     head_prefixes = tuple(
-        p for p in ("classifier.", "head.", "fc.", "head.fc.", "last_linear.") if any(k.startswith(p) for k in sd)
+        p
+        for p in ("classifier.", "head.", "fc.", "head.fc.", "last_linear.")
+        if any(k.startswith(p) for k in sd)
     )
     filtered = {}
     for k, v in sd.items():
@@ -192,7 +200,9 @@ def _load_into(net: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None
     net.load_state_dict(filtered, strict=False)
 
 
-def _timm_net(spec: ModelSpec, num_classes: int, model_kwargs: dict[str, Any], load_weights: bool) -> tuple[nn.Module, dict]:
+def _timm_net(
+    spec: ModelSpec, num_classes: int, model_kwargs: dict[str, Any], load_weights: bool
+) -> tuple[nn.Module, dict]:
     import timm
 
     _check_timm_name(spec.name)
@@ -263,7 +273,9 @@ def _open_clip_net(spec: ModelSpec, load_weights: bool) -> tuple[nn.Module, Data
     pretrained = spec.weights if load_weights else None
     wpath = spec.weights_path if load_weights else None
     if wpath is not None and not wpath.exists():
-        raise WeightsNotFoundError(f"weights file {wpath} does not exist; check the path after '@' in the model spec")
+        raise WeightsNotFoundError(
+            f"weights file {wpath} does not exist; check the path after '@' in the model spec"
+        )
     try:
         model = open_clip.create_model(spec.name, pretrained=str(wpath) if wpath else pretrained)
     except (OSError, RuntimeError) as e:
@@ -294,17 +306,23 @@ def _make_head(kind: str, in_dim: int, num_classes: int) -> nn.Module:
     if kind == "linear":
         return nn.Linear(in_dim, num_classes)
     if kind == "mlp":
-        return nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Dropout(0.1), nn.Linear(in_dim, num_classes))
+        return nn.Sequential(
+            nn.Linear(in_dim, in_dim), nn.GELU(), nn.Dropout(0.1), nn.Linear(in_dim, num_classes)
+        )
     raise ModelSpecError(f"unknown head {kind!r}; use 'linear' or 'mlp'")
 
 
-def build_model(recipe: ModelRecipe, *, load_weights: bool = True, image_size: int | None = None) -> ImageClassifier:
+def build_model(
+    recipe: ModelRecipe, *, load_weights: bool = True, image_size: int | None = None
+) -> ImageClassifier:
     """Build the model a recipe describes; ``load_weights=False`` when a checkpoint will fill it."""
     spec = ModelSpec.parse(recipe.spec)
     head: nn.Module | None = None
     if spec.library == "open_clip":
         if recipe.role != "teacher":
-            raise ModelSpecError(f"{spec}: open_clip models can be teachers only; use a timm model as the student")
+            raise ModelSpecError(
+                f"{spec}: open_clip models can be teachers only; use a timm model as the student"
+            )
         net, dc = _open_clip_net(spec, load_weights)
         head = _make_head(recipe.head, net.num_features, recipe.num_classes)
     else:
@@ -327,20 +345,35 @@ def build_model(recipe: ModelRecipe, *, load_weights: bool = True, image_size: i
 
 
 def create_teacher(
-    spec: str, num_classes: int, *, head: str = "linear", image_size: int | None = None, model_kwargs: dict | None = None
+    spec: str,
+    num_classes: int,
+    *,
+    head: str = "linear",
+    image_size: int | None = None,
+    model_kwargs: dict | None = None,
 ) -> ImageClassifier:
-    recipe = ModelRecipe(spec=str(spec), num_classes=num_classes, role="teacher", head=head, model_kwargs=dict(model_kwargs or {}))
+    recipe = ModelRecipe(
+        spec=str(spec),
+        num_classes=num_classes,
+        role="teacher",
+        head=head,
+        model_kwargs=dict(model_kwargs or {}),
+    )
     return build_model(recipe, image_size=image_size)
 
 
 def create_student(
     spec: str, num_classes: int, *, image_size: int | None = None, model_kwargs: dict | None = None
 ) -> ImageClassifier:
-    recipe = ModelRecipe(spec=str(spec), num_classes=num_classes, role="student", model_kwargs=dict(model_kwargs or {}))
+    recipe = ModelRecipe(
+        spec=str(spec), num_classes=num_classes, role="student", model_kwargs=dict(model_kwargs or {})
+    )
     return build_model(recipe, image_size=image_size)
 
 
-def create_backbone(spec: str, *, image_size: int | None = None, model_kwargs: dict | None = None) -> ImageClassifier:
+def create_backbone(
+    spec: str, *, image_size: int | None = None, model_kwargs: dict | None = None
+) -> ImageClassifier:
     """A frozen feature extractor (for task-agnostic distillation and gallery embedding)."""
     model = create_teacher(spec, 1, image_size=image_size, model_kwargs=model_kwargs)
     model.head = nn.Identity()
@@ -357,7 +390,9 @@ def save_checkpoint(path: str | Path, model: ImageClassifier, **extra: Any) -> N
     atomic_torch_save({"recipe": model.recipe.to_dict(), "state_dict": model.state_dict(), **extra}, path)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[ImageClassifier, dict[str, Any]]:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[ImageClassifier, dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         raise WeightsNotFoundError(f"checkpoint {path} does not exist; run the stage that writes it first")

@@ -12,6 +12,8 @@ import json
 import logging
 import subprocess
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,17 @@ from .errors import ConfigError, DatasetError
 from .evaluate import evaluate_model
 from .io import atomic_write_json, atomic_write_text, is_done, mark_done, read_outputs
 from .losses import contrastive_feature_loss, cosine_feature_loss, kd_loss
-from .models import ImageClassifier, create_backbone, create_student, create_teacher, load_checkpoint, save_checkpoint, set_norm_eval
+from .models import (
+    ImageClassifier,
+    create_backbone,
+    create_student,
+    create_teacher,
+    load_checkpoint,
+    save_checkpoint,
+    set_norm_eval,
+)
 from .train import LoopResult, Reporter, param_groups, resolve_device, train_loop
-from .transforms import EvalTransform, TrainAugment
+from .transforms import TrainAugment
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +47,34 @@ Outputs = dict[str, Any]
 # --------------------------------------------------------------------------- data
 
 
-def open_labeled(ref: DatasetRef | None, *, what: str, classes: list[str] | None = None, seed: int = 0, cache: bool = True) -> ImageDataset:
+# Decoded datasets kept for the life of the process: a benchmark or a worker that runs several
+# stages over the same images decodes them once. Keyed by everything that decides the content.
+_DECODED: OrderedDict[tuple, ImageDataset] = OrderedDict()
+_DECODED_MAX = 6
+
+
+def _memo(key: tuple, build: Callable[[], ImageDataset], cache: bool) -> ImageDataset:
+    if not cache:
+        return build()
+    if key in _DECODED:
+        _DECODED.move_to_end(key)
+        return copy.copy(_DECODED[key])
+    ds = build()
+    ds.cache_in_memory()
+    _DECODED[key] = ds
+    while len(_DECODED) > _DECODED_MAX:
+        _DECODED.popitem(last=False)
+    return copy.copy(ds)
+
+
+def open_labeled(
+    ref: DatasetRef | None, *, what: str, classes: list[str] | None = None, seed: int = 0, cache: bool = True
+) -> ImageDataset:
     if ref is None:
         raise ConfigError(f"data.{what} is not set; give the path of the {what} images (data.{what}.path)")
-    ds = load_labeled(ref.path, split=ref.split, root=ref.root, classes=classes)
+    key = ("labeled", ref.model_dump_json(), tuple(classes or ()), seed if ref.max_items else 0)
+    ds = _memo(key, lambda: _load_labeled(ref, what, classes, seed), cache)
     ds.name = ds.name or f"{what} ({ref.path})"
-    ds = _subset(ds, ref.max_items, seed)
-    if cache:
-        ds.cache_in_memory()
     empty = [c for c, n in ds.class_counts().items() if n == 0]
     if empty and classes is None:
         raise DatasetError(
@@ -54,15 +84,26 @@ def open_labeled(ref: DatasetRef | None, *, what: str, classes: list[str] | None
     return ds
 
 
-def open_unlabeled(ref: DatasetRef | None, *, what: str = "transfer", seed: int = 0, cache: bool = True) -> ImageDataset:
+def open_unlabeled(
+    ref: DatasetRef | None, *, what: str = "transfer", seed: int = 0, cache: bool = True
+) -> ImageDataset:
     if ref is None:
-        raise ConfigError(f"data.{what} is not set; give the path of the unlabeled {what} images (data.{what}.path)")
-    ds = load_unlabeled(ref.path, split=ref.split, root=ref.root)
+        raise ConfigError(
+            f"data.{what} is not set; give the path of the unlabeled {what} images (data.{what}.path)"
+        )
+
+    def build() -> ImageDataset:
+        ds = load_unlabeled(ref.path, split=ref.split, root=ref.root)
+        ds.name = ds.name or f"{what} ({ref.path})"
+        return _subset(ds, ref.max_items, seed)
+
+    return _memo(("unlabeled", ref.model_dump_json(), seed if ref.max_items else 0), build, cache)
+
+
+def _load_labeled(ref: DatasetRef, what: str, classes: list[str] | None, seed: int) -> ImageDataset:
+    ds = load_labeled(ref.path, split=ref.split, root=ref.root, classes=classes)
     ds.name = ds.name or f"{what} ({ref.path})"
-    ds = _subset(ds, ref.max_items, seed)
-    if cache:
-        ds.cache_in_memory()
-    return ds
+    return _subset(ds, ref.max_items, seed)
 
 
 def _subset(ds: ImageDataset, n: int | None, seed: int) -> ImageDataset:
@@ -82,7 +123,9 @@ def with_transform(ds: ImageDataset, transform: Any) -> ImageDataset:
 
 def augment_for(opt: OptimConfig, size: int) -> TrainAugment:
     a = opt.augment
-    return TrainAugment(size, scale=(a.scale_min, 1.0), hflip=a.hflip, vflip=a.vflip, color_jitter=a.color_jitter)
+    return TrainAugment(
+        size, scale=(a.scale_min, 1.0), hflip=a.hflip, vflip=a.vflip, color_jitter=a.color_jitter
+    )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -117,17 +160,24 @@ def _views(batch: Any, device: torch.device) -> torch.Tensor:
 
 def _save_history(out: Path, **loops: LoopResult) -> dict[str, Any]:
     timings = {
-        name: {"seconds": round(r.seconds, 2), "images_per_s": round(r.images_per_s, 1), "data_wait_share": round(r.data_wait_share, 3), "resumed_from": r.resumed_from}
+        name: {
+            "seconds": round(r.seconds, 2),
+            "images_per_s": round(r.images_per_s, 1),
+            "data_wait_share": round(r.data_wait_share, 3),
+            "resumed_from": r.resumed_from,
+        }
         for name, r in loops.items()
     }
     atomic_write_json(out / "history.json", {name: r.history for name, r in loops.items()})
     return timings
 
 
-def _val_metrics(cfg: TrainConfig, model: ImageClassifier, classes: list[str], device: torch.device) -> dict[str, Any]:
+def _val_metrics(
+    cfg: TrainConfig, model: ImageClassifier, classes: list[str], device: torch.device
+) -> dict[str, Any]:
     if cfg.data.val is None:
         return {}
-    val = open_labeled(cfg.data.val, what="val", classes=classes, seed=cfg.seed)
+    val = open_labeled(cfg.data.val, what="val", classes=classes, seed=cfg.seed, cache=cfg.data.cache_images)
     m = evaluate_model(model, val, device=device, batch_size=256)
     return {"val_acc": m["top1"]}
 
@@ -135,16 +185,20 @@ def _val_metrics(cfg: TrainConfig, model: ImageClassifier, classes: list[str], d
 # --------------------------------------------------------------------------- stages
 
 
-def finetune_teacher(cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None) -> Outputs:
+def finetune_teacher(
+    cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None
+) -> Outputs:
     """Task head on the foundation model: a linear probe, then (optionally) a full finetune."""
     out = _stage_begin(out_dir, cfg)
     if out is None:
         return read_outputs(out_dir)
     device = resolve_device(cfg.device)
-    train = open_labeled(cfg.data.train, what="train", seed=cfg.seed)
+    train = open_labeled(cfg.data.train, what="train", seed=cfg.seed, cache=cfg.data.cache_images)
     classes = list(train.classes or [])
     tc = cfg.teacher
-    teacher = create_teacher(tc.model, len(classes), head=tc.head, image_size=tc.image_size, model_kwargs=tc.model_kwargs)
+    teacher = create_teacher(
+        tc.model, len(classes), head=tc.head, image_size=tc.image_size, model_kwargs=tc.model_kwargs
+    )
     teacher = _to_device(teacher, device)
     size = cfg.data.view_size or teacher.data_config.input_size
     ft = cfg.finetune_teacher
@@ -216,11 +270,24 @@ def finetune_teacher(cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, rep
     teacher.eval()
     metrics = _val_metrics(cfg, teacher, classes, device)
     timings = _save_history(out, **loops)
-    save_checkpoint(out / "teacher.pt", teacher.cpu(), classes=classes, metrics=metrics, lineage={"teacher": tc.model})
-    return mark_done(out, {"checkpoint": str(out / "teacher.pt"), "classes": classes, "metrics": metrics, "timings": timings, "bad_images": train.bad})
+    save_checkpoint(
+        out / "teacher.pt", teacher.cpu(), classes=classes, metrics=metrics, lineage={"teacher": tc.model}
+    )
+    return mark_done(
+        out,
+        {
+            "checkpoint": str(out / "teacher.pt"),
+            "classes": classes,
+            "metrics": metrics,
+            "timings": timings,
+            "bad_images": train.bad,
+        },
+    )
 
 
-def distill(cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None) -> Outputs:
+def distill(
+    cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None
+) -> Outputs:
     """Task-oriented distillation: the student matches the finetuned teacher's softened class
     probabilities on the transfer set, both models seeing the same augmented view."""
     if cfg.distill.method == "task_agnostic":
@@ -230,17 +297,26 @@ def distill(cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Re
         return read_outputs(out_dir)
     device = resolve_device(cfg.device)
     if "teacher" not in inputs:
-        raise ConfigError("distill needs a finetuned teacher: run finetune_teacher first (stages) or pass inputs['teacher']")
+        raise ConfigError(
+            "distill needs a finetuned teacher: run finetune_teacher first (stages) or pass inputs['teacher']"
+        )
     teacher, ckpt = load_checkpoint(inputs["teacher"])
     classes = list(ckpt["classes"])
     teacher = _freeze(_to_device(teacher, device, channels_last=True))
     student = _to_device(
-        create_student(cfg.student.model, len(classes), image_size=cfg.student.image_size, model_kwargs=cfg.student.model_kwargs),
+        create_student(
+            cfg.student.model,
+            len(classes),
+            image_size=cfg.student.image_size,
+            model_kwargs=cfg.student.model_kwargs,
+        ),
         device,
     )
     dc = cfg.distill
     size = cfg.data.view_size or max(teacher.data_config.input_size, student.data_config.input_size)
-    transfer = with_transform(open_unlabeled(cfg.data.transfer, seed=cfg.seed), augment_for(dc, size))
+    transfer = with_transform(
+        open_unlabeled(cfg.data.transfer, seed=cfg.seed, cache=cfg.data.cache_images), augment_for(dc, size)
+    )
     labeled_iter = _labeled_stream(cfg, classes, size, dc) if dc.ce_weight > 0 else None
 
     def step(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
@@ -273,16 +349,27 @@ def distill(cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Re
         device=device,
         reporter=reporter,
     )
-    return _finish_student(cfg, out, student, classes, device, {"distill": loop}, lineage={
-        "teacher": ckpt.get("lineage", {}).get("teacher", str(inputs["teacher"])),
-        "teacher_checkpoint": str(inputs["teacher"]),
-        "transfer_set": cfg.data.transfer.model_dump() if cfg.data.transfer else None,
-        "transfer_set_size": len(transfer),
-        "method": "task_oriented",
-    }, bad=transfer.bad)
+    return _finish_student(
+        cfg,
+        out,
+        student,
+        classes,
+        device,
+        {"distill": loop},
+        lineage={
+            "teacher": ckpt.get("lineage", {}).get("teacher", str(inputs["teacher"])),
+            "teacher_checkpoint": str(inputs["teacher"]),
+            "transfer_set": cfg.data.transfer.model_dump() if cfg.data.transfer else None,
+            "transfer_set_size": len(transfer),
+            "method": "task_oriented",
+        },
+        bad=transfer.bad,
+    )
 
 
-def distill_task_agnostic(cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None) -> Outputs:
+def distill_task_agnostic(
+    cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None
+) -> Outputs:
     """The baseline: student features, through a projection, regress (cosine) or contrast onto the
     frozen teacher backbone's features on the transfer set; no task knowledge is used."""
     out = _stage_begin(out_dir, cfg)
@@ -301,16 +388,25 @@ def distill_task_agnostic(cfg: TrainConfig, inputs: Outputs, out_dir: str | Path
         classes = _classes(cfg, inputs)
     backbone = _freeze(_to_device(backbone, device, channels_last=True))
     student = _to_device(
-        create_student(cfg.student.model, len(classes), image_size=cfg.student.image_size, model_kwargs=cfg.student.model_kwargs),
+        create_student(
+            cfg.student.model,
+            len(classes),
+            image_size=cfg.student.image_size,
+            model_kwargs=cfg.student.model_kwargs,
+        ),
         device,
     )
     with torch.no_grad():
-        probe = torch.zeros(2, 3, student.data_config.input_size, student.data_config.input_size, device=device)
+        probe = torch.zeros(
+            2, 3, student.data_config.input_size, student.data_config.input_size, device=device
+        )
         t_dim = backbone(probe).shape[-1]
         s_dim = student.features(probe).shape[-1]
     projection = nn.Linear(s_dim, t_dim).to(device)
     size = cfg.data.view_size or max(backbone.data_config.input_size, student.data_config.input_size)
-    transfer = with_transform(open_unlabeled(cfg.data.transfer, seed=cfg.seed), augment_for(dc, size))
+    transfer = with_transform(
+        open_unlabeled(cfg.data.transfer, seed=cfg.seed, cache=cfg.data.cache_images), augment_for(dc, size)
+    )
     loss_fn = cosine_feature_loss if dc.feature_loss == "cosine" else contrastive_feature_loss
 
     def step(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
@@ -336,16 +432,28 @@ def distill_task_agnostic(cfg: TrainConfig, inputs: Outputs, out_dir: str | Path
         device=device,
         reporter=reporter,
     )
-    return _finish_student(cfg, out, student, classes, device, {"distill": loop}, lineage={
-        "teacher": tc.model,
-        "transfer_set": cfg.data.transfer.model_dump() if cfg.data.transfer else None,
-        "transfer_set_size": len(transfer),
-        "method": "task_agnostic",
-        "feature_loss": dc.feature_loss,
-    }, bad=transfer.bad, evaluate=False)
+    return _finish_student(
+        cfg,
+        out,
+        student,
+        classes,
+        device,
+        {"distill": loop},
+        lineage={
+            "teacher": tc.model,
+            "transfer_set": cfg.data.transfer.model_dump() if cfg.data.transfer else None,
+            "transfer_set_size": len(transfer),
+            "method": "task_agnostic",
+            "feature_loss": dc.feature_loss,
+        },
+        bad=transfer.bad,
+        evaluate=False,
+    )
 
 
-def finetune_student(cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None) -> Outputs:
+def finetune_student(
+    cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None
+) -> Outputs:
     """Cross-entropy on the labeled images, from the distilled student (or from scratch if none)."""
     out = _stage_begin(out_dir, cfg)
     if out is None:
@@ -359,11 +467,18 @@ def finetune_student(cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, rep
         lineage["distilled_checkpoint"] = str(inputs["student"])
     else:
         classes = _classes(cfg, inputs)
-        student = create_student(cfg.student.model, len(classes), image_size=cfg.student.image_size, model_kwargs=cfg.student.model_kwargs)
+        student = create_student(
+            cfg.student.model,
+            len(classes),
+            image_size=cfg.student.image_size,
+            model_kwargs=cfg.student.model_kwargs,
+        )
         lineage["method"] = "scratch"
     student = _to_device(student, device)
     fs = cfg.finetune_student
-    train = open_labeled(cfg.data.train, what="train", classes=classes, seed=cfg.seed)
+    train = open_labeled(
+        cfg.data.train, what="train", classes=classes, seed=cfg.seed, cache=cfg.data.cache_images
+    )
     size = cfg.data.view_size or student.data_config.input_size
 
     def step(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
@@ -389,10 +504,14 @@ def finetune_student(cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, rep
         device=device,
         reporter=reporter,
     )
-    return _finish_student(cfg, out, student, classes, device, {"finetune": loop}, lineage=lineage, bad=train.bad)
+    return _finish_student(
+        cfg, out, student, classes, device, {"finetune": loop}, lineage=lineage, bad=train.bad
+    )
 
 
-def evaluate(cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None) -> Outputs:
+def evaluate(
+    cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None
+) -> Outputs:
     """Top-1, per-class accuracy and confusion matrix on data.test for every model given."""
     out = _stage_begin(out_dir, cfg)
     if out is None:
@@ -403,16 +522,30 @@ def evaluate(cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: R
         if not inputs.get(role):
             continue
         model, ckpt = load_checkpoint(inputs[role])
-        test = open_labeled(cfg.data.test, what="test", classes=list(ckpt["classes"]), seed=cfg.seed)
+        test = open_labeled(
+            cfg.data.test,
+            what="test",
+            classes=list(ckpt["classes"]),
+            seed=cfg.seed,
+            cache=cfg.data.cache_images,
+        )
         model = _to_device(model, device, channels_last=True)
-        results[role] = evaluate_model(model, test, device=device, batch_size=256, classes=list(ckpt["classes"]))
+        results[role] = evaluate_model(
+            model, test, device=device, batch_size=256, classes=list(ckpt["classes"])
+        )
     if not results:
-        raise ConfigError("evaluate needs a model: run a training stage first or pass inputs['student'] / inputs['teacher']")
+        raise ConfigError(
+            "evaluate needs a model: run a training stage first or pass inputs['student'] / inputs['teacher']"
+        )
     atomic_write_json(out / "metrics.json", results)
-    return mark_done(out, {"metrics": str(out / "metrics.json"), **{f"{r}_top1": m["top1"] for r, m in results.items()}})
+    return mark_done(
+        out, {"metrics": str(out / "metrics.json"), **{f"{r}_top1": m["top1"] for r, m in results.items()}}
+    )
 
 
-def export(cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None) -> Outputs:
+def export(
+    cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None
+) -> Outputs:
     """safetensors (plain timm state dict), ONNX and TorchScript, each verified, plus model_card.json."""
     from .export import export_model
     from .specs import ModelSpec
@@ -427,9 +560,17 @@ def export(cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Rep
     dc = model.data_config
     card = {
         "classes": ckpt["classes"],
-        "preprocessing": {**dc.to_dict(), "input": "RGB, [0, 1] floats, NCHW; resize to input_size, then (x - mean) / std"},
+        "preprocessing": {
+            **dc.to_dict(),
+            "input": "RGB, [0, 1] floats, NCHW; resize to input_size, then (x - mean) / std",
+        },
         "metrics": ckpt.get("metrics", {}),
-        "lineage": {**ckpt.get("lineage", {}), "student": recipe.spec, "config": cfg.model_dump(mode="json"), "git_commit": _git_commit()},
+        "lineage": {
+            **ckpt.get("lineage", {}),
+            "student": recipe.spec,
+            "config": cfg.model_dump(mode="json"),
+            "git_commit": _git_commit(),
+        },
     }
     files = export_model(
         model.net.eval(),
@@ -464,25 +605,48 @@ def _classes(cfg: TrainConfig, inputs: Outputs) -> list[str]:
 
 
 def _labeled_stream(cfg: TrainConfig, classes: list[str], size: int, opt: OptimConfig):
-    train = with_transform(open_labeled(cfg.data.train, what="train", classes=classes, seed=cfg.seed), augment_for(opt, size))
-    loader = torch.utils.data.DataLoader(train, batch_size=min(opt.batch_size, len(train)), shuffle=True, drop_last=True)
+    train = with_transform(
+        open_labeled(
+            cfg.data.train, what="train", classes=classes, seed=cfg.seed, cache=cfg.data.cache_images
+        ),
+        augment_for(opt, size),
+    )
+    loader = torch.utils.data.DataLoader(
+        train, batch_size=min(opt.batch_size, len(train)), shuffle=True, drop_last=True
+    )
     while True:
         for x, y, _ in loader:
             yield x, y
 
 
-def _finish_student(cfg, out, student, classes, device, loops, *, lineage, bad, evaluate: bool = True) -> Outputs:
+def _finish_student(
+    cfg, out, student, classes, device, loops, *, lineage, bad, evaluate: bool = True
+) -> Outputs:
     student.eval()
     metrics = _val_metrics(cfg, student, classes, device) if evaluate else {}
     timings = _save_history(out, **loops)
     save_checkpoint(out / "student.pt", student.cpu(), classes=classes, metrics=metrics, lineage=lineage)
-    return mark_done(out, {"checkpoint": str(out / "student.pt"), "classes": classes, "metrics": metrics, "timings": timings, "bad_images": bad})
+    return mark_done(
+        out,
+        {
+            "checkpoint": str(out / "student.pt"),
+            "classes": classes,
+            "metrics": metrics,
+            "timings": timings,
+            "bad_images": bad,
+        },
+    )
 
 
 def _git_commit() -> str | None:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent, check=True
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None

@@ -48,7 +48,13 @@ class LogReporter:
 
     def update(self, task: str, step: int, metrics: dict[str, float]) -> None:
         if step % self.every == 0 or step == self.totals.get(task):
-            log.info("%s %d/%d %s", task, step, self.totals.get(task, 0), {k: round(v, 4) for k, v in metrics.items()})
+            log.info(
+                "%s %d/%d %s",
+                task,
+                step,
+                self.totals.get(task, 0),
+                {k: round(v, 4) for k, v in metrics.items()},
+            )
 
     def finish(self, task: str) -> None:
         pass
@@ -78,7 +84,14 @@ class StreamSampler(Sampler[int]):
 
 
 def batches(
-    dataset: Dataset, batch_size: int, *, seed: int, start_step: int, steps: int, num_workers: int = 0, pin_memory: bool = False
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    seed: int,
+    start_step: int,
+    steps: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
     n = len(dataset)  # type: ignore[arg-type]
     sampler = StreamSampler(n, seed, start_step * batch_size, steps * batch_size)
@@ -190,11 +203,16 @@ def train_loop(
         return result
     (train_mode or (lambda: [m.train() for m in modules.values()]))()
     loader = batches(
-        dataset, batch_size, seed=seed, start_step=start, steps=steps, num_workers=num_workers,
+        dataset,
+        batch_size,
+        seed=seed,
+        start_step=start,
+        steps=steps,
+        num_workers=num_workers,
         pin_memory=device is not None and device.type == "cuda",
     )
     step, t0, wait, seen, running = start, time.perf_counter(), 0.0, 0, {}
-    t_data = time.perf_counter()
+    t_data = last_save = time.perf_counter()
     for batch in loader:
         wait += time.perf_counter() - t_data
         for g in optimizer.param_groups:
@@ -213,8 +231,12 @@ def train_loop(
         if step % log_every == 0 or step == steps:
             history.append({"step": step, "lr": optimizer.param_groups[0]["lr"], **running})
         reporter.update(task, step, running)
-        if step % every == 0 or step == steps:
+        # Default cadence: every epoch, but not more often than every 30 s (tiny labeled sets
+        # have epochs of a step or two); an explicit checkpoint_every is honored exactly.
+        due = step % every == 0 and (checkpoint_every is not None or time.perf_counter() - last_save >= 30)
+        if due or step == steps:
             save(step)
+            last_save = time.perf_counter()
         t_data = time.perf_counter()
     reporter.finish(task)
     result.seconds = time.perf_counter() - t0

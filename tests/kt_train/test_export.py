@@ -222,6 +222,25 @@ def test_wrong_num_classes_is_export_error(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_input_size_the_model_rejects_is_export_error(tmp_path: Path) -> None:
+    kwargs = {"img_size": 64, "dynamic_img_size": False}  # a fixed-size ViT asserts on other sizes
+    model = _make("test_vit", 3, **kwargs)
+    with pytest.raises(ExportError, match="input_size"):
+        export_model(
+            model, timm_name="test_vit", model_kwargs=kwargs, num_classes=3, input_size=32, out_dir=tmp_path
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_data_parallel_wrapper_is_unwrapped(tmp_path: Path) -> None:
+    model = _make("resnet10t", 5)
+    wrapped = torch.nn.DataParallel(model)  # its state-dict keys carry a "module." prefix
+    paths = export_model(wrapped, **RESNET, out_dir=tmp_path, formats=["safetensors"])
+    x = _batch(2, 32)
+    assert torch.equal(_logits(load_exported(tmp_path), x), _logits(model, x))
+    assert set(paths) == {"safetensors", "card"}
+
+
 def test_unknown_format_is_config_error(tmp_path: Path) -> None:
     model = _make("resnet10t", 5)
     with pytest.raises(ConfigError, match=r"safetensors.*onnx.*torchscript") as info:

@@ -1,0 +1,370 @@
+"""Transfer quality on EuroSAT (BENCHMARKS.md section 1): arms A0-A4, mean +- std over seeds.
+
+    python bench/quality/run.py            # full: 2 seeds, the whole 18,900-image test split
+    python bench/quality/run.py --quick    # 1 seed, fewer steps, a 3,000-image test subset
+    python bench/quality/run.py --eval-on val_tune --set distill.temperature=2   # tuning, never on test
+
+Every arm runs through kt_train's own stage functions with the hyperparameters of
+bench/quality/config.yaml. Stage outputs are kept under bench/work/ (keyed by the resolved
+config), so a rerun with the same settings resumes instead of retraining.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from kt_train import pipeline  # noqa: E402
+from kt_train.config import DatasetRef, parse_config, set_key  # noqa: E402
+from kt_train.evaluate import evaluate_model  # noqa: E402
+from kt_train.models import load_checkpoint  # noqa: E402
+from kt_train.train import resolve_device  # noqa: E402
+
+ARMS = ("A0", "A1", "A2", "A3", "A4")
+ARM_TEXT = {
+    "A0": "teacher: proxy VFM finetuned on the labeled images (ceiling)",
+    "A1": "student from scratch, finetuned on the labeled images only",
+    "A2": "task-agnostic: student features matched to frozen proxy-VFM features on the generic set, then finetune",
+    "A3": "task-oriented KT on a generic transfer set (Tiny-ImageNet), then finetune",
+    "A4": "task-oriented KT on unlabeled target data (pool - labeled), then finetune",
+}
+log = logging.getLogger("bench.quality")
+
+
+def prepare_splits(
+    shared: Path, work: Path, labels_per_class: int, test_limit: int | None, seed: int
+) -> dict[str, Path]:
+    """Split files of the protocol: labeled, pool - labeled, val_tune (first 1,000 of val), test."""
+    splits = shared / "data/eurosat/splits"
+    work.mkdir(parents=True, exist_ok=True)
+    read = lambda name: [ln.strip() for ln in (splits / name).read_text().splitlines() if ln.strip()]  # noqa: E731
+    labeled = read(f"labeled_{labels_per_class}_per_class.txt")
+    pool = [p for p in read("pool.txt") if p not in set(labeled)]
+    test = read("test.txt")
+    if test_limit:
+        g = torch.Generator().manual_seed(seed)
+        test = [test[i] for i in sorted(torch.randperm(len(test), generator=g)[:test_limit].tolist())]
+    out = {
+        "labeled": labeled,
+        "unlabeled_target": pool,
+        "val_tune": read("val.txt")[:1000],
+        "test": test,
+    }
+    paths = {}
+    for name, lines in out.items():
+        paths[name] = work / f"{name}.txt"
+        paths[name].write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def arm_config(base: dict[str, Any], out_dir: Path, **data: DatasetRef | None) -> Any:
+    d = copy.deepcopy(base)
+    d["out_dir"] = str(out_dir)
+    d.setdefault("data", {})
+    for k, v in data.items():
+        d["data"][k] = v.model_dump() if v is not None else None
+    return parse_config(d, "bench/quality/config.yaml")
+
+
+def test_acc(ckpt: str, ref: DatasetRef, device: torch.device) -> float:
+    model, meta = load_checkpoint(ckpt)
+    ds = pipeline.open_labeled(ref, what="test", classes=list(meta["classes"]))
+    return evaluate_model(model.to(device), ds, device=device, batch_size=256)["top1"]
+
+
+def run_seed(
+    seed: int,
+    base: dict[str, Any],
+    refs: dict[str, DatasetRef],
+    arms: list[str],
+    work: Path,
+    device: torch.device,
+    eval_ref: DatasetRef,
+) -> dict[str, dict[str, Any]]:
+    res: dict[str, dict[str, Any]] = {}
+    base = {**base, "seed": seed}
+    common = {"train": refs["labeled"], "val": None}
+    t0 = time.perf_counter()
+    cfg = arm_config(base, work, **common)
+    teacher = pipeline.finetune_teacher(cfg, {}, work / "teacher")
+    t_teacher = time.perf_counter() - t0
+    classes = teacher["classes"]
+    if "A0" in arms:
+        res["A0"] = {
+            "test_acc": test_acc(teacher["checkpoint"], eval_ref, device),
+            "wall_s": time.perf_counter() - t0,
+        }
+        log.info("seed %d A0 %.2f", seed, res["A0"]["test_acc"])
+    plan = {
+        "A1": None,
+        "A2": ("task_agnostic", refs["generic"]),
+        "A3": ("task_oriented", refs["generic"]),
+        "A4": ("task_oriented", refs["unlabeled_target"]),
+    }
+    for arm in [a for a in arms if a in plan]:
+        t1 = time.perf_counter()
+        row: dict[str, Any] = {}
+        inputs: dict[str, Any] = {"teacher": teacher["checkpoint"], "classes": classes}
+        if plan[arm] is not None:
+            method, transfer = plan[arm]
+            cfg = arm_config(
+                {**base, "distill": {**base.get("distill", {}), "method": method}},
+                work,
+                **common,
+                transfer=transfer,
+            )
+            d = pipeline.distill(cfg, inputs, work / arm / "distill")
+            if method == "task_oriented":
+                row["distill_acc"] = test_acc(d["checkpoint"], eval_ref, device)
+            inputs["student"] = d["checkpoint"]
+            row["distill_s"] = d["timings"]["distill"]["seconds"]
+            row["distill_img_s"] = d["timings"]["distill"]["images_per_s"]
+        cfg = arm_config(base, work, **common)
+        f = pipeline.finetune_student(cfg, inputs, work / arm / "finetune_student")
+        row["test_acc"] = test_acc(f["checkpoint"], eval_ref, device)
+        row["wall_s"] = time.perf_counter() - t1 + (t_teacher if arm in ("A3", "A4") else 0.0)
+        res[arm] = row
+        log.info("seed %d %s %s", seed, arm, {k: round(v, 2) for k, v in row.items()})
+    return res
+
+
+def aggregate(per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    arms: dict[str, dict[str, Any]] = {}
+    for arm in ARMS:
+        rows = [r[arm] for r in per_seed if arm in r]
+        if not rows:
+            continue
+        out: dict[str, Any] = {"seeds": len(rows), "what": ARM_TEXT[arm]}
+        for key in ("test_acc", "distill_acc"):
+            vals = [r[key] for r in rows if r.get(key) is not None]
+            if vals:
+                out[key] = round(statistics.mean(vals), 2)
+                out[f"{key}_std"] = round(statistics.stdev(vals), 2) if len(vals) > 1 else 0.0
+                out[f"{key}_per_seed"] = vals
+        out["wall_s"] = round(statistics.mean(r["wall_s"] for r in rows), 1)
+        if any("distill_img_s" in r for r in rows):
+            out["distill_img_s"] = round(
+                statistics.mean(r["distill_img_s"] for r in rows if "distill_img_s" in r), 1
+            )
+        arms[arm] = out
+    return arms
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import timm
+
+    return {
+        "cpu": cpu,
+        "cores": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_results(result: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    arms = result["arms"]
+    lines = [
+        "# Transfer quality — EuroSAT, 10 labels per class",
+        "",
+        f"`{result['command']}`",
+        "",
+        f"- date: {result['date']} · commit {result['git_commit']} · wall {result['wall_s'] / 60:.1f} min",
+        f"- machine: {result['machine']['cpu']} ({result['machine']['cores']} threads, {result['machine']['device']}); "
+        f"torch {result['machine']['torch']}, timm {result['machine']['timm']}",
+        f"- teacher `{result['teacher']}`; student `{result['student']}`",
+        f"- evaluated on: {result['eval_split']} ({result['eval_images']} images); seeds {result['seeds']}; "
+        f"transfer-set size {result['transfer_set_size']} (A2/A3 generic), {result['unlabeled_target_size']} (A4)",
+        "",
+        "| arm | after distillation | after finetune (test_acc) | wall s | what |",
+        "|---|---|---|---|---|",
+    ]
+    for arm, r in arms.items():
+        da = f"{r['distill_acc']:.2f} ± {r['distill_acc_std']:.2f}" if "distill_acc" in r else "–"
+        lines.append(
+            f"| {arm} | {da} | **{r['test_acc']:.2f} ± {r['test_acc_std']:.2f}** | {r['wall_s']:.0f} | {r['what']} |"
+        )
+    lines += ["", "Bars (BENCHMARKS.md §1):", ""]
+    for name, ok, fig in result["bars"]:
+        lines.append(f"- {'PASS' if ok else 'FAIL'} {name}: {fig}")
+    lines += [
+        "",
+        "Hyperparameters (bench/quality/config.yaml, resolved):",
+        "",
+        "```yaml",
+        yaml.safe_dump(result["config"], sort_keys=False).strip(),
+        "```",
+        "",
+    ]
+    if result.get("notes"):
+        lines += ["## Notes", "", *result["notes"], ""]
+    out.with_suffix(".md").write_text("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = list(arms)
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        ax.bar(
+            names,
+            [arms[a]["test_acc"] for a in names],
+            yerr=[arms[a]["test_acc_std"] for a in names],
+            color=["#555", "#999", "#c97", "#7ac", "#4a7", "#a5c"][: len(names)],
+            capsize=4,
+        )
+        for i, a in enumerate(names):
+            ax.text(i, arms[a]["test_acc"] + 1, f"{arms[a]['test_acc']:.1f}", ha="center", fontsize=9)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_title(f"EuroSAT, 10 labels/class, {result['seeds']} seed(s)")
+        fig.tight_layout()
+        fig.savefig(out.with_suffix(".png"), dpi=110)
+    except ImportError:
+        log.warning("matplotlib missing: no plot")
+
+
+def bars(arms: dict[str, dict[str, Any]]) -> list[tuple[str, bool, str]]:
+    g = {a: r["test_acc"] for a, r in arms.items()}
+    out = []
+    if "A0" in g:
+        out.append(("A0 >= 85", g["A0"] >= 85, f"A0={g['A0']:.2f}"))
+    if {"A4", "A1"} <= g.keys():
+        out.append(("A4 - A1 >= 8", g["A4"] - g["A1"] >= 8, f"{g['A4'] - g['A1']:.2f}"))
+    if {"A3", "A1"} <= g.keys():
+        out.append(("A3 >= A1", g["A3"] >= g["A1"], f"A3={g['A3']:.2f} A1={g['A1']:.2f}"))
+    if {"A3", "A2"} <= g.keys():
+        out.append(("A3 > A2", g["A3"] > g["A2"], f"A3={g['A3']:.2f} A2={g['A2']:.2f}"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--quick", action="store_true", help="1 seed, shorter schedules, 3,000 test images (<= 10 min)"
+    )
+    ap.add_argument("--seeds", type=int, nargs="+", default=None)
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--config", default=str(ROOT / "bench/quality/config.yaml"))
+    ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
+    ap.add_argument("--teacher", help="teacher model spec (default: the proxy VFM in shared/models)")
+    ap.add_argument("--student", help="student model spec")
+    ap.add_argument("--eval-on", choices=("test", "val_tune"), default="test")
+    ap.add_argument("--test-limit", type=int, default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="result path stem (default bench/results/quality, or bench/work/ when tuning)",
+    )
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("kt_train.train").setLevel(logging.WARNING)
+
+    shared = Path(args.shared).resolve()
+    spec = yaml.safe_load(Path(args.config).read_text())
+    bench = spec.pop("bench")
+    base = spec
+    if args.quick:
+        for k, v in bench["quick"].items():
+            set_key(base, k, v)
+    for ov in args.set:
+        k, v = ov.split("=", 1)
+        set_key(base, k, yaml.safe_load(v))
+    base["teacher"]["model"] = args.teacher or base["teacher"]["model"].replace("${shared}", str(shared))
+    if args.student:
+        base["student"]["model"] = args.student
+    seeds = args.seeds or ([0] if args.quick else [0, 1])
+    test_limit = args.test_limit or (bench["quick_test_images"] if args.quick else None)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+
+    key = hashlib.sha1(json.dumps(base, sort_keys=True).encode()).hexdigest()[:10]
+    work = ROOT / "bench/work/quality" / key
+    splits = prepare_splits(shared, work / "splits", bench["labels_per_class"], test_limit, seed=0)
+    zip_ = str(shared / "data/eurosat/eurosat_rgb.zip")
+    refs = {
+        "labeled": DatasetRef(path=zip_, split=str(splits["labeled"])),
+        "unlabeled_target": DatasetRef(path=zip_, split=str(splits["unlabeled_target"])),
+        "generic": DatasetRef(
+            path=str(shared / "data/gallery/tinyimagenet_50k.zip"), max_items=bench["transfer_set_size"]
+        ),
+    }
+    eval_ref = DatasetRef(path=zip_, split=str(splits[args.eval_on]))
+    # labels of the unlabeled sets are never read: load_unlabeled ignores folder names
+    device = resolve_device("auto")
+    (work / "config.json").write_text(json.dumps(base, indent=2))
+    log.info("work dir %s; arms %s; seeds %s; eval on %s", work, arms, seeds, args.eval_on)
+
+    t0 = time.perf_counter()
+    per_seed = [run_seed(s, base, refs, arms, work / f"seed{s}", device, eval_ref) for s in seeds]
+    arms_res = aggregate(per_seed)
+    result = {
+        "labels_per_class": bench["labels_per_class"],
+        "teacher": base["teacher"]["model"].replace(str(shared), "../shared"),
+        "student": base["student"]["model"],
+        "arms": arms_res,
+        "transfer_set_size": bench["transfer_set_size"],
+        "unlabeled_target_size": len(splits["unlabeled_target"].read_text().split()),
+        "eval_split": args.eval_on,
+        "eval_images": len(splits[args.eval_on].read_text().split()),
+        "seeds": len(seeds),
+        "quick": args.quick,
+        "command": "python bench/quality/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "git_commit": git_commit(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "machine": machine(),
+        "config": base,
+    }
+    result["bars"] = bars(arms_res)
+    default_out = ROOT / (
+        "bench/results/quality"
+        if args.eval_on == "test" and not args.quick
+        else f"bench/work/quality-{args.eval_on}-{'quick-' if args.quick else ''}{key}"
+    )
+    write_results(result, Path(args.out) if args.out else default_out)
+    print(Path(str(Path(args.out) if args.out else default_out) + ".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
