@@ -114,7 +114,8 @@ class DistillConfig(OptimConfig):
 
 class ExportConfig(_Strict):
     formats: list[Literal["safetensors", "onnx", "torchscript"]] = Field(
-        default_factory=lambda: ["safetensors", "onnx", "torchscript"], description="files to write"
+        default_factory=lambda: ["safetensors", "onnx", "torchscript"],  # type: ignore[arg-type]
+        description="files to write",
     )
     opset: int = Field(17, ge=11, description="ONNX opset")
 

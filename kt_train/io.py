@@ -35,7 +35,12 @@ def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], None]) -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda f: f.write(text.encode()))
+    data = text.encode()
+
+    def write(f: IO[bytes]) -> None:
+        f.write(data)
+
+    return atomic_write(path, write)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:

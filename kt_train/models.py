@@ -53,6 +53,9 @@ class DataConfig:
 class Preprocess(nn.Module):
     """[0, 1] pixels of any size -> this model's input size and normalization."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, cfg: DataConfig):
         super().__init__()
         self.size = int(cfg.input_size)
@@ -118,7 +121,8 @@ class ImageClassifier(nn.Module):
         x = self.preprocess(x)
         if self.head is not None:
             return self.net(x)
-        return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+        net: Any = self.net  # a timm model
+        return net.forward_head(net.forward_features(x), pre_logits=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.head is not None:
@@ -253,6 +257,8 @@ def _timm_data_config(net: nn.Module, card: dict[str, Any]) -> DataConfig:
 class OpenClipImageTower(nn.Module):
     """open_clip's image tower as a pooled-feature backbone (the image embedding)."""
 
+    num_features: int
+
     def __init__(self, visual: nn.Module, output_dim: int):
         super().__init__()
         self.visual = visual
@@ -263,7 +269,7 @@ class OpenClipImageTower(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
-def _open_clip_net(spec: ModelSpec, load_weights: bool) -> tuple[nn.Module, DataConfig]:
+def _open_clip_net(spec: ModelSpec, load_weights: bool) -> tuple[OpenClipImageTower, DataConfig]:
     import open_clip
 
     if spec.name not in open_clip.list_models():
@@ -323,14 +329,15 @@ def build_model(
             raise ModelSpecError(
                 f"{spec}: open_clip models can be teachers only; use a timm model as the student"
             )
-        net, dc = _open_clip_net(spec, load_weights)
-        head = _make_head(recipe.head, net.num_features, recipe.num_classes)
+        tower, dc = _open_clip_net(spec, load_weights)
+        net = tower
+        head = _make_head(recipe.head, tower.num_features, recipe.num_classes)
     else:
         nc = 0 if recipe.role == "teacher" else recipe.num_classes
-        net, card = _timm_net(spec, nc, recipe.model_kwargs, load_weights)
+        net, card = _timm_net(spec, nc, recipe.model_kwargs, load_weights)  # type: ignore[assignment]
         dc = _timm_data_config(net, card)
         if recipe.role == "teacher":
-            head = _make_head(recipe.head, int(net.num_features), recipe.num_classes)
+            head = _make_head(recipe.head, int(net.num_features), recipe.num_classes)  # type: ignore[arg-type]
         if card.get("create_model_kwargs"):
             recipe.model_kwargs = {
                 **{k: v for k, v in card["create_model_kwargs"].items() if k != "num_classes"},

@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -140,17 +140,20 @@ def _stage_begin(out_dir: str | Path, cfg: TrainConfig) -> Path | None:
     return out
 
 
-def _freeze(model: nn.Module) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def _freeze(model: M) -> M:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
 
 
-def _to_device(model: nn.Module, device: torch.device, channels_last: bool = False) -> nn.Module:
-    model = model.to(device)
+def _to_device(model: M, device: torch.device, channels_last: bool = False) -> M:
+    model.to(device)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)
     return model
 
 
@@ -233,7 +236,7 @@ def finetune_teacher(
         num_workers=cfg.data.num_workers,
         device=device,
         reporter=reporter,
-        train_mode=lambda: (teacher.eval(), teacher.head.train()),  # type: ignore[union-attr]
+        train_mode=lambda: _probe_mode(teacher),
     )
     loops = {"linear_probe": probe}
     # Phase 2: full finetune with layer-wise lr decay (ViTs) and, if asked, frozen batch norm.
@@ -596,6 +599,12 @@ STAGE_FUNCS = {
 
 
 # --------------------------------------------------------------------------- shared pieces
+
+
+def _probe_mode(teacher: ImageClassifier) -> None:
+    teacher.eval()
+    if teacher.head is not None:
+        teacher.head.train()
 
 
 def _classes(cfg: TrainConfig, inputs: Outputs) -> list[str]:

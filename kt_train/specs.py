@@ -39,11 +39,11 @@ class ModelSpec:
             raise ModelSpecError(
                 f"model spec {spec!r}: unknown library {library!r}; use one of {', '.join(LIBRARIES)}"
             )
-        name, _, weights = rest.partition("@")
-        name, weights = name.strip(), weights.strip() or None
+        name, _, tag_or_path = rest.partition("@")
+        name = name.strip()
         if not name:
             raise ModelSpecError(f"model spec {spec!r} names no model after '{library}:'")
-        return cls(library, name, weights)
+        return cls(library, name, tag_or_path.strip() or None)
 
     @property
     def weights_path(self) -> Path | None:

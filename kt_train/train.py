@@ -117,7 +117,8 @@ def param_groups(
         for g in groups:
             g["lr_scale"] = g.get("lr_scale", 1.0) * lr_scale
         return groups
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
@@ -211,9 +212,15 @@ def train_loop(
         num_workers=num_workers,
         pin_memory=device is not None and device.type == "cuda",
     )
-    step, t0, wait, seen, running = start, time.perf_counter(), 0.0, 0, {}
+    step, t0, wait, seen = start, time.perf_counter(), 0.0, 0
+    running: dict[str, float] = {}
     t_data = last_save = time.perf_counter()
-    for batch in loader:
+    # Creating the iterator draws the loader's base seed from the global RNG; undo that draw so a
+    # resumed run continues the augmentation stream of the interrupted one exactly (rng in last.ckpt).
+    rng = torch.get_rng_state()
+    batch_iter = iter(loader)
+    torch.set_rng_state(rng)
+    for batch in batch_iter:
         wait += time.perf_counter() - t_data
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup_steps) * g.get("lr_scale", 1.0)
