@@ -79,7 +79,7 @@ def _progress() -> Progress:
 
 
 def _summary(results: dict[str, dict[str, Any]], out_dir: Path) -> Table:
-    table = Table(title=f"kt train — {out_dir}")
+    table = Table(title=f"kt train — {out_dir}", title_justify="left")
     table.add_column("stage")
     table.add_column("seconds", justify="right")
     table.add_column("result")
@@ -92,7 +92,8 @@ def _summary(results: dict[str, dict[str, Any]], out_dir: Path) -> Table:
                 bits.append(f"{k.replace('_top1', '')} top-1 {res[k]:.2f}%")
         for k in ("checkpoint", "safetensors", "onnx"):
             if k in res:
-                bits.append(f"{k}: {res[k]}")
+                path = Path(res[k])
+                bits.append(f"{k}: {path.relative_to(out_dir) if path.is_relative_to(out_dir) else path}")
         table.add_row(stage, f"{res.get('seconds', 0):.1f}", "\n".join(bits))
     return table
 

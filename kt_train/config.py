@@ -112,6 +112,15 @@ class DistillConfig(OptimConfig):
     )
 
 
+class FinetuneStudentConfig(OptimConfig):
+    norm_eval: bool = Field(
+        False, description="keep the student's batch-norm statistics (from distillation) frozen while finetuning"
+    )
+    scratch_lr: float | None = Field(
+        None, gt=0, description="learning rate when there is no distilled student (training from scratch); default: lr"
+    )
+
+
 class ExportConfig(_Strict):
     formats: list[Literal["safetensors", "onnx", "torchscript"]] = Field(
         default_factory=lambda: ["safetensors", "onnx", "torchscript"],  # type: ignore[arg-type]
@@ -135,7 +144,9 @@ class TrainConfig(_Strict):
     data: DataConfigSection = Field(default_factory=DataConfigSection)
     finetune_teacher: FinetuneTeacherConfig = Field(default_factory=FinetuneTeacherConfig)
     distill: DistillConfig = Field(default_factory=lambda: DistillConfig(steps=200, lr=2e-3))
-    finetune_student: OptimConfig = Field(default_factory=lambda: OptimConfig(steps=100, lr=5e-4))
+    finetune_student: FinetuneStudentConfig = Field(
+        default_factory=lambda: FinetuneStudentConfig(steps=100, lr=5e-4)
+    )
     export: ExportConfig = Field(default_factory=ExportConfig)
 
 

@@ -21,3 +21,7 @@ class WeightsNotFoundError(KTError):
 
 class DatasetError(KTError):
     """A dataset is missing, empty, malformed, or has a class without images."""
+
+
+class TrainingError(KTError):
+    """Training diverged (non-finite loss); the fix is usually a lower learning rate."""

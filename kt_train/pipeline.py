@@ -490,6 +490,11 @@ def finetune_student(
         loss = F.cross_entropy(logits, y, label_smoothing=fs.label_smoothing)
         return loss, {"acc": float((logits.argmax(-1) == y).float().mean())}
 
+    def finetune_mode() -> None:
+        student.train()
+        if fs.norm_eval and inputs.get("student"):
+            set_norm_eval(student)
+
     loop = train_loop(
         task="student finetune",
         modules={"student": student},
@@ -498,7 +503,7 @@ def finetune_student(
         dataset=with_transform(train, augment_for(fs, size)),
         batch_size=fs.batch_size,
         steps=fs.steps,
-        lr=fs.lr,
+        lr=fs.lr if inputs.get("student") or fs.scratch_lr is None else fs.scratch_lr,
         warmup_steps=fs.warmup_steps,
         seed=cfg.seed + 2,
         ckpt_path=out / "last.ckpt",
@@ -506,6 +511,7 @@ def finetune_student(
         num_workers=cfg.data.num_workers,
         device=device,
         reporter=reporter,
+        train_mode=finetune_mode,
     )
     return _finish_student(
         cfg, out, student, classes, device, {"finetune": loop}, lineage=lineage, bad=train.bad

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .errors import TrainingError
 from .io import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ def train_loop(
             g["lr"] = lr_at(step, steps, lr, warmup_steps) * g.get("lr_scale", 1.0)
         loss, metrics = step_fn(batch)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{task}: loss is {loss.item()} at step {step}; lower the learning rate")
+            raise TrainingError(f"{task}: loss is {loss.item()} at step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
