@@ -16,6 +16,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import platform
 import statistics
 import subprocess
@@ -277,6 +278,12 @@ def bars(arms: dict[str, dict[str, Any]]) -> list[tuple[str, bool, str]]:
     return out
 
 
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("kt_train.train").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -288,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
     ap.add_argument("--teacher", help="teacher model spec (default: the proxy VFM in shared/models)")
     ap.add_argument("--student", help="student model spec")
+    ap.add_argument("--jobs", type=int, default=None, help="seeds run in parallel processes, one thread each (default: one per seed, up to the core count)")
     ap.add_argument("--eval-on", choices=("test", "val_tune"), default="test")
     ap.add_argument("--test-limit", type=int, default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
@@ -335,7 +343,18 @@ def main(argv: list[str] | None = None) -> int:
     log.info("work dir %s; arms %s; seeds %s; eval on %s", work, arms, seeds, args.eval_on)
 
     t0 = time.perf_counter()
-    per_seed = [run_seed(s, base, refs, arms, work / f"seed{s}", device, eval_ref) for s in seeds]
+    jobs = max(1, min(args.jobs or (os.cpu_count() or 1), len(seeds)))
+    if jobs == 1:
+        per_seed = [run_seed(s, base, refs, arms, work / f"seed{s}", device, eval_ref) for s in seeds]
+    else:
+        # One process per seed with one thread each: small convnets barely speed up with a second
+        # intra-op thread, and two processes use both cores fully.
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(jobs, initializer=_one_thread) as pool:
+            per_seed = pool.starmap(
+                run_seed, [(s, base, refs, arms, work / f"seed{s}", device, eval_ref) for s in seeds]
+            )
     arms_res = aggregate(per_seed)
     result = {
         "labels_per_class": bench["labels_per_class"],
@@ -347,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval_split": args.eval_on,
         "eval_images": len(splits[args.eval_on].read_text().split()),
         "seeds": len(seeds),
+        "parallel_seed_processes": jobs,
         "quick": args.quick,
         "command": "python bench/quality/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "git_commit": git_commit(),

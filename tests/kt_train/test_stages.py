@@ -386,6 +386,30 @@ def test_finetune_student_starts_from_the_distilled_checkpoint(
     )
 
 
+def test_finetune_student_scratch_lr_and_norm_eval(
+    base: dict[str, Any], demo_data: dict[str, Path], tmp_path: Path
+) -> None:
+    # scratch_lr applies only without a distilled student; lr otherwise
+    cfg = _cfg(demo_data, tmp_path, finetune_student__steps=2, finetune_student__lr=1e-4,
+               finetune_student__scratch_lr=0.05)
+    res = pipeline.finetune_student(cfg, {"classes": CLASSES}, tmp_path / "scratch")
+    hist = json.loads((tmp_path / "scratch" / "history.json").read_text())["finetune"]
+    assert max(h["lr"] for h in hist) > 1e-3
+    distilled = base["distill"]["checkpoint"]
+    res = pipeline.finetune_student(cfg, {"student": distilled}, tmp_path / "dist")
+    hist = json.loads((tmp_path / "dist" / "history.json").read_text())["finetune"]
+    assert max(h["lr"] for h in hist) <= 1e-4
+    # norm_eval: the distilled batch-norm statistics survive the finetune unchanged
+    cfg = _cfg(demo_data, tmp_path, finetune_student__steps=2, finetune_student__norm_eval=True)
+    res = pipeline.finetune_student(cfg, {"student": distilled}, tmp_path / "ne")
+    _, src = load_checkpoint(distilled)
+    _, ckpt = load_checkpoint(res["checkpoint"])
+    stats = {k: v for k, v in _bn_buffers(src["state_dict"]).items() if "running" in k}
+    assert stats
+    for k, v in stats.items():
+        assert torch.equal(ckpt["state_dict"][k], v), k
+
+
 # --------------------------------------------------------------------------- evaluate and export
 
 
