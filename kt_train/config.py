@@ -114,10 +114,13 @@ class DistillConfig(OptimConfig):
 
 class FinetuneStudentConfig(OptimConfig):
     norm_eval: bool = Field(
-        False, description="keep the student's batch-norm statistics (from distillation) frozen while finetuning"
+        False,
+        description="keep the student's batch-norm statistics (from distillation) frozen while finetuning",
     )
     scratch_lr: float | None = Field(
-        None, gt=0, description="learning rate when there is no distilled student (training from scratch); default: lr"
+        None,
+        gt=0,
+        description="learning rate when there is no distilled student (training from scratch); default: lr",
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import subprocess
 import time
 from collections import OrderedDict
@@ -53,6 +54,18 @@ _DECODED: OrderedDict[tuple, ImageDataset] = OrderedDict()
 _DECODED_MAX = 6
 
 
+def _stamp(ref: DatasetRef) -> tuple:
+    """Size and mtime of the files a dataset comes from, so a changed file is decoded anew."""
+    out = []
+    for p in (ref.path, ref.split):
+        try:
+            st = os.stat(p) if p else None
+        except OSError:
+            st = None
+        out.append((st.st_size, st.st_mtime_ns) if st else None)
+    return tuple(out)
+
+
 def _memo(key: tuple, build: Callable[[], ImageDataset], cache: bool) -> ImageDataset:
     if not cache:
         return build()
@@ -72,7 +85,7 @@ def open_labeled(
 ) -> ImageDataset:
     if ref is None:
         raise ConfigError(f"data.{what} is not set; give the path of the {what} images (data.{what}.path)")
-    key = ("labeled", ref.model_dump_json(), tuple(classes or ()), seed if ref.max_items else 0)
+    key = ("labeled", ref.model_dump_json(), _stamp(ref), tuple(classes or ()), seed if ref.max_items else 0)
     ds = _memo(key, lambda: _load_labeled(ref, what, classes, seed), cache)
     ds.name = ds.name or f"{what} ({ref.path})"
     empty = [c for c, n in ds.class_counts().items() if n == 0]
@@ -97,7 +110,9 @@ def open_unlabeled(
         ds.name = ds.name or f"{what} ({ref.path})"
         return _subset(ds, ref.max_items, seed)
 
-    return _memo(("unlabeled", ref.model_dump_json(), seed if ref.max_items else 0), build, cache)
+    return _memo(
+        ("unlabeled", ref.model_dump_json(), _stamp(ref), seed if ref.max_items else 0), build, cache
+    )
 
 
 def _load_labeled(ref: DatasetRef, what: str, classes: list[str] | None, seed: int) -> ImageDataset:
@@ -175,6 +190,31 @@ def _save_history(out: Path, **loops: LoopResult) -> dict[str, Any]:
     return timings
 
 
+def _fit(
+    cfg: TrainConfig,
+    opt: OptimConfig,
+    *,
+    seed: int,
+    device: torch.device,
+    reporter: Reporter | None,
+    lr: float | None = None,
+    **loop: Any,
+) -> LoopResult:
+    """train_loop with the schedule of one OptimConfig and the run-wide settings of cfg."""
+    return train_loop(
+        batch_size=opt.batch_size,
+        steps=opt.steps,
+        lr=opt.lr if lr is None else lr,
+        warmup_steps=opt.warmup_steps,
+        seed=seed,
+        checkpoint_every=cfg.checkpoint_every,
+        num_workers=cfg.data.num_workers,
+        device=device,
+        reporter=reporter,
+        **loop,
+    )
+
+
 def _val_metrics(
     cfg: TrainConfig, model: ImageClassifier, classes: list[str], device: torch.device
 ) -> dict[str, Any]:
@@ -220,20 +260,16 @@ def finetune_teacher(
     for p in teacher.net.parameters():
         p.requires_grad_(False)
     assert teacher.head is not None
-    probe = train_loop(
+    probe = _fit(
+        cfg,
+        ft.linear_probe,
         task="teacher linear probe",
         modules={"teacher": teacher},
         groups=param_groups(teacher.head, ft.linear_probe.weight_decay),
         step_fn=ce_step(ft.linear_probe),
         dataset=with_transform(train, augment_for(ft.linear_probe, size)),
-        batch_size=ft.linear_probe.batch_size,
-        steps=ft.linear_probe.steps,
-        lr=ft.linear_probe.lr,
-        warmup_steps=ft.linear_probe.warmup_steps,
-        seed=cfg.seed,
         ckpt_path=out / "linear_probe.last.ckpt",
-        checkpoint_every=cfg.checkpoint_every,
-        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
         device=device,
         reporter=reporter,
         train_mode=lambda: _probe_mode(teacher),
@@ -252,20 +288,16 @@ def finetune_teacher(
         groups = param_groups(teacher.net, ft.full_finetune.weight_decay, ft.layer_decay) + param_groups(
             teacher.head, ft.full_finetune.weight_decay
         )
-        loops["full_finetune"] = train_loop(
+        loops["full_finetune"] = _fit(
+            cfg,
+            ft.full_finetune,
             task="teacher finetune",
             modules={"teacher": teacher},
             groups=groups,
             step_fn=ce_step(ft.full_finetune),
             dataset=with_transform(train, augment_for(ft.full_finetune, size)),
-            batch_size=ft.full_finetune.batch_size,
-            steps=ft.full_finetune.steps,
-            lr=ft.full_finetune.lr,
-            warmup_steps=ft.full_finetune.warmup_steps,
-            seed=cfg.seed + 1,
             ckpt_path=out / "last.ckpt",
-            checkpoint_every=cfg.checkpoint_every,
-            num_workers=cfg.data.num_workers,
+            seed=cfg.seed + 1,
             device=device,
             reporter=reporter,
             train_mode=finetune_mode,
@@ -335,20 +367,16 @@ def distill(
             metrics["ce"] = float(ce.detach())
         return loss, metrics
 
-    loop = train_loop(
+    loop = _fit(
+        cfg,
+        dc,
         task="distill",
         modules={"student": student},
         groups=param_groups(student, dc.weight_decay),
         step_fn=step,
         dataset=transfer,
-        batch_size=dc.batch_size,
-        steps=dc.steps,
-        lr=dc.lr,
-        warmup_steps=dc.warmup_steps,
-        seed=cfg.seed,
         ckpt_path=out / "last.ckpt",
-        checkpoint_every=cfg.checkpoint_every,
-        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
         device=device,
         reporter=reporter,
     )
@@ -418,20 +446,16 @@ def distill_task_agnostic(
             target = backbone(x.contiguous(memory_format=torch.channels_last))
         return loss_fn(projection(student.features(x)), target), {}
 
-    loop = train_loop(
+    loop = _fit(
+        cfg,
+        dc,
         task="distill (task-agnostic)",
         modules={"student": student, "projection": projection},
         groups=param_groups(student, dc.weight_decay) + param_groups(projection, dc.weight_decay),
         step_fn=step,
         dataset=transfer,
-        batch_size=dc.batch_size,
-        steps=dc.steps,
-        lr=dc.lr,
-        warmup_steps=dc.warmup_steps,
-        seed=cfg.seed,
         ckpt_path=out / "last.ckpt",
-        checkpoint_every=cfg.checkpoint_every,
-        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
         device=device,
         reporter=reporter,
     )
@@ -495,23 +519,20 @@ def finetune_student(
         if fs.norm_eval and inputs.get("student"):
             set_norm_eval(student)
 
-    loop = train_loop(
+    loop = _fit(
+        cfg,
+        fs,
         task="student finetune",
         modules={"student": student},
         groups=param_groups(student, fs.weight_decay),
         step_fn=step,
         dataset=with_transform(train, augment_for(fs, size)),
-        batch_size=fs.batch_size,
-        steps=fs.steps,
-        lr=fs.lr if inputs.get("student") or fs.scratch_lr is None else fs.scratch_lr,
-        warmup_steps=fs.warmup_steps,
-        seed=cfg.seed + 2,
         ckpt_path=out / "last.ckpt",
-        checkpoint_every=cfg.checkpoint_every,
-        num_workers=cfg.data.num_workers,
+        seed=cfg.seed + 2,
         device=device,
         reporter=reporter,
         train_mode=finetune_mode,
+        lr=fs.lr if inputs.get("student") or fs.scratch_lr is None else fs.scratch_lr,
     )
     return _finish_student(
         cfg, out, student, classes, device, {"finetune": loop}, lineage=lineage, bad=train.bad

@@ -295,7 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
     ap.add_argument("--teacher", help="teacher model spec (default: the proxy VFM in shared/models)")
     ap.add_argument("--student", help="student model spec")
-    ap.add_argument("--jobs", type=int, default=None, help="seeds run in parallel processes, one thread each (default: one per seed, up to the core count)")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="seeds run in parallel processes, one thread each (default: one per seed, up to the core count)",
+    )
     ap.add_argument("--eval-on", choices=("test", "val_tune"), default="test")
     ap.add_argument("--test-limit", type=int, default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")

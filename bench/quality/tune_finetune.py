@@ -51,7 +51,9 @@ def main() -> None:
                     continue
                 inputs = {"student": str(ck)}
             else:
-                inputs = {"classes": json.loads((seed_dir / "teacher" / "outputs.json").read_text())["classes"]}
+                inputs = {
+                    "classes": json.loads((seed_dir / "teacher" / "outputs.json").read_text())["classes"]
+                }
             out = work / "ft_tune" / variant.replace(",", "_").replace("=", "") / arm
             f = pipeline.finetune_student(cfg, inputs, out)
             row[arm] = test_acc(f["checkpoint"], val, device)

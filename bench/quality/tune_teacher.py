@@ -1,6 +1,6 @@
 """Choose the teacher-finetune recipe on val_tune (never test).
 
-    python bench/quality/tune_teacher.py SEED key=value[,key=value...]
+python bench/quality/tune_teacher.py SEED key=value[,key=value...]
 """
 
 from __future__ import annotations
@@ -40,8 +40,20 @@ def main() -> None:
     spec["seed"] = seed
     cfg = parse_config(spec)
     res = pipeline.finetune_teacher(cfg, {}, work / f"seed{seed}")
-    acc = test_acc(res["checkpoint"], DatasetRef(path=zip_, split=str(splits["val_tune"])), torch.device("cpu"))
-    print(json.dumps({"variant": variant, "seed": seed, "val_tune": acc, "seconds": sum(t["seconds"] for t in res["timings"].values())}), flush=True)
+    acc = test_acc(
+        res["checkpoint"], DatasetRef(path=zip_, split=str(splits["val_tune"])), torch.device("cpu")
+    )
+    print(
+        json.dumps(
+            {
+                "variant": variant,
+                "seed": seed,
+                "val_tune": acc,
+                "seconds": sum(t["seconds"] for t in res["timings"].values()),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

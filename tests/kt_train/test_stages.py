@@ -390,8 +390,13 @@ def test_finetune_student_scratch_lr_and_norm_eval(
     base: dict[str, Any], demo_data: dict[str, Path], tmp_path: Path
 ) -> None:
     # scratch_lr applies only without a distilled student; lr otherwise
-    cfg = _cfg(demo_data, tmp_path, finetune_student__steps=2, finetune_student__lr=1e-4,
-               finetune_student__scratch_lr=0.05)
+    cfg = _cfg(
+        demo_data,
+        tmp_path,
+        finetune_student__steps=2,
+        finetune_student__lr=1e-4,
+        finetune_student__scratch_lr=0.05,
+    )
     res = pipeline.finetune_student(cfg, {"classes": CLASSES}, tmp_path / "scratch")
     hist = json.loads((tmp_path / "scratch" / "history.json").read_text())["finetune"]
     assert max(h["lr"] for h in hist) > 1e-3
