@@ -236,7 +236,7 @@ def write_results(result: dict[str, Any], out: Path) -> None:
         "",
     ]
     if result.get("notes"):
-        lines += ["## Notes", "", *result["notes"], ""]
+        lines += [*result["notes"], ""]
     out.with_suffix(".md").write_text("\n".join(lines))
     try:
         import matplotlib
@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     (work / "config.json").write_text(json.dumps(base, indent=2))
     log.info("work dir %s; arms %s; seeds %s; eval on %s", work, arms, seeds, args.eval_on)
 
+    commit = git_commit()  # the code that runs, not whatever is checked out when it ends
     t0 = time.perf_counter()
     jobs = max(1, min(args.jobs or (os.cpu_count() or 1), len(seeds)))
     if jobs == 1:
@@ -374,12 +375,15 @@ def main(argv: list[str] | None = None) -> int:
         "parallel_seed_processes": jobs,
         "quick": args.quick,
         "command": "python bench/quality/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "wall_s": round(time.perf_counter() - t0, 1),
         "machine": machine(),
-        "config": base,
+        "config": json.loads(json.dumps(base).replace(str(shared), "../shared")),
     }
+    notes = ROOT / "bench/quality/FINDINGS.md"
+    if notes.exists() and not args.quick and args.eval_on == "test":
+        result["notes"] = notes.read_text().strip().splitlines()
     result["bars"] = bars(arms_res)
     default_out = ROOT / (
         "bench/results/quality"
