@@ -194,9 +194,5 @@ def demo(
     train(config=path, set_=None, out_dir=None, stages=None, verbose=False)
 
 
-def main() -> None:  # pragma: no cover
-    app()
-
-
 if __name__ == "__main__":  # pragma: no cover
     app()
