@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 
-STAGES = ("finetune_teacher", "distill", "finetune_student", "export", "evaluate")
+STAGES = ("finetune_teacher", "curate", "distill", "finetune_student", "export", "evaluate")
 
 
 class _Strict(BaseModel):
@@ -124,6 +124,69 @@ class FinetuneStudentConfig(OptimConfig):
     )
 
 
+class CurateConfig(_Strict):
+    gallery: str | None = Field(
+        None,
+        description="gallery directory made by 'kt gallery build'; unset: the curate stage is skipped and "
+        "distill uses data.transfer",
+    )
+    size: int = Field(5000, ge=1, description="items in the transfer set")
+    method: Literal["query_balanced", "knn", "class_balanced", "random"] = Field(
+        "query_balanced",
+        description="query_balanced (equal quota per labeled image, round-robin); knn (global top-N); "
+        "class_balanced (equal quota per class); random",
+    )
+    crops: int = Field(4, ge=0, le=64, description="crops per labeled image besides the full image")
+    crop_scales: list[float] = Field(
+        default_factory=lambda: [0.5, 0.75], min_length=1, description="crop side / image side, cycled"
+    )
+    k_per_crop: int | None = Field(
+        None, ge=1, description="gallery hits per query view (default: max(50, 4 x per-query quota))"
+    )
+    dedup_threshold: float | None = Field(
+        0.95, gt=0, le=1, description="drop items with cosine >= this to an item already selected (null: off)"
+    )
+    leakage_threshold: float | None = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="drop gallery items with cosine >= this to a labeled, val or test image (null: off)",
+    )
+    guard_eval_sets: bool = Field(
+        True, description="also guard against near-duplicates of data.val and data.test images"
+    )
+    min_score: float | None = Field(None, ge=-1, le=1, description="drop items whose cosine to their query is below this")
+    gallery_crops: int = Field(
+        0, ge=0, le=16, description="also consider this many crops of each top candidate gallery image"
+    )
+    teacher_filter: bool = Field(
+        False,
+        description="keep an item for a query only if the finetuned teacher predicts the query's class for it",
+    )
+    teacher_min_prob: float = Field(0.0, ge=0, le=1, description="with teacher_filter: minimum teacher probability")
+    teacher_pool_factor: int = Field(
+        4, ge=1, description="with teacher_filter: classify the top (factor x quota) candidates of each query"
+    )
+    nprobe: int | None = Field(None, ge=1, description="IVF lists visited per search (default: the index's)")
+    ef_search: int | None = Field(None, ge=1, description="HNSW search depth (default: the index's)")
+    encoder: str | None = Field(
+        None, description="query encoder spec (default: the one recorded in the gallery)"
+    )
+    formats: list[Literal["jsonl", "csv", "parquet"]] = Field(
+        default_factory=lambda: ["jsonl", "csv", "parquet"], description="manifest formats to write"
+    )
+    report: bool = Field(True, description="write report.html (per-class counts, score histograms, image grid)")
+    seed: int = Field(0, description="seed of crop positions and random selection")
+
+    @field_validator("crop_scales")
+    @classmethod
+    def _scales_in_range(cls, v: list[float]) -> list[float]:
+        bad = [s for s in v if not 0 < s <= 1]
+        if bad:
+            raise ValueError(f"crop scales must be in (0, 1], got {bad}")
+        return v
+
+
 class ExportConfig(_Strict):
     formats: list[Literal["safetensors", "onnx", "torchscript"]] = Field(
         default_factory=lambda: ["safetensors", "onnx", "torchscript"],  # type: ignore[arg-type]
@@ -150,6 +213,7 @@ class TrainConfig(_Strict):
     finetune_student: FinetuneStudentConfig = Field(
         default_factory=lambda: FinetuneStudentConfig(steps=100, lr=5e-4)
     )
+    curate: CurateConfig = Field(default_factory=CurateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
 

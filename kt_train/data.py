@@ -55,7 +55,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-_MANIFEST_SUFFIXES = (".csv", ".jsonl")
+_MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
 _MAX_SKIP_ATTEMPTS = 64  # bound for "return the next readable item" so a broken dataset fails fast
 _MAX_LISTED = 5
 _EXIF_ORIENTATION = 0x0112
@@ -785,6 +785,68 @@ def _manifest_source(
     return store, rows, [r.path for r in rows]
 
 
+def _source_rows(path: Path) -> list[tuple[str, str, tuple[float, float, float, float] | None]] | None:
+    """(source, key, box) rows of a transfer-set manifest (columns source + key, as ``kt curate``
+    writes them: items inside zips, folders or tar shards); None when the manifest has no such columns."""
+    suffix = path.suffix.lower()
+    records: list[dict[str, Any]]
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if not {"source", "key"} <= set(table.column_names):
+            raise DatasetError(
+                f"manifest {path} has no 'source' and 'key' columns (has {table.column_names}); "
+                f"parquet manifests are transfer sets written by 'kt curate'"
+            )
+        records = table.to_pylist()
+    elif suffix == ".jsonl":
+        with path.open(encoding="utf-8-sig") as fh:
+            first = next((ln for ln in fh if ln.strip()), "")
+        try:
+            head = json.loads(first) if first else {}
+        except json.JSONDecodeError:
+            return None
+        if not (isinstance(head, dict) and "source" in head and "key" in head):
+            return None
+        records = [json.loads(ln) for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
+    elif suffix == ".csv":
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            reader = csv.DictReader(fh)
+            if not {"source", "key"} <= {h.strip().lower() for h in (reader.fieldnames or [])}:
+                return None
+            records = []
+            for rec in reader:
+                box = [rec.get(c) for c in ("x0", "y0", "x1", "y1")]
+                records.append({**rec, "box": box if all(box) else None})
+    else:
+        return None
+    out = []
+    for i, rec in enumerate(records, start=1):
+        where = f"{path}:{i}"
+        src, key = rec.get("source"), rec.get("key")
+        if not src or not key:
+            raise DatasetError(f"{where}: every row needs a 'source' and a 'key' (got {src!r}, {key!r})")
+        box = rec.get("box")
+        out.append((str(src), str(key), _parse_box(box, where) if box is not None else None))
+    if not out:
+        raise DatasetError(f"manifest {path} lists no images; curate a non-empty transfer set")
+    return out
+
+
+def _store_for_source(src: Path, where: Path) -> ImageStore:
+    if src.is_dir():
+        return FolderStore(src)
+    if src.suffix.lower() == ".zip" and src.is_file():
+        return ZipStore(src)
+    if src.suffix.lower() == ".tar" and src.is_file():
+        return TarStore(src)
+    raise DatasetError(
+        f"manifest {where} refers to source {src}, which is not an existing folder, .zip or .tar; "
+        f"move the gallery images back or re-curate against the gallery's new location"
+    )
+
+
 def _check_exists(path: Path) -> None:
     if not path.exists():
         raise DatasetError(
@@ -1011,6 +1073,15 @@ def load_unlabeled(
         elif suffix == ".tar":
             tar = TarStore(src)
             add(tar, _plain_entries(tar))
+        elif suffix in _MANIFEST_SUFFIXES and (source_rows := _source_rows(src)) is not None:
+            by_source: dict[str, list[tuple[str, str, tuple[float, float, float, float] | None]]] = {}
+            for source, key, box in source_rows:
+                by_source.setdefault(source, []).append((key, f"{source}::{key}", box))
+            for source, entries in by_source.items():
+                sp = Path(source)
+                if not sp.is_absolute():
+                    sp = (Path(root) if root is not None else src.parent) / sp
+                add(_store_for_source(sp, src), entries)
         elif suffix in _MANIFEST_SUFFIXES:
             fstore, rows, _ = _manifest_source(src, root, need_label=False)
             add(fstore, [(r.path, r.path, r.box) for r in rows])

@@ -350,7 +350,8 @@ def distill(
     dc = cfg.distill
     size = cfg.data.view_size or max(teacher.data_config.input_size, student.data_config.input_size)
     transfer = with_transform(
-        open_unlabeled(cfg.data.transfer, seed=cfg.seed, cache=cfg.data.cache_images), augment_for(dc, size)
+        open_unlabeled(_transfer_ref(cfg, inputs), seed=cfg.seed, cache=cfg.data.cache_images),
+        augment_for(dc, size),
     )
     labeled_iter = _labeled_stream(cfg, classes, size, dc) if dc.ce_weight > 0 else None
 
@@ -390,7 +391,7 @@ def distill(
         lineage={
             "teacher": ckpt.get("lineage", {}).get("teacher", str(inputs["teacher"])),
             "teacher_checkpoint": str(inputs["teacher"]),
-            "transfer_set": cfg.data.transfer.model_dump() if cfg.data.transfer else None,
+            "transfer_set": _transfer_ref(cfg, inputs).model_dump(),
             "transfer_set_size": len(transfer),
             "method": "task_oriented",
         },
@@ -436,7 +437,8 @@ def distill_task_agnostic(
     projection = nn.Linear(s_dim, t_dim).to(device)
     size = cfg.data.view_size or max(backbone.data_config.input_size, student.data_config.input_size)
     transfer = with_transform(
-        open_unlabeled(cfg.data.transfer, seed=cfg.seed, cache=cfg.data.cache_images), augment_for(dc, size)
+        open_unlabeled(_transfer_ref(cfg, inputs), seed=cfg.seed, cache=cfg.data.cache_images),
+        augment_for(dc, size),
     )
     loss_fn = cosine_feature_loss if dc.feature_loss == "cosine" else contrastive_feature_loss
 
@@ -468,7 +470,7 @@ def distill_task_agnostic(
         {"distill": loop},
         lineage={
             "teacher": tc.model,
-            "transfer_set": cfg.data.transfer.model_dump() if cfg.data.transfer else None,
+            "transfer_set": _transfer_ref(cfg, inputs).model_dump(),
             "transfer_set_size": len(transfer),
             "method": "task_agnostic",
             "feature_loss": dc.feature_loss,
@@ -616,8 +618,72 @@ def export(
     return mark_done(out, {k: str(v) for k, v in files.items()})
 
 
+def curate(
+    cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None
+) -> Outputs:
+    """Curate the transfer set from ``curate.gallery`` with the labeled images as queries; writes
+    manifest.{jsonl,csv,parquet}, report.html and summary.json. Skipped without a gallery."""
+    cc = cfg.curate
+    if cc.gallery is None:
+        return {"skipped": "curate.gallery is not set; distill uses data.transfer"}
+    out = _stage_begin(out_dir, cfg)
+    if out is None:
+        return read_outputs(out_dir)
+    from .curate import curate_transfer_set, hit_image
+    from .embed import Encoder
+    from .gallery import Gallery
+    from .report import write_report
+
+    gallery = Gallery.open(cc.gallery)
+    labeled = open_labeled(cfg.data.train, what="train", seed=cfg.seed, cache=cfg.data.cache_images)
+    guard = []
+    if cc.guard_eval_sets:
+        for what, ref in (("val", cfg.data.val), ("test", cfg.data.test)):
+            if ref is not None:
+                guard.append(open_unlabeled(ref, what=what, seed=cfg.seed, cache=False))
+    teacher, teacher_classes = None, None
+    if cc.teacher_filter:
+        if "teacher" not in inputs:
+            raise ConfigError(
+                "curate.teacher_filter needs the finetuned teacher: run finetune_teacher before curate"
+            )
+        teacher, ckpt = load_checkpoint(inputs["teacher"])
+        teacher_classes = list(ckpt["classes"])
+    encoder = Encoder.from_spec(cc.encoder) if cc.encoder else None
+    ts = curate_transfer_set(
+        gallery, labeled, cc, encoder=encoder, guard=guard, teacher=teacher, teacher_classes=teacher_classes
+    )
+    files = ts.write(out, cc.formats)
+    if cc.report:
+        files["report"] = str(
+            write_report(
+                out / "report.html",
+                ts.rows,
+                load_hit=lambda row: hit_image(gallery, row),
+                load_query=labeled.load_image,
+                queries=ts.queries,
+                title=f"Transfer set: {cc.size} items from {gallery.name}",
+                summary={k: v for k, v in ts.summary.items() if k not in ("config", "per_class")},
+            )
+        )
+    manifest = files[f"manifest_{cc.formats[0]}"]
+    return mark_done(out, {"manifest": manifest, "size": len(ts), **files, "summary": ts.summary})
+
+
+def _transfer_ref(cfg: TrainConfig, inputs: Outputs) -> DatasetRef:
+    """The transfer set: the curate stage's manifest when it ran, else data.transfer."""
+    if inputs.get("transfer"):
+        return DatasetRef(path=str(inputs["transfer"]))
+    if cfg.data.transfer is None:
+        raise ConfigError(
+            "no transfer set: set data.transfer (unlabeled images) or curate.gallery (curate one from a gallery)"
+        )
+    return cfg.data.transfer
+
+
 STAGE_FUNCS = {
     "finetune_teacher": finetune_teacher,
+    "curate": curate,
     "distill": distill,
     "finetune_student": finetune_student,
     "export": export,
@@ -703,6 +769,8 @@ def run_pipeline(cfg: TrainConfig, reporter: Reporter | None = None) -> dict[str
         results[name] = res
         if name == "finetune_teacher":
             inputs["teacher"], inputs["classes"] = res["checkpoint"], res["classes"]
+        elif name == "curate" and res.get("manifest"):
+            inputs["transfer"] = res["manifest"]
         elif name in ("distill", "finetune_student"):
             inputs["student"], inputs["classes"] = res["checkpoint"], res["classes"]
     atomic_write_json(root / "summary.json", results)
