@@ -194,5 +194,189 @@ def demo(
     train(config=path, set_=None, out_dir=None, stages=None, verbose=False)
 
 
+gallery_app = typer.Typer(
+    help="Galleries: embedded image collections (+ FAISS index) that transfer sets are retrieved from.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(gallery_app, name="gallery")
+
+
+def _gallery_progress(progress: Progress, what: str) -> Any:
+    task: dict[str, TaskID] = {}
+
+    def update(done: int, total: int, rate: float) -> None:
+        if "t" not in task:
+            task["t"] = progress.add_task(what, total=total, metrics="")
+        progress.update(task["t"], completed=done, total=total, metrics=f"{rate:.0f} img/s")
+
+    return update
+
+
+@gallery_app.command("build")
+def gallery_build(
+    sources: Annotated[
+        list[str],
+        typer.Argument(
+            help="image folder, .zip, webdataset .tar shard(s) (a directory or name-{00000..00009}.tar); "
+            "SOURCE::SPLIT keeps only the entries listed in the SPLIT file"
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="gallery directory to write (or resume)")],
+    encoder: Annotated[
+        str | None, typer.Option(help="model spec of the encoder (default: an open_clip image tower)")
+    ] = None,
+    image_size: Annotated[int | None, typer.Option(help="encoder input side in pixels")] = None,
+    name: Annotated[str | None, typer.Option(help="gallery name (default: the directory name)")] = None,
+    batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 128,
+    shard_size: Annotated[
+        int, typer.Option(help="images per shard (built and resumed independently)")
+    ] = 50_000,
+    index: Annotated[str, typer.Option(help="auto, flat, hnsw, ivf_flat or ivf_pq")] = "auto",
+    memory_gb: Annotated[float | None, typer.Option(help="memory budget of the index in GB")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace a gallery built from other sources")] = False,
+) -> None:
+    """Embed images into a gallery (resumable: finished shards are kept), then index it."""
+    from .gallery import DEFAULT_ENCODER, build_gallery
+
+    parsed: list[Any] = []
+    for s in sources:
+        src, sep, split = s.partition("::")
+        parsed.append((src, split) if sep else src)
+    try:
+        with _progress() as progress:
+            g = build_gallery(
+                parsed,
+                out,
+                encoder=encoder or DEFAULT_ENCODER,
+                image_size=image_size,
+                name=name,
+                batch_size=batch_size,
+                shard_size=shard_size,
+                index_kind=index,
+                memory_budget_bytes=int(memory_gb * 2**30) if memory_gb else None,
+                overwrite=overwrite,
+                progress=_gallery_progress(progress, "embed"),
+            )
+    except KTError as e:
+        _fail(e)
+    console.print(f"gallery {g.name}: {g.count} images, {g.dim}-d, in {g.path}")
+
+
+@gallery_app.command("import")
+def gallery_import(
+    embeddings: Annotated[Path, typer.Option(help="directory of img_emb_*.npy (clip-retrieval layout)")],
+    metadata: Annotated[Path, typer.Option(help="directory of metadata_*.parquet, same row order")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="gallery directory to write")],
+    encoder: Annotated[
+        str | None, typer.Option(help="model spec that made the embeddings (needed to curate)")
+    ] = None,
+    index: Annotated[str, typer.Option(help="auto, flat, hnsw, ivf_flat or ivf_pq")] = "auto",
+    memory_gb: Annotated[float | None, typer.Option(help="memory budget of the index in GB")] = None,
+) -> None:
+    """Bring precomputed embeddings + parquet metadata (e.g. a LAION index) without re-embedding."""
+    from .gallery import import_embeddings
+
+    try:
+        g = import_embeddings(
+            embeddings,
+            metadata,
+            out,
+            encoder_spec=encoder,
+            index_kind=index,
+            memory_budget_bytes=int(memory_gb * 2**30) if memory_gb else None,
+        )
+    except KTError as e:
+        _fail(e)
+    console.print(f"gallery {g.name}: {g.count} vectors, {g.dim}-d, in {g.path}")
+
+
+@gallery_app.command("info")
+def gallery_info(path: Annotated[Path, typer.Argument(help="gallery directory")]) -> None:
+    """Print a gallery's description (gallery.json)."""
+    import json
+
+    from .gallery import Gallery
+
+    try:
+        g = Gallery.open(path)
+    except KTError as e:
+        _fail(e)
+    sys.stdout.write(json.dumps(json.loads((g.path / "gallery.json").read_text()), indent=2) + "\n")
+
+
+@app.command()
+def curate(
+    gallery: Annotated[Path, typer.Option(help="gallery directory (kt gallery build)")],
+    labeled: Annotated[
+        str, typer.Option(help="the labeled images: ImageFolder dir or .zip, or a path,label manifest")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
+    split: Annotated[
+        str | None, typer.Option(help="keep only the labeled entries listed in this file")
+    ] = None,
+    size: Annotated[int, typer.Option(help="items in the transfer set")] = 5000,
+    method: Annotated[
+        str, typer.Option(help="query_balanced, knn, class_balanced or random")
+    ] = "query_balanced",
+    guard: Annotated[
+        list[str] | None,
+        typer.Option(help="evaluation images whose near-duplicates are excluded (repeatable)"),
+    ] = None,
+    teacher: Annotated[
+        Path | None,
+        typer.Option(help="finetuned teacher checkpoint: keep items it assigns to the query's class"),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML config with a curate: section")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="override: curate.key=value (see kt train --help)")
+    ] = None,
+) -> None:
+    """Curate a transfer set: query-balanced crop retrieval of gallery images for the labeled images.
+
+    Writes manifest.{jsonl,csv,parquet} (what 'kt train' takes as data.transfer), report.html
+    (open it in a browser) and summary.json into --out.
+    """
+    from .pipeline import curate as curate_stage
+
+    overrides = [
+        f"curate.gallery={gallery}",
+        f"curate.size={size}",
+        f"curate.method={method}",
+        f"data.train.path={labeled}",
+        f"out_dir={out}",
+        *(set_ or []),
+    ]
+    if split:
+        overrides.append(f"data.train.split={split}")
+    if teacher:
+        overrides.append("curate.teacher_filter=true")
+    try:
+        cfg = load_config(config, overrides)
+        inputs: dict[str, Any] = {"guard": list(guard or [])}
+        if teacher:
+            inputs["teacher"] = str(teacher)
+        with console.status("curating ..."):
+            res = curate_stage(cfg, inputs, out)
+    except KTError as e:
+        _fail(e)
+    summary = res.get("summary", {})
+    table = Table(title=f"kt curate — {out}", title_justify="left")
+    table.add_column("class")
+    table.add_column("items", justify="right")
+    for cls, n in sorted((summary.get("per_class") or {}).items()):
+        table.add_row(escape(str(cls)), str(n))
+    console.print(table)
+    console.print(
+        f"{res.get('size')} items ({summary.get('duplicates_dropped', 0)} near-duplicates and "
+        f"{summary.get('leakage_dropped', 0)} leaks dropped) in {summary.get('seconds', 0):.1f} s"
+    )
+    for k in ("manifest", "report"):
+        if k in res:
+            console.print(f"{k}: {res[k]}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -155,7 +155,9 @@ class CurateConfig(_Strict):
     guard_eval_sets: bool = Field(
         True, description="also guard against near-duplicates of data.val and data.test images"
     )
-    min_score: float | None = Field(None, ge=-1, le=1, description="drop items whose cosine to their query is below this")
+    min_score: float | None = Field(
+        None, ge=-1, le=1, description="drop items whose cosine to their query is below this"
+    )
     gallery_crops: int = Field(
         0, ge=0, le=16, description="also consider this many crops of each top candidate gallery image"
     )
@@ -163,7 +165,9 @@ class CurateConfig(_Strict):
         False,
         description="keep an item for a query only if the finetuned teacher predicts the query's class for it",
     )
-    teacher_min_prob: float = Field(0.0, ge=0, le=1, description="with teacher_filter: minimum teacher probability")
+    teacher_min_prob: float = Field(
+        0.0, ge=0, le=1, description="with teacher_filter: minimum teacher probability"
+    )
     teacher_pool_factor: int = Field(
         4, ge=1, description="with teacher_filter: classify the top (factor x quota) candidates of each query"
     )
@@ -175,7 +179,9 @@ class CurateConfig(_Strict):
     formats: list[Literal["jsonl", "csv", "parquet"]] = Field(
         default_factory=lambda: ["jsonl", "csv", "parquet"], description="manifest formats to write"
     )
-    report: bool = Field(True, description="write report.html (per-class counts, score histograms, image grid)")
+    report: bool = Field(
+        True, description="write report.html (per-class counts, score histograms, image grid)"
+    )
     seed: int = Field(0, description="seed of crop positions and random selection")
 
     @field_validator("crop_scales")

@@ -96,7 +96,9 @@ class _DedupSet:
         self.vectors = vectors
         self.threshold = threshold
         self.active = vectors is not None and threshold is not None
-        self.buf = np.empty((capacity if self.active else 0, 0 if vectors is None else vectors.shape[1]), np.float32)
+        self.buf = np.empty(
+            (capacity if self.active else 0, 0 if vectors is None else vectors.shape[1]), np.float32
+        )
         self.n = 0
 
     def filter(self, cands: list[int]) -> list[bool]:
@@ -244,7 +246,9 @@ class Candidates:
     vectors: np.ndarray  # float32 [m, d]
     scores: np.ndarray  # float32 [m, num_queries]: best cosine to any crop of each query
 
-    def ranked_for(self, q: int, allowed: np.ndarray | None = None, min_score: float | None = None) -> np.ndarray:
+    def ranked_for(
+        self, q: int, allowed: np.ndarray | None = None, min_score: float | None = None
+    ) -> np.ndarray:
         s = self.scores[:, q]
         ok = np.isfinite(s)
         if allowed is not None:
@@ -255,7 +259,9 @@ class Candidates:
         return idx[np.argsort(-s[idx], kind="stable")]
 
 
-def pool_scores(query_vectors: np.ndarray, query_of_row: np.ndarray, cand_vectors: np.ndarray, nq: int) -> np.ndarray:
+def pool_scores(
+    query_vectors: np.ndarray, query_of_row: np.ndarray, cand_vectors: np.ndarray, nq: int
+) -> np.ndarray:
     """[m, nq] max cosine of each candidate to any crop vector of each query."""
     sims = cand_vectors @ query_vectors.T  # [m, rows]
     out = np.full((len(cand_vectors), nq), -np.inf, dtype=np.float32)
@@ -266,7 +272,9 @@ def pool_scores(query_vectors: np.ndarray, query_of_row: np.ndarray, cand_vector
     return out
 
 
-def near_duplicate_mask(vectors: np.ndarray, guard: np.ndarray | None, threshold: float, block: int = 8192) -> np.ndarray:
+def near_duplicate_mask(
+    vectors: np.ndarray, guard: np.ndarray | None, threshold: float, block: int = 8192
+) -> np.ndarray:
     """True where a vector has cosine >= threshold with any guard vector."""
     out = np.zeros(len(vectors), dtype=bool)
     if guard is None or len(guard) == 0 or len(vectors) == 0:
@@ -292,7 +300,9 @@ class TransferSet:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def write(self, out_dir: str | Path, formats: Sequence[str] = ("jsonl", "csv", "parquet")) -> dict[str, str]:
+    def write(
+        self, out_dir: str | Path, formats: Sequence[str] = ("jsonl", "csv", "parquet")
+    ) -> dict[str, str]:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         files = {}
@@ -304,7 +314,18 @@ class TransferSet:
         return files
 
 
-MANIFEST_COLUMNS = ("id", "source", "key", "box", "score", "query_id", "query_key", "query_label", "rank", "method")
+MANIFEST_COLUMNS = (
+    "id",
+    "source",
+    "key",
+    "box",
+    "score",
+    "query_id",
+    "query_key",
+    "query_label",
+    "rank",
+    "method",
+)
 
 
 def write_manifest(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
@@ -344,7 +365,9 @@ def write_manifest(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
             }
         )
         return atomic_write(path, lambda f: pq.write_table(table, f))
-    raise ConfigError(f"manifest {path}: unsupported type {suffix!r}; use one of {', '.join(MANIFEST_SUFFIXES)}")
+    raise ConfigError(
+        f"manifest {path}: unsupported type {suffix!r}; use one of {', '.join(MANIFEST_SUFFIXES)}"
+    )
 
 
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:
@@ -368,7 +391,9 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
                     out[k] = typ(out[k]) if out.get(k) not in (None, "") else None
                 rows.append(out)
         return rows
-    raise ConfigError(f"manifest {path}: unsupported type {suffix!r}; use one of {', '.join(MANIFEST_SUFFIXES)}")
+    raise ConfigError(
+        f"manifest {path}: unsupported type {suffix!r}; use one of {', '.join(MANIFEST_SUFFIXES)}"
+    )
 
 
 # --------------------------------------------------------------------------- curation
@@ -481,7 +506,9 @@ def curate_transfer_set(
         extra_imgs, extra_ids, extra_boxes = [], [], []
         for ci in top:
             img = gallery.open_image(int(gids[ci]))
-            for box in crop_boxes(img.width, img.height, cfg.gallery_crops, cfg.crop_scales, seed=int(gids[ci])):
+            for box in crop_boxes(
+                img.width, img.height, cfg.gallery_crops, cfg.crop_scales, seed=int(gids[ci])
+            ):
                 extra_imgs.append(_crop(img, box))
                 extra_ids.append(int(gids[ci]))
                 extra_boxes.append(box)
@@ -517,7 +544,12 @@ def curate_transfer_set(
         label_idx = np.asarray([tclasses.index(lbl) if lbl in tclasses else -1 for lbl in labels])
         # only the candidates a query could plausibly reach are classified
         reach = np.unique(
-            np.concatenate([cands.ranked_for(q, allowed, cfg.min_score)[: cfg.teacher_pool_factor * quota] for q in range(nq)])
+            np.concatenate(
+                [
+                    cands.ranked_for(q, allowed, cfg.min_score)[: cfg.teacher_pool_factor * quota]
+                    for q in range(nq)
+                ]
+            )
         )
         probs = np.zeros((len(gids), max(len(tclasses), 1)), np.float32)
         if len(reach):
@@ -525,7 +557,9 @@ def curate_transfer_set(
             probs[reach] = _classify(teacher, imgs)
         pred, conf = probs.argmax(1), probs.max(1)
         per_query_ok = np.zeros((len(gids), nq), dtype=bool)
-        per_query_ok[reach] = (pred[reach, None] == label_idx[None, :]) & (conf[reach, None] >= cfg.teacher_min_prob)
+        per_query_ok[reach] = (pred[reach, None] == label_idx[None, :]) & (
+            conf[reach, None] >= cfg.teacher_min_prob
+        )
         per_query_ok &= allowed[:, None]
         teacher_dropped = int(len(reach) - per_query_ok[reach].any(1).sum())
         timings["teacher_filter_s"] = time.perf_counter() - t
@@ -544,7 +578,9 @@ def curate_transfer_set(
         ranked = []
         for g in groups:
             qs = np.flatnonzero(label_arr == g)
-            s = np.where(mask[:, qs] if mask.ndim == 2 else mask[:, None], cands.scores[:, qs], -np.inf).max(1)
+            s = np.where(mask[:, qs] if mask.ndim == 2 else mask[:, None], cands.scores[:, qs], -np.inf).max(
+                1
+            )
             if cfg.min_score is not None:
                 s = np.where(s >= cfg.min_score, s, -np.inf)
             idx = np.flatnonzero(np.isfinite(s))
@@ -558,12 +594,12 @@ def curate_transfer_set(
         if cfg.method == "random":
             s = np.where(mask.any(1) if mask.ndim == 2 else mask, 0.0, -np.inf)  # keep the random order
             order = np.flatnonzero(np.isfinite(s))
-            sel = Selection(items=[int(c) for c in order[: cfg.size]], owners=[-1] * min(cfg.size, len(order)))
+            sel = Selection(
+                items=[int(c) for c in order[: cfg.size]], owners=[-1] * min(cfg.size, len(order))
+            )
             sel.ranks = list(range(len(sel.items)))
         else:
-            sel = global_topn_select(
-                s, cfg.size, vectors=cands.vectors, dedup_threshold=cfg.dedup_threshold
-            )
+            sel = global_topn_select(s, cfg.size, vectors=cands.vectors, dedup_threshold=cfg.dedup_threshold)
         owner_is_query = False
     timings["select_s"] = time.perf_counter() - t
 

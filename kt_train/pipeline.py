@@ -641,6 +641,8 @@ def curate(
         for what, ref in (("val", cfg.data.val), ("test", cfg.data.test)):
             if ref is not None:
                 guard.append(open_unlabeled(ref, what=what, seed=cfg.seed, cache=False))
+    for path in inputs.get("guard") or []:
+        guard.append(open_unlabeled(DatasetRef(path=str(path)), what="guard", cache=False))
     teacher, teacher_classes = None, None
     if cc.teacher_filter:
         if "teacher" not in inputs:

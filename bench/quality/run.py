@@ -38,13 +38,14 @@ from kt_train.evaluate import evaluate_model  # noqa: E402
 from kt_train.models import load_checkpoint  # noqa: E402
 from kt_train.train import resolve_device  # noqa: E402
 
-ARMS = ("A0", "A1", "A2", "A3", "A4")
+ARMS = ("A0", "A1", "A2", "A3", "A4", "A5")
 ARM_TEXT = {
     "A0": "teacher: proxy VFM finetuned on the labeled images (ceiling)",
     "A1": "student from scratch, finetuned on the labeled images only",
     "A2": "task-agnostic: student features matched to frozen proxy-VFM features on the generic set, then finetune",
     "A3": "task-oriented KT on a generic transfer set (Tiny-ImageNet), then finetune",
     "A4": "task-oriented KT on unlabeled target data (pool - labeled), then finetune",
+    "A5": "task-oriented KT on a retrieval-curated transfer set from the ~7%-in-domain gallery, then finetune",
 }
 log = logging.getLogger("bench.quality")
 
@@ -98,7 +99,11 @@ def run_seed(
     work: Path,
     device: torch.device,
     eval_ref: DatasetRef,
+    gallery: str | None = None,
+    size: int | None = None,
 ) -> dict[str, dict[str, Any]]:
+    """Train and evaluate ``arms`` for one seed. Arm "A5:N" is A5 with a transfer set of N items
+    (the accuracy-vs-size curve); A5 curates with the ``curate:`` section of the config."""
     res: dict[str, dict[str, Any]] = {}
     base = {**base, "seed": seed}
     common = {"train": refs["labeled"], "val": None}
@@ -113,16 +118,27 @@ def run_seed(
             "wall_s": time.perf_counter() - t0,
         }
         log.info("seed %d A0 %.2f", seed, res["A0"]["test_acc"])
-    plan = {
+    plan: dict[str, Any] = {
         "A1": None,
         "A2": ("task_agnostic", refs["generic"]),
         "A3": ("task_oriented", refs["generic"]),
         "A4": ("task_oriented", refs["unlabeled_target"]),
     }
-    for arm in [a for a in arms if a in plan]:
+    for arm in [a for a in arms if a in plan or a.startswith("A5")]:
         t1 = time.perf_counter()
         row: dict[str, Any] = {}
         inputs: dict[str, Any] = {"teacher": teacher["checkpoint"], "classes": classes}
+        if arm.startswith("A5"):
+            n = int(arm.split(":")[1]) if ":" in arm else size
+            if gallery is None or n is None:
+                raise SystemExit("arm A5 needs the gallery (bench/retrieval/real.py builds it)")
+            ccfg = arm_config(
+                {**base, "curate": {**base.get("curate", {}), "gallery": gallery, "size": n}}, work, **common
+            )
+            cur = pipeline.curate(ccfg, inputs, work / arm.replace(":", "_n") / "curate")
+            row["curate_s"] = cur["summary"]["seconds"]
+            row["transfer_set_size"] = cur["size"]
+            plan[arm] = ("task_oriented", DatasetRef(path=cur["manifest"]))
         if plan[arm] is not None:
             method, transfer = plan[arm]
             cfg = arm_config(
@@ -131,16 +147,16 @@ def run_seed(
                 **common,
                 transfer=transfer,
             )
-            d = pipeline.distill(cfg, inputs, work / arm / "distill")
+            d = pipeline.distill(cfg, inputs, work / arm.replace(":", "_n") / "distill")
             if method == "task_oriented":
                 row["distill_acc"] = test_acc(d["checkpoint"], eval_ref, device)
             inputs["student"] = d["checkpoint"]
             row["distill_s"] = d["timings"]["distill"]["seconds"]
             row["distill_img_s"] = d["timings"]["distill"]["images_per_s"]
         cfg = arm_config(base, work, **common)
-        f = pipeline.finetune_student(cfg, inputs, work / arm / "finetune_student")
+        f = pipeline.finetune_student(cfg, inputs, work / arm.replace(":", "_n") / "finetune_student")
         row["test_acc"] = test_acc(f["checkpoint"], eval_ref, device)
-        row["wall_s"] = time.perf_counter() - t1 + (t_teacher if arm in ("A3", "A4") else 0.0)
+        row["wall_s"] = time.perf_counter() - t1 + (t_teacher if arm[:2] in ("A3", "A4", "A5") else 0.0)
         res[arm] = row
         log.info("seed %d %s %s", seed, arm, {k: round(v, 2) for k, v in row.items()})
     return res
@@ -186,6 +202,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "timm": timm.__version__,
+        "faiss": __import__("faiss").__version__,
         "platform": platform.platform(),
     }
 
@@ -223,6 +240,27 @@ def write_results(result: dict[str, Any], out: Path) -> None:
         lines.append(
             f"| {arm} | {da} | **{r['test_acc']:.2f} ± {r['test_acc_std']:.2f}** | {r['wall_s']:.0f} | {r['what']} |"
         )
+    if result.get("merged_arms"):
+        lines += [
+            "",
+            "Arms not measured by this run, kept from an earlier run with the same recipe for them: "
+            + ", ".join(
+                f"{a} (commit {m.get('git_commit')}, {m.get('date')})"
+                for a, m in result["merged_arms"].items()
+            ),
+        ]
+    if result.get("curve"):
+        lines += [
+            "",
+            "A5: accuracy vs transfer-set size (same 800 distillation steps; the paper's Figure 5):",
+            "",
+            "| size | after distillation | after finetune | seeds |",
+            "|---:|---:|---:|---|",
+        ]
+        for c in result["curve"]:
+            lines.append(
+                f"| {c['size']} | {c.get('distill_acc')} | {c['test_acc']} | {c.get('seeds', 'seed ' + str(c.get('seed')))} |"
+            )
     lines += ["", "Bars (BENCHMARKS.md §1):", ""]
     for name, ok, fig in result["bars"]:
         lines.append(f"- {'PASS' if ok else 'FAIL'} {name}: {fig}")
@@ -245,7 +283,21 @@ def write_results(result: dict[str, Any], out: Path) -> None:
         import matplotlib.pyplot as plt
 
         names = list(arms)
-        fig, ax = plt.subplots(figsize=(7, 3.6))
+        curve = result.get("curve") or []
+        fig, axes = plt.subplots(1, 2 if curve else 1, figsize=(11 if curve else 7, 3.6), squeeze=False)
+        ax = axes[0][0]
+        if curve:
+            cx = axes[0][1]
+            cx.plot(
+                [c["size"] for c in curve], [c["test_acc"] for c in curve], "o-", color="#a5c", label="A5"
+            )
+            for ref, col in (("A4", "#4a7"), ("A3", "#7ac")):
+                if ref in arms:
+                    cx.axhline(arms[ref]["test_acc"], ls="--", color=col, label=ref)
+            cx.set_xlabel("transfer-set size")
+            cx.set_ylabel("test top-1 (%)")
+            cx.set_title("A5 vs transfer-set size")
+            cx.legend()
         ax.bar(
             names,
             [arms[a]["test_acc"] for a in names],
@@ -275,6 +327,10 @@ def bars(arms: dict[str, dict[str, Any]]) -> list[tuple[str, bool, str]]:
         out.append(("A3 >= A1", g["A3"] >= g["A1"], f"A3={g['A3']:.2f} A1={g['A1']:.2f}"))
     if {"A3", "A2"} <= g.keys():
         out.append(("A3 > A2", g["A3"] > g["A2"], f"A3={g['A3']:.2f} A2={g['A2']:.2f}"))
+    if {"A5", "A4"} <= g.keys():
+        out.append(("A5 >= A4 - 1", g["A5"] >= g["A4"] - 1, f"A5={g['A5']:.2f} A4={g['A4']:.2f}"))
+    if {"A5", "A3"} <= g.keys():
+        out.append(("A5 - A3 >= 8", g["A5"] - g["A3"] >= 8, f"{g['A5'] - g['A3']:.2f}"))
     return out
 
 
@@ -300,6 +356,21 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="seeds run in parallel processes, one thread each (default: one per seed, up to the core count)",
+    )
+    ap.add_argument(
+        "--curve",
+        default="",
+        help="A5 at these extra transfer-set sizes, seed 0 (accuracy vs size, the paper's Figure 5), e.g. 1000,2500",
+    )
+    ap.add_argument(
+        "--gallery",
+        default=str(ROOT / "bench/work/retrieval/gallery"),
+        help="gallery for A5 (built by bench/retrieval/real.py; built here when missing)",
+    )
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the arms of the existing result file that this run does not measure (marked as such)",
     )
     ap.add_argument("--eval-on", choices=("test", "val_tune"), default="test")
     ap.add_argument("--test-limit", type=int, default=None)
@@ -349,25 +420,81 @@ def main(argv: list[str] | None = None) -> int:
 
     commit = git_commit()  # the code that runs, not whatever is checked out when it ends
     t0 = time.perf_counter()
-    jobs = max(1, min(args.jobs or (os.cpu_count() or 1), len(seeds)))
+    curve = [int(x) for x in args.curve.split(",") if x.strip()]
+    gallery = None
+    if "A5" in arms or curve:
+        sys.path.insert(0, str(ROOT / "bench/retrieval"))
+        import real as retrieval  # bench/retrieval/real.py: the A5 gallery
+
+        gpath = Path(args.gallery)
+        if not (gpath / "gallery.json").exists():
+            log.info("building the A5 gallery in %s", gpath)
+            retrieval.ensure_gallery(shared, base, gpath.parent)
+        gallery = str(gpath)
+    # Tasks (seed, arms): each seed's main arms first, so a seed's teacher is trained (and cached)
+    # before the curve tasks of that seed start in other processes.
+    tasks = [(s, arms) for s in seeds] + [(seeds[0], [f"A5:{n}"]) for n in curve]
+    run_args = [
+        (s, base, refs, a, work / f"seed{s}", device, eval_ref, gallery, bench["transfer_set_size"])
+        for s, a in tasks
+    ]
+    jobs = max(1, min(args.jobs or (os.cpu_count() or 1), len(tasks)))
     if jobs == 1:
-        per_seed = [run_seed(s, base, refs, arms, work / f"seed{s}", device, eval_ref) for s in seeds]
+        per_task = [run_seed(*a) for a in run_args]
     else:
-        # One process per seed with one thread each: small convnets barely speed up with a second
+        # One process per task with one thread each: small convnets barely speed up with a second
         # intra-op thread, and two processes use both cores fully.
         import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(jobs, initializer=_one_thread) as pool:
-            per_seed = pool.starmap(
-                run_seed, [(s, base, refs, arms, work / f"seed{s}", device, eval_ref) for s in seeds]
-            )
+        with mp.get_context("spawn").Pool(jobs, initializer=_one_thread, maxtasksperchild=1) as pool:
+            per_task = pool.starmap(run_seed, run_args, chunksize=1)
+    per_seed = [r for r, (_, a) in zip(per_task, tasks, strict=True) if not a[0].startswith("A5:")]
     arms_res = aggregate(per_seed)
+    curve_res = [
+        {
+            "arm": "A5",
+            "size": r[k]["transfer_set_size"],
+            "test_acc": round(r[k]["test_acc"], 2),
+            "distill_acc": round(r[k]["distill_acc"], 2),
+            "seed": s,
+        }
+        for r, (s, a) in zip(per_task, tasks, strict=True)
+        for k in a
+        if k.startswith("A5:")
+    ]
+    if "A5" in arms_res:
+        a5 = arms_res["A5"]
+        curve_res.append(
+            {
+                "arm": "A5",
+                "size": bench["transfer_set_size"],
+                "test_acc": a5["test_acc"],
+                "distill_acc": a5.get("distill_acc"),
+                "seeds": a5["seeds"],
+            }
+        )
+    curve_res.sort(key=lambda c: c["size"])
+    merged_from: dict[str, Any] = {}
+    default_json = ROOT / "bench/results/quality.json"
+    if args.merge and default_json.exists():
+        old = json.loads(default_json.read_text())
+        for arm, r in old.get("arms", {}).items():
+            if arm not in arms_res:
+                arms_res[arm] = {
+                    **r,
+                    "from_run": r.get("from_run")
+                    or {"git_commit": old.get("git_commit"), "date": old.get("date")},
+                }
+                merged_from[arm] = arms_res[arm]["from_run"]
+        arms_res = {a: arms_res[a] for a in ARMS if a in arms_res}
     result = {
         "labels_per_class": bench["labels_per_class"],
         "teacher": base["teacher"]["model"].replace(str(shared), "../shared"),
         "student": base["student"]["model"],
         "arms": arms_res,
         "transfer_set_size": bench["transfer_set_size"],
+        "curve": curve_res,
+        "merged_arms": merged_from,
         "unlabeled_target_size": len(splits["unlabeled_target"].read_text().split()),
         "eval_split": args.eval_on,
         "eval_images": len(splits[args.eval_on].read_text().split()),

@@ -133,12 +133,42 @@ def test_crop_boxes_lie_inside_the_image_at_the_given_scales() -> None:
 
 def _rows(zip_path: Path, folder: Path) -> list[dict]:
     return [
-        {"id": 0, "source": str(zip_path), "key": "a/red.png", "box": None, "score": 0.9, "query_id": 0,
-         "query_key": "q0.png", "query_label": "cat", "rank": 0, "method": "query_balanced"},
-        {"id": 1, "source": str(zip_path), "key": "b/blue.png", "box": [0.0, 0.0, 8.0, 4.0], "score": 0.8,
-         "query_id": 1, "query_key": "q1.png", "query_label": "dog, big", "rank": 0, "method": "query_balanced"},
-        {"id": 2, "source": str(folder), "key": "sub/green.png", "box": None, "score": 0.7, "query_id": 0,
-         "query_key": "q0.png", "query_label": "cat", "rank": 1, "method": "query_balanced"},
+        {
+            "id": 0,
+            "source": str(zip_path),
+            "key": "a/red.png",
+            "box": None,
+            "score": 0.9,
+            "query_id": 0,
+            "query_key": "q0.png",
+            "query_label": "cat",
+            "rank": 0,
+            "method": "query_balanced",
+        },
+        {
+            "id": 1,
+            "source": str(zip_path),
+            "key": "b/blue.png",
+            "box": [0.0, 0.0, 8.0, 4.0],
+            "score": 0.8,
+            "query_id": 1,
+            "query_key": "q1.png",
+            "query_label": "dog, big",
+            "rank": 0,
+            "method": "query_balanced",
+        },
+        {
+            "id": 2,
+            "source": str(folder),
+            "key": "sub/green.png",
+            "box": None,
+            "score": 0.7,
+            "query_id": 0,
+            "query_key": "q0.png",
+            "query_label": "cat",
+            "rank": 1,
+            "method": "query_balanced",
+        },
     ]
 
 
@@ -185,7 +215,12 @@ def test_manifest_with_a_moved_source_says_so(tmp_path: Path) -> None:
 
 def test_manifest_row_without_key_is_a_clear_error(tmp_path: Path) -> None:
     p = tmp_path / "m.jsonl"
-    p.write_text(json.dumps({"source": str(tmp_path), "key": "x.png"}) + "\n" + json.dumps({"source": "s", "key": ""}) + "\n")
+    p.write_text(
+        json.dumps({"source": str(tmp_path), "key": "x.png"})
+        + "\n"
+        + json.dumps({"source": "s", "key": ""})
+        + "\n"
+    )
     with pytest.raises(DatasetError, match=r"m.jsonl:2: every row needs a 'source' and a 'key'"):
         load_unlabeled(p)
 
