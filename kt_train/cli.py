@@ -235,6 +235,8 @@ def gallery_build(
     index: Annotated[str, typer.Option(help="auto, flat, hnsw, ivf_flat or ivf_pq")] = "auto",
     memory_gb: Annotated[float | None, typer.Option(help="memory budget of the index in GB")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace a gallery built from other sources")] = False,
+    num_workers: Annotated[int, typer.Option(help="image-decoding worker processes")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when present)")] = None,
 ) -> None:
     """Embed images into a gallery (resumable: finished shards are kept), then index it."""
     from .gallery import DEFAULT_ENCODER, build_gallery
@@ -256,6 +258,8 @@ def gallery_build(
                 index_kind=index,
                 memory_budget_bytes=int(memory_gb * 2**30) if memory_gb else None,
                 overwrite=overwrite,
+                num_workers=num_workers,
+                device=device,
                 progress=_gallery_progress(progress, "embed"),
             )
     except KTError as e:
@@ -273,6 +277,10 @@ def gallery_import(
     ] = None,
     index: Annotated[str, typer.Option(help="auto, flat, hnsw, ivf_flat or ivf_pq")] = "auto",
     memory_gb: Annotated[float | None, typer.Option(help="memory budget of the index in GB")] = None,
+    image_root: Annotated[
+        str | None, typer.Option(help="where relative image paths of the metadata are found")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing gallery in --out")] = False,
 ) -> None:
     """Bring precomputed embeddings + parquet metadata (e.g. a LAION index) without re-embedding."""
     from .gallery import import_embeddings
@@ -283,6 +291,8 @@ def gallery_import(
             metadata,
             out,
             encoder_spec=encoder,
+            image_root=image_root,
+            overwrite=overwrite,
             index_kind=index,
             memory_budget_bytes=int(memory_gb * 2**30) if memory_gb else None,
         )

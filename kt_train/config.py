@@ -177,7 +177,8 @@ class CurateConfig(_Strict):
         None, description="query encoder spec (default: the one recorded in the gallery)"
     )
     formats: list[Literal["jsonl", "csv", "parquet"]] = Field(
-        default_factory=lambda: ["jsonl", "csv", "parquet"], description="manifest formats to write"
+        default_factory=lambda: ["jsonl", "csv", "parquet"],  # type: ignore[arg-type]
+        description="manifest formats to write",
     )
     report: bool = Field(
         True, description="write report.html (per-class counts, score histograms, image grid)"

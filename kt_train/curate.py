@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,7 +67,7 @@ def _crop(img: Image.Image, box: Box | Sequence[float] | None) -> Image.Image:
     return img.crop(tuple(round(v) for v in box))  # type: ignore[arg-type]
 
 
-def hit_image(gallery: Gallery, row: dict[str, Any]) -> Image.Image:
+def hit_image(gallery: Gallery, row: Mapping[str, Any]) -> Image.Image:
     """The image a manifest row stands for (its gallery image, cropped to its box)."""
     return _crop(gallery.open_image(int(row["id"])), row.get("box"))
 
@@ -459,7 +459,7 @@ def curate_transfer_set(
                 f"gallery {gallery.name!r} has no recorded encoder (imported embeddings); pass the encoder "
                 f"that made them (curate.encoder / --encoder)"
             )
-        encoder = Encoder.from_spec(spec, image_size=(gallery.encoder or {}).get("image_size"))
+        encoder = Encoder.from_description(gallery.encoder)
     gallery.check_encoder(encoder)
     classes = list(labeled.classes or [])
     labels = [classes[it.label] if classes else str(it.label) for it in labeled.items]

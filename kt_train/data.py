@@ -817,8 +817,8 @@ def _source_rows(path: Path) -> list[tuple[str, str, tuple[float, float, float, 
                 return None
             records = []
             for rec in reader:
-                box = [rec.get(c) for c in ("x0", "y0", "x1", "y1")]
-                records.append({**rec, "box": box if all(box) else None})
+                corners = [rec.get(c) for c in ("x0", "y0", "x1", "y1")]
+                records.append({**rec, "box": corners if all(corners) else None})
     else:
         return None
     out = []
@@ -827,8 +827,8 @@ def _source_rows(path: Path) -> list[tuple[str, str, tuple[float, float, float, 
         src, key = rec.get("source"), rec.get("key")
         if not src or not key:
             raise DatasetError(f"{where}: every row needs a 'source' and a 'key' (got {src!r}, {key!r})")
-        box = rec.get("box")
-        out.append((str(src), str(key), _parse_box(box, where) if box is not None else None))
+        raw_box = rec.get("box")
+        out.append((str(src), str(key), _parse_box(raw_box, where) if raw_box is not None else None))
     if not out:
         raise DatasetError(f"manifest {path} lists no images; curate a non-empty transfer set")
     return out

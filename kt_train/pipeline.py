@@ -738,6 +738,7 @@ def _finish_student(
             "metrics": metrics,
             "timings": timings,
             "bad_images": bad,
+            "lineage": lineage,
         },
     )
 
