@@ -168,8 +168,17 @@ class CurateConfig(_Strict):
     teacher_min_prob: float = Field(
         0.0, ge=0, le=1, description="with teacher_filter: minimum teacher probability"
     )
+    teacher_rerank: float = Field(
+        0.0,
+        ge=0,
+        description="rank candidates by gallery-encoder cosine + this x cosine in the finetuned teacher's "
+        "feature space (0: off); the teacher knows the task's domain, the gallery encoder finds candidates",
+    )
     teacher_pool_factor: int = Field(
-        4, ge=1, description="with teacher_filter: classify the top (factor x quota) candidates of each query"
+        6,
+        ge=1,
+        description="with teacher_filter/teacher_rerank: run the teacher on the top (factor x quota) "
+        "candidates of each query",
     )
     nprobe: int | None = Field(None, ge=1, description="IVF lists visited per search (default: the index's)")
     ef_search: int | None = Field(None, ge=1, description="HNSW search depth (default: the index's)")

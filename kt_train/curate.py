@@ -411,20 +411,27 @@ def _check(cfg: CurateConfig, gallery: Gallery, nq: int) -> None:
         )
 
 
-def _classify(model: ImageClassifier, images: Sequence[Image.Image], batch_size: int = 128) -> np.ndarray:
-    """Softmax probabilities of a (finetuned teacher) classifier on PIL images."""
+def teacher_outputs(
+    model: ImageClassifier, images: Sequence[Image.Image], batch_size: int = 128
+) -> tuple[np.ndarray, np.ndarray]:
+    """A finetuned teacher's L2-normalized pre-head features and softmax probabilities on PIL images."""
     import torch
 
     from .transforms import EvalTransform
 
     tf = EvalTransform(model.data_config.input_size)
     model.eval()
-    out = []
+    feats, probs = [], []
     with torch.inference_mode():
         for s in range(0, len(images), batch_size):
             x = torch.stack([tf(im) for im in images[s : s + batch_size]])
-            out.append(torch.softmax(model(x).float(), dim=1).numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+            f = model.features(x).float().flatten(1)
+            logits = model.head(f) if model.head is not None else f
+            feats.append(torch.nn.functional.normalize(f, dim=1).numpy())
+            probs.append(torch.softmax(logits.float(), dim=1).numpy())
+    if not feats:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    return np.concatenate(feats), np.concatenate(probs)
 
 
 def curate_transfer_set(
@@ -533,16 +540,20 @@ def curate_transfer_set(
         allowed &= ~bad
     timings["leakage_guard_s"] = time.perf_counter() - t
 
-    # 4. optional teacher filter: keep an item for a query only if the teacher agrees on the class
+    # 4. optional teacher: re-rank by similarity in its feature space and/or keep an item for a
+    # query only if the teacher assigns it the query's class (one forward pass gives both)
     per_query_ok: np.ndarray | None = None
     teacher_dropped = 0
-    if cfg.teacher_filter:
+    if cfg.teacher_filter or cfg.teacher_rerank > 0:
         if teacher is None:
-            raise ConfigError("curate.teacher_filter needs a finetuned teacher: run finetune_teacher first")
+            raise ConfigError(
+                "curate.teacher_filter / curate.teacher_rerank need the finetuned teacher: run "
+                "finetune_teacher before curate (or pass --teacher to kt curate)"
+            )
         t = time.perf_counter()
         tclasses = list(teacher_classes or classes)
         label_idx = np.asarray([tclasses.index(lbl) if lbl in tclasses else -1 for lbl in labels])
-        # only the candidates a query could plausibly reach are classified
+        # only the candidates a query could plausibly reach go through the teacher
         reach = np.unique(
             np.concatenate(
                 [
@@ -551,18 +562,25 @@ def curate_transfer_set(
                 ]
             )
         )
-        probs = np.zeros((len(gids), max(len(tclasses), 1)), np.float32)
-        if len(reach):
-            imgs = [_crop(gallery.open_image(int(gids[c])), boxes[c]) for c in reach]
-            probs[reach] = _classify(teacher, imgs)
-        pred, conf = probs.argmax(1), probs.max(1)
-        per_query_ok = np.zeros((len(gids), nq), dtype=bool)
-        per_query_ok[reach] = (pred[reach, None] == label_idx[None, :]) & (
-            conf[reach, None] >= cfg.teacher_min_prob
+        feats, probs = teacher_outputs(
+            teacher, [_crop(gallery.open_image(int(gids[c])), boxes[c]) for c in reach]
         )
-        per_query_ok &= allowed[:, None]
-        teacher_dropped = int(len(reach) - per_query_ok[reach].any(1).sum())
-        timings["teacher_filter_s"] = time.perf_counter() - t
+        reached = np.zeros(len(gids), dtype=bool)
+        reached[reach] = True
+        allowed &= reached
+        if cfg.teacher_rerank > 0:
+            tq, _ = teacher_outputs(teacher, crop_imgs)
+            cands.scores[reach] += cfg.teacher_rerank * pool_scores(tq, qrow, feats, nq)
+            cands.scores[~reached] = -np.inf
+        if cfg.teacher_filter:
+            pred, conf = probs.argmax(1), probs.max(1)
+            per_query_ok = np.zeros((len(gids), nq), dtype=bool)
+            per_query_ok[reach] = (pred[:, None] == label_idx[None, :]) & (
+                conf[:, None] >= cfg.teacher_min_prob
+            )
+            per_query_ok &= allowed[:, None]
+            teacher_dropped = int(len(reach) - per_query_ok[reach].any(1).sum())
+        timings["teacher_s"] = time.perf_counter() - t
 
     # 5. selection
     t = time.perf_counter()

@@ -644,10 +644,11 @@ def curate(
     for path in inputs.get("guard") or []:
         guard.append(open_unlabeled(DatasetRef(path=str(path)), what="guard", cache=False))
     teacher, teacher_classes = None, None
-    if cc.teacher_filter:
+    if cc.teacher_filter or cc.teacher_rerank > 0:
         if "teacher" not in inputs:
             raise ConfigError(
-                "curate.teacher_filter needs the finetuned teacher: run finetune_teacher before curate"
+                "curate.teacher_filter / curate.teacher_rerank need the finetuned teacher: run "
+                "finetune_teacher before curate"
             )
         teacher, ckpt = load_checkpoint(inputs["teacher"])
         teacher_classes = list(ckpt["classes"])

@@ -174,27 +174,34 @@ def main(argv: list[str] | None = None) -> int:
     for ov in args.set:
         k, v = ov.split("=", 1)
         curate_cfg[k.removeprefix("curate.")] = yaml.safe_load(v)
-    size = args.size or bench["transfer_set_size"]
+    size = args.size or 4000  # BENCHMARKS.md §2's calibration size; A5's size is a row of its own
     zip_ = str(shared / "data/eurosat/eurosat_rgb.zip")
     labeled_split = shared / f"data/eurosat/splits/labeled_{bench['labels_per_class']}_per_class.txt"
     labeled = pipeline.open_labeled(DatasetRef(path=zip_, split=str(labeled_split)), what="train")
     teacher, tclasses = None, None
-    if curate_cfg.get("teacher_filter"):
+    if curate_cfg.get("teacher_filter") or curate_cfg.get("teacher_rerank"):
         ckpt_path = teacher_checkpoint(shared, base, bench)
         teacher, meta = load_checkpoint(ckpt_path)
         tclasses = list(meta["classes"])
     encoder = Encoder.from_spec(base["teacher"]["model"], image_size=base["teacher"]["image_size"])
 
     variants: dict[str, dict[str, Any]] = {}
-    plain = {**curate_cfg, "teacher_filter": False}
-    for variant, vcfg in (("features", plain), ("features+teacher_filter", curate_cfg)):
-        if variant.endswith("teacher_filter") and not curate_cfg.get("teacher_filter"):
-            continue
+    methods_wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    plain = {**curate_cfg, "teacher_filter": False, "teacher_rerank": 0.0}
+    plan: list[tuple[str, dict[str, Any], list[str]]] = [
+        ("gallery features only", plain, methods_wanted),
+        ("features + teacher (the config)", curate_cfg, [m for m in methods_wanted if m != "random"]),
+        (
+            f"the config, size {bench['transfer_set_size']} (A5's)",
+            {**curate_cfg, "size": bench["transfer_set_size"]},
+            ["query_balanced"],
+        ),
+        ("the config + 4 query crops", {**curate_cfg, "crops": 4}, ["query_balanced"]),
+    ]
+    for variant, vcfg, methods_here in plan:
         variants[variant] = {}
-        for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-            if method == "random" and variant != "features":
-                continue
-            cfg = CurateConfig(**{**vcfg, "size": size, "method": method})
+        for method in methods_here:
+            cfg = CurateConfig(**{"size": size, **vcfg, "method": method})
             t0 = time.perf_counter()
             ts = curate_transfer_set(
                 gallery, labeled, cfg, encoder=encoder, teacher=teacher, teacher_classes=tclasses
@@ -202,10 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             res = {**score(ts.rows, zip_), "curate_s": round(time.perf_counter() - t0, 1)}
             for k in ("duplicates_dropped", "leakage_dropped", "teacher_filter_dropped", "candidates"):
                 res[k] = ts.summary.get(k)
+            res["timings"] = ts.summary["timings"]
             variants[variant][method] = res
             log.info("%s %s %s", variant, method, res)
-            if method == "query_balanced":
-                out = work / f"curated-{variant}"
+            if method == "query_balanced" and variant.startswith("features + teacher"):
+                out = work / "curated"
                 ts.write(out)
                 write_report(
                     out / "report.html",
@@ -213,13 +221,12 @@ def main(argv: list[str] | None = None) -> int:
                     load_hit=lambda row: hit_image(gallery, row),
                     load_query=labeled.load_image,
                     queries=ts.queries,
-                    title=f"{variant}: {size} items from {gallery.name}",
+                    title=f"{variant}: {cfg.size} items from {gallery.name}",
                     summary={k: v for k, v in ts.summary.items() if k not in ("config", "per_class")},
                 )
-    headline = "features+teacher_filter" if "features+teacher_filter" in variants else "features"
+    headline = "features + teacher (the config)"
     methods = dict(variants[headline])
-    if "random" not in methods and "random" in variants.get("features", {}):
-        methods["random"] = variants["features"]["random"]
+    methods["random"] = variants["gallery features only"].get("random", {})
     real = {
         "methods": methods,
         "variants": variants,
