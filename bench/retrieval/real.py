@@ -312,7 +312,19 @@ def write_results(result: dict[str, Any], out: Path) -> None:
                 f"{r.get('exact_s')} | {r.get('speedup_vs_exact')} | {r.get('recall_at_50')} |"
             )
         lines.append("")
+    notes = ROOT / "bench/retrieval/FINDINGS.md"
+    if notes.exists():
+        lines += [notes.read_text().strip(), ""]
     out.with_suffix(".md").write_text("\n".join(lines))
+
+
+def render(out: Path = ROOT / "bench/results/retrieval") -> None:
+    """Re-render retrieval.md from retrieval.json, merging the latest synthetic-scale results."""
+    result = json.loads(out.with_suffix(".json").read_text())
+    scale_path = ROOT / "bench/results/retrieval_scale.json"
+    if scale_path.exists():
+        result["scale"] = json.loads(scale_path.read_text()).get("scale", result.get("scale"))
+    write_results(result, out)
 
 
 if __name__ == "__main__":

@@ -177,8 +177,16 @@ def test_kt_curate_then_train_distills_on_the_curated_set(world: dict, tmp_path:
         assert (out / name).is_file(), name
     rows = read_manifest(out / "manifest.parquet")
     assert len(rows) == 10
-    html = (out / "report.html").read_text()
-    assert "query-row" in html and "data:image/jpeg;base64," in html
+    from ..browser import chromium
+
+    with chromium() as driver:  # the report a person opens: the grid is there and its images decode
+        driver.get((out / "report.html").as_uri())
+        rows_shown = driver.execute_script("return document.querySelectorAll('#grid .query-row').length")
+        widths = driver.execute_script(
+            "return Array.from(document.querySelectorAll('#grid img')).map(i => i.naturalWidth)"
+        )
+    assert rows_shown == 4
+    assert widths and min(widths) > 0
     # the pipeline: curate as a stage, distill reads its manifest
     cfg = {
         "out_dir": str(tmp_path / "run"),
@@ -206,3 +214,28 @@ def test_kt_curate_then_train_distills_on_the_curated_set(world: dict, tmp_path:
     outputs = json.loads((tmp_path / "run" / "distill" / "outputs.json").read_text())
     assert outputs["lineage"]["transfer_set"]["path"].endswith("curate/manifest.parquet")
     assert outputs["lineage"]["transfer_set_size"] <= 8
+
+
+def test_kt_gallery_build_info_and_clear_errors(world: dict, tmp_path: Path, run_kt) -> None:
+    src = world["root"] / "gallery_images" / "near"
+    out = tmp_path / "g"
+    args = ["gallery", "build", str(src), "-o", str(out), "--encoder", ENCODER, "--image-size", "32"]
+    res = run_kt(*args, "--shard-size", "8")
+    assert res.returncode == 0, res.stderr
+    assert "20 images, 256-d" in res.stderr
+    res = run_kt(*args, "--shard-size", "8")  # a finished gallery is reused, nothing re-embedded
+    assert res.returncode == 0, res.stderr
+    info = run_kt("gallery", "info", str(out))
+    assert info.returncode == 0
+    doc = json.loads(info.stderr[info.stderr.index("{") :].split("\n}")[0] + "\n}")
+    assert doc["count"] == 20 and len(doc["shards"]) == 3
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = run_kt("gallery", "build", str(empty), "-o", str(tmp_path / "g2"), "--encoder", ENCODER)
+    assert bad.returncode == 2 and "error:" in bad.stderr
+    missing = run_kt("gallery", "info", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "is not a gallery" in missing.stderr
+    nolabels = run_kt(
+        "curate", "--gallery", str(out), "--labeled", str(tmp_path / "nothing"), "-o", str(tmp_path / "o")
+    )
+    assert nolabels.returncode == 2 and "does not exist" in nolabels.stderr
