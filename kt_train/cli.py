@@ -236,7 +236,9 @@ def gallery_build(
     memory_gb: Annotated[float | None, typer.Option(help="memory budget of the index in GB")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace a gallery built from other sources")] = False,
     num_workers: Annotated[int, typer.Option(help="image-decoding worker processes")] = 0,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when present)")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when present)")
+    ] = None,
 ) -> None:
     """Embed images into a gallery (resumable: finished shards are kept), then index it."""
     from .gallery import DEFAULT_ENCODER, build_gallery

@@ -67,6 +67,23 @@ def _crop(img: Image.Image, box: Box | Sequence[float] | None) -> Image.Image:
     return img.crop(tuple(round(v) for v in box))  # type: ignore[arg-type]
 
 
+def write_transfer_report(
+    ts: TransferSet, path: str | Path, gallery: Gallery, labeled: ImageDataset, title: str
+) -> Path:
+    """report.html of a transfer set: each query beside its hits, per-class counts, histograms."""
+    from .report import write_report
+
+    return write_report(
+        path,
+        ts.rows,
+        load_hit=lambda row: hit_image(gallery, row),
+        load_query=labeled.load_image,
+        queries=ts.queries,
+        title=title,
+        summary={k: v for k, v in ts.summary.items() if k not in ("config", "per_class")},
+    )
+
+
 def hit_image(gallery: Gallery, row: Mapping[str, Any]) -> Image.Image:
     """The image a manifest row stands for (its gallery image, cropped to its box)."""
     return _crop(gallery.open_image(int(row["id"])), row.get("box"))

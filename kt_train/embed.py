@@ -23,6 +23,7 @@ from PIL import Image
 
 from .errors import ConfigError
 from .models import ImageClassifier, create_backbone, load_checkpoint
+from .train import resolve_device
 from .transforms import EvalTransform
 
 __all__ = ["Encoder", "raw_forward_throughput", "resolve_device"]
@@ -30,16 +31,6 @@ __all__ = ["Encoder", "raw_forward_throughput", "resolve_device"]
 # Retrieval compares whole images and whole crops: cutting a border off (timm's eval crop_pct
 # 0.875) would shrink every query crop the curation chose. CLIP embeds with crop_pct 1.0 too.
 DEFAULT_CROP_PCT = 1.0
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/"auto" -> CUDA when available, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"unknown device {device!r} ({e}); use 'cpu', 'cuda', 'cuda:0' or 'auto'") from e
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -629,10 +629,9 @@ def curate(
     out = _stage_begin(out_dir, cfg)
     if out is None:
         return read_outputs(out_dir)
-    from .curate import curate_transfer_set, hit_image
+    from .curate import curate_transfer_set, write_transfer_report
     from .embed import Encoder
     from .gallery import Gallery
-    from .report import write_report
 
     gallery = Gallery.open(cc.gallery)
     labeled = open_labeled(cfg.data.train, what="train", seed=cfg.seed, cache=cfg.data.cache_images)
@@ -658,17 +657,8 @@ def curate(
     )
     files = ts.write(out, cc.formats)
     if cc.report:
-        files["report"] = str(
-            write_report(
-                out / "report.html",
-                ts.rows,
-                load_hit=lambda row: hit_image(gallery, row),
-                load_query=labeled.load_image,
-                queries=ts.queries,
-                title=f"Transfer set: {cc.size} items from {gallery.name}",
-                summary={k: v for k, v in ts.summary.items() if k not in ("config", "per_class")},
-            )
-        )
+        title = f"Transfer set: {cc.size} items from {gallery.name}"
+        files["report"] = str(write_transfer_report(ts, out / "report.html", gallery, labeled, title))
     manifest = files[f"manifest_{cc.formats[0]}"]
     return mark_done(out, {"manifest": manifest, "size": len(ts), **files, "summary": ts.summary})
 

@@ -19,16 +19,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .errors import TrainingError
+from .errors import ConfigError, TrainingError
 from .io import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``None``/"auto" -> CUDA when available, else CPU."""
+    if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device {device!r} ({e}); use 'cpu', 'cuda', 'cuda:0' or 'auto'") from e
 
 
 class Reporter(Protocol):

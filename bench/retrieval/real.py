@@ -35,11 +35,10 @@ import run as quality  # noqa: E402  (bench/quality/run.py: config, splits, mach
 
 from kt_train import pipeline  # noqa: E402
 from kt_train.config import CurateConfig, DatasetRef  # noqa: E402
-from kt_train.curate import curate_transfer_set, hit_image  # noqa: E402
+from kt_train.curate import curate_transfer_set, write_transfer_report  # noqa: E402
 from kt_train.embed import Encoder, raw_forward_throughput  # noqa: E402
 from kt_train.gallery import Gallery, build_gallery  # noqa: E402
 from kt_train.models import load_checkpoint  # noqa: E402
-from kt_train.report import write_report  # noqa: E402
 
 log = logging.getLogger("bench.retrieval")
 METHODS = ("query_balanced", "knn", "class_balanced", "random")
@@ -215,14 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             if method == "query_balanced" and variant.startswith("features + teacher"):
                 out = work / "curated"
                 ts.write(out)
-                write_report(
-                    out / "report.html",
-                    ts.rows,
-                    load_hit=lambda row: hit_image(gallery, row),
-                    load_query=labeled.load_image,
-                    queries=ts.queries,
-                    title=f"{variant}: {cfg.size} items from {gallery.name}",
-                    summary={k: v for k, v in ts.summary.items() if k not in ("config", "per_class")},
+                write_transfer_report(
+                    ts, out / "report.html", gallery, labeled, f"{variant}: {cfg.size} items"
                 )
     headline = "features + teacher (the config)"
     methods = dict(variants[headline])

@@ -241,7 +241,14 @@ def test_kt_train_end_to_end_subprocess(tmp_path: Path, small_config, subprocess
     assert (out / "export" / "model.onnx").is_file()
     assert (out / "export" / "model.safetensors").is_file()
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary) == ["finetune_teacher", "curate", "distill", "finetune_student", "export", "evaluate"]
+    assert list(summary) == [
+        "finetune_teacher",
+        "curate",
+        "distill",
+        "finetune_student",
+        "export",
+        "evaluate",
+    ]
     assert "curate.gallery is not set" in summary["curate"]["skipped"]  # no gallery: data.transfer is used
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
     assert metrics["student"]["n"] == sum(1 for _ in Path(cfg["data"]["test"]["path"]).rglob("*.png"))

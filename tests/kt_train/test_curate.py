@@ -209,7 +209,7 @@ def test_manifest_with_a_moved_source_says_so(tmp_path: Path) -> None:
     zp, folder = _sources(tmp_path)
     path = write_manifest(_rows(zp, folder), tmp_path / "m.jsonl")
     zp.rename(tmp_path / "elsewhere.zip")
-    with pytest.raises(DatasetError, match="not an existing folder, .zip or .tar"):
+    with pytest.raises(DatasetError, match=r"not an existing folder, \.zip or \.tar"):
         load_unlabeled(path)
 
 
@@ -226,5 +226,5 @@ def test_manifest_row_without_key_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_unknown_manifest_suffix_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="use one of .jsonl, .csv, .parquet"):
+    with pytest.raises(ConfigError, match=r"use one of \.jsonl, \.csv, \.parquet"):
         write_manifest([], tmp_path / "m.txt")
