@@ -1,0 +1,95 @@
+"""Service configuration: one ``Settings`` object, read from ``KT_*`` environment variables (or a
+``.env`` file). The embedded default (SQLite database, SQLite-backed Celery broker and result
+backend, all under ``data_dir``) needs nothing but Python packages; production points the URLs
+at PostgreSQL and Redis.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Values that mean "nobody set a secret"; refused outside development.
+PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "changethis", "secret", "dev", "development"})
+DEFAULT_SECRET_KEY = "changethis"
+
+
+class Settings(BaseSettings):
+    """Service settings. Each field ``foo`` is read from the environment variable ``KT_FOO``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KT_", env_file=".env", env_ignore_empty=True, extra="ignore"
+    )
+
+    environment: Literal["development", "production"] = Field(
+        default="development",
+        description="`development` allows placeholder secrets; `production` refuses them.",
+    )
+    data_dir: Path = Field(
+        default=Path("./kt-data"),
+        description="Local artifact directory: uploads, datasets, galleries, transfer sets, models, and the "
+        "embedded SQLite databases.",
+    )
+    database_url: str = Field(
+        default="",
+        description="SQLAlchemy URL of the service database. Default: `sqlite:///<data_dir>/kt.db`. "
+        "Production: `postgresql+psycopg://user:password@host/db`.",
+    )
+    broker_url: str = Field(
+        default="",
+        description="Celery broker URL. Default: a SQLite-backed broker `sqla+sqlite:///<data_dir>/broker.db`. "
+        "Production: `redis://host:6379/0`.",
+    )
+    result_backend: str = Field(
+        default="",
+        description="Celery result backend URL. Default: `db+sqlite:///<data_dir>/results.db`. "
+        "The job row in the database stays the source of truth; this only carries live task state.",
+    )
+    secret_key: str = Field(
+        default=DEFAULT_SECRET_KEY,
+        description="Server secret (e.g. for signing download links). Must be set to a real value outside "
+        "development.",
+    )
+    max_upload_bytes: int = Field(
+        default=2 * 1024**3, gt=0, description="Largest accepted upload, in bytes (default 2 GiB)."
+    )
+    max_upload_files: int = Field(
+        default=100_000, gt=0, description="Most files accepted in one dataset upload (archive entries)."
+    )
+    max_image_pixels: int = Field(
+        default=89_478_485,
+        gt=0,
+        description="Largest image accepted, in pixels (width × height); PIL's decompression-bomb default.",
+    )
+    api_host: str = Field(default="127.0.0.1", description="Interface the API server binds to.")
+    api_port: int = Field(default=8000, ge=1, le=65535, description="Port the API server listens on.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", description="Log level of the API and the workers."
+    )
+
+    @model_validator(mode="after")
+    def _derive_defaults_and_check_secret(self) -> Settings:
+        data_dir = self.data_dir.expanduser().resolve()
+        self.data_dir = data_dir
+        if not self.database_url:
+            self.database_url = f"sqlite:///{data_dir / 'kt.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{data_dir / 'broker.db'}"
+        if not self.result_backend:
+            self.result_backend = f"db+sqlite:///{data_dir / 'results.db'}"
+        if self.environment != "development" and self.secret_key.strip().lower() in PLACEHOLDER_SECRETS:
+            raise ValueError(
+                f"KT_SECRET_KEY is a placeholder ({self.secret_key!r}) in environment {self.environment!r}; "
+                "set it to a random value, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`."
+            )
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once (``get_settings.cache_clear()`` re-reads them)."""
+    return Settings()

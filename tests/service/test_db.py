@@ -1,0 +1,242 @@
+"""Database layer: migrations match the models on SQLite and PostgreSQL, round trips, FK rules,
+and settings."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Engine, inspect, select
+from sqlalchemy.exc import IntegrityError, StatementError
+from sqlalchemy.orm import Session
+
+from service.db.models import ApiKey, Base, Dataset, Gallery, Job, Model, Tenant, TransferSet, new_id
+from service.db.session import alembic_config, init_db, make_engine, make_session_factory
+from service.settings import Settings, get_settings
+
+REPO = Path(__file__).resolve().parents[2]
+TABLES = {"tenants", "api_keys", "datasets", "galleries", "transfer_sets", "jobs", "models"}
+
+
+def schema_diff(engine: Engine) -> list:
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        return compare_metadata(ctx, Base.metadata)
+
+
+def user_tables(engine: Engine) -> set[str]:
+    return set(inspect(engine).get_table_names()) - {"alembic_version"}
+
+
+def check_migrations(url: str) -> None:
+    init_db(url)
+    engine = make_engine(url)
+    try:
+        assert user_tables(engine) == TABLES
+        assert schema_diff(engine) == [], "migrations/versions disagree with service/db/models.py"
+        config = alembic_config(url)
+        command.downgrade(config, "base")
+        assert user_tables(engine) == set()
+        command.upgrade(config, "head")
+        assert user_tables(engine) == TABLES
+        assert schema_diff(engine) == []
+    finally:
+        engine.dispose()
+
+
+def test_migrations_match_models_sqlite(sqlite_url: str) -> None:
+    check_migrations(sqlite_url)
+
+
+def test_migrations_match_models_postgres(postgres_url: str) -> None:
+    check_migrations(postgres_url)
+    engine = make_engine(postgres_url)
+    try:
+        roundtrip(make_session_factory(engine)())
+    finally:
+        engine.dispose()
+
+
+def make_tenant(db: Session, name: str | None = None) -> Tenant:
+    tenant = Tenant(name=name or f"tenant-{new_id()[:8]}")
+    db.add(tenant)
+    db.flush()
+    return tenant
+
+
+def make_api_key(db: Session, tenant: Tenant) -> tuple[str, ApiKey]:
+    secret = f"kt_{new_id()}"
+    key = ApiKey(tenant_id=tenant.id, prefix=secret[:8], key_hash=hashlib.sha256(secret.encode()).hexdigest())
+    db.add(key)
+    db.flush()
+    return secret, key
+
+
+def roundtrip(db: Session) -> None:
+    with db:
+        tenant = make_tenant(db)
+        secret, _ = make_api_key(db, tenant)
+        dataset = Dataset(tenant_id=tenant.id, name="pets", classes=["cat", "dog"], class_counts={"cat": 3})
+        dataset.bytes = 3 * 1024**3  # over 2**31: needs a 64-bit column on PostgreSQL
+        job = Job(tenant_id=tenant.id, kind="pipeline", params={"student": "timm:resnet18"})
+        db.add_all([dataset, job])
+        db.commit()
+        ids = (tenant.id, dataset.id, job.id)
+
+    with db:
+        found = db.scalars(select(ApiKey).where(ApiKey.prefix == secret[:8])).one()
+        assert found.key_hash == hashlib.sha256(secret.encode()).hexdigest()
+        assert found.tenant_id == ids[0] and found.revoked_at is None
+        ds = db.get(Dataset, ids[1])
+        assert ds is not None
+        assert (ds.status, ds.classes, ds.class_counts, ds.bytes) == (
+            "uploading",
+            ["cat", "dog"],
+            {"cat": 3},
+            3 * 1024**3,
+        )
+        assert len(ds.id) == 32
+        j = db.get(Job, ids[2])
+        assert j is not None
+        assert (j.status, j.progress, j.attempts, j.cancel_requested) == ("queued", 0.0, 0, False)
+        assert j.params == {"student": "timm:resnet18"} and j.stage_timings == {} and j.metrics == {}
+        assert j.created_at.utcoffset() == timedelta(0)
+        before = j.updated_at
+        j.status, j.stage, j.progress = "running", "curate", 0.25
+        db.commit()
+        assert j.updated_at >= before
+
+
+def test_crud_roundtrip_sqlite(db: Session) -> None:
+    roundtrip(db)
+    db.expunge_all()
+    job = db.scalars(select(Job)).one()
+    # timestamps come back aware (UTC) from SQLite too
+    assert job.created_at.utcoffset() == timedelta(0)
+    with pytest.raises(StatementError, match="naive datetime"):
+        job.started_at = datetime(2024, 1, 1)
+        db.flush()
+    db.rollback()
+
+
+def test_foreign_keys_enforced_on_sqlite(db: Session) -> None:
+    with pytest.raises(IntegrityError):
+        db.add(Dataset(tenant_id=new_id(), name="orphan"))
+        db.flush()
+    db.rollback()
+
+    tenant = make_tenant(db)
+    make_api_key(db, tenant)
+    gallery = Gallery(name="g", path="/g", encoder="clip", index_kind="flat", dim=8)
+    dataset = Dataset(tenant_id=tenant.id, name="d")
+    db.add_all([gallery, dataset])
+    db.flush()
+    job = Job(tenant_id=tenant.id, kind="curate")
+    db.add(job)
+    db.flush()
+    db.add(TransferSet(tenant_id=tenant.id, dataset_id=dataset.id, gallery_id=gallery.id, job_id=job.id))
+    db.add(Model(tenant_id=tenant.id, job_id=job.id, card={"classes": ["a"]}))
+    db.commit()
+
+    # a gallery still used by a transfer set cannot be deleted
+    with pytest.raises(IntegrityError):
+        db.delete(gallery)
+        db.flush()
+    db.rollback()
+
+    # deleting a tenant deletes everything it owns (ON DELETE CASCADE in the database)
+    db.execute(Tenant.__table__.delete().where(Tenant.id == tenant.id))
+    db.commit()
+    for table in (ApiKey, Dataset, Job, TransferSet, Model):
+        assert db.scalars(select(table)).all() == [], table.__tablename__
+    assert db.get(Gallery, gallery.id) is not None
+
+
+def test_sqlite_pragmas(sqlite_engine: Engine) -> None:
+    with sqlite_engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_alembic_cli_uses_kt_database_url(tmp_path: Path) -> None:
+    """`alembic upgrade head` from the repo root takes the URL from KT_DATABASE_URL."""
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    env = {"PATH": str(Path(sys.executable).parent), "KT_DATABASE_URL": url, "HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    engine = make_engine(url)
+    try:
+        assert user_tables(engine) == TABLES
+    finally:
+        engine.dispose()
+
+
+# --- settings ---------------------------------------------------------------------------------------
+
+
+def test_settings_defaults_derive_from_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    s = Settings()
+    data_dir = (tmp_path / "kt-data").resolve()
+    assert s.data_dir == data_dir
+    assert s.database_url == f"sqlite:///{data_dir / 'kt.db'}"
+    assert s.broker_url == f"sqla+sqlite:///{data_dir / 'broker.db'}"
+    assert s.result_backend == f"db+sqlite:///{data_dir / 'results.db'}"
+    assert (s.environment, s.api_host, s.api_port) == ("development", "127.0.0.1", 8000)
+    assert (s.max_upload_bytes, s.max_upload_files, s.max_image_pixels) == (2 * 1024**3, 100_000, 89_478_485)
+    for name, field in Settings.model_fields.items():
+        assert field.description, f"Settings.{name} has no description"
+
+
+def test_settings_env_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KT_DATA_DIR", str(tmp_path / "data"))
+    s = Settings()
+    assert s.database_url == f"sqlite:///{tmp_path / 'data' / 'kt.db'}"
+    assert s.broker_url.endswith(f"{tmp_path / 'data' / 'broker.db'}")
+
+    monkeypatch.setenv("KT_DATABASE_URL", "postgresql+psycopg://u@db/kt")
+    monkeypatch.setenv("KT_BROKER_URL", "redis://r:6379/0")
+    monkeypatch.setenv("KT_API_PORT", "9000")
+    monkeypatch.setenv("KT_MAX_UPLOAD_BYTES", "1024")
+    s = Settings()
+    assert s.database_url == "postgresql+psycopg://u@db/kt"
+    assert s.broker_url == "redis://r:6379/0"
+    assert s.result_backend == f"db+sqlite:///{tmp_path / 'data' / 'results.db'}"
+    assert (s.api_port, s.max_upload_bytes) == (9000, 1024)
+
+    assert get_settings() is get_settings()
+    assert get_settings().api_port == 9000
+
+
+@pytest.mark.parametrize("secret", ["changethis", "changeme", "", "  CHANGEME "])
+def test_placeholder_secret_refused_in_production(secret: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KT_ENVIRONMENT", "production")
+    with pytest.raises(ValueError, match="KT_SECRET_KEY"):
+        Settings(secret_key=secret)
+    with pytest.raises(ValueError, match="KT_SECRET_KEY"):
+        Settings()  # the default is a placeholder too
+    assert Settings(secret_key="s3cr3t-" + new_id()).environment == "production"
+    assert Settings(environment="development", secret_key=secret).secret_key == secret
+
+
+def test_service_does_not_import_torch() -> None:
+    code = (
+        "import sys, service.settings, service.db, service.db.session;"
+        "bad = [m for m in ('torch', 'kt_train') if m in sys.modules];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
