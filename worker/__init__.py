@@ -1,0 +1,1 @@
+"""Celery workers: run jobs (rows of ``jobs``) through the kt_train pipeline stages."""

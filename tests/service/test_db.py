@@ -235,7 +235,7 @@ def test_placeholder_secret_refused_in_production(secret: str, monkeypatch: pyte
 
 def test_service_does_not_import_torch() -> None:
     code = (
-        "import sys, service.settings, service.db, service.db.session;"
+        "import sys, service.settings, service.db, service.db.session, service.app, service.admin, service.uploads;"
         "bad = [m for m in ('torch', 'kt_train') if m in sys.modules];"
         "assert not bad, bad"
     )

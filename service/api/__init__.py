@@ -1,0 +1,1 @@
+"""The HTTP API: versioned routers, dependencies and error mapping."""

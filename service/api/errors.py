@@ -1,0 +1,69 @@
+"""Errors a user can cause, and the handlers that turn them into JSON ``{"detail": "..."}``.
+
+Code anywhere in the service raises a ``UserError`` subclass with a message that says what to fix;
+the API answers with the subclass's status code and that message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+
+class UserError(Exception):
+    """A request the user can fix. ``str(error)`` is the message returned to them."""
+
+    status_code = 400
+
+
+class BadRequest(UserError):
+    """The request is malformed or unsafe (e.g. a zip entry with ``..``)."""
+
+    status_code = 400
+
+
+class NotFound(UserError):
+    """The resource does not exist, or belongs to another tenant (never 403: ids don't leak)."""
+
+    status_code = 404
+
+
+class TooLarge(UserError):
+    """The request exceeds a size or count limit."""
+
+    status_code = 413
+
+
+class Invalid(UserError):
+    """The request is well-formed but its content is unusable (corrupt images, one class, ...)."""
+
+    status_code = 422
+
+
+def _user_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, UserError)
+    return JSONResponse(status_code=exc.status_code, content={"detail": str(exc)})
+
+
+def _location(loc: tuple[Any, ...] | list[Any]) -> str:
+    return ".".join(str(part) for part in loc) or "request"
+
+
+def _validation_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    readable = "; ".join(f"{_location(err.get('loc', ()))}: {err.get('msg', 'invalid')}" for err in errors)
+    # FastAPI's list of errors stays available under "errors" for programs; "detail" is for people
+    return JSONResponse(
+        status_code=422,
+        content={"detail": f"Invalid request: {readable}", "errors": jsonable_encoder(errors)},
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(UserError, _user_error_handler)
+    app.add_exception_handler(RequestValidationError, _validation_error_handler)

@@ -1,0 +1,127 @@
+"""``/v1/datasets``: upload a labeled image zip, list, read, delete."""
+
+from __future__ import annotations
+
+from pathlib import PurePath
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response, status
+from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
+
+from service import storage
+from service.api.deps import CurrentTenant, SessionDep, SettingsDep
+from service.api.errors import Invalid, NotFound
+from service.db.models import Dataset, Tenant, new_id, utcnow
+from service.schemas import DatasetPublic, DatasetsPublic
+from service.uploads import ingest_zip, receive_upload
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+# The body is parsed by hand (streamed to disk), so describe it for the OpenAPI docs.
+_UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "A zip: `<class>/<image>` folders (optionally inside one top "
+                            "folder), or flat images plus `labels.csv` with columns `path,label`.",
+                        },
+                        "name": {"type": "string", "maxLength": 200, "description": "Dataset name."},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _get_owned(session: SessionDep, tenant: Tenant, dataset_id: str) -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None or dataset.tenant_id != tenant.id:
+        raise NotFound(f"Dataset {dataset_id!r} not found.")
+    return dataset
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetPublic,
+    openapi_extra=_UPLOAD_BODY,
+    responses={400: {}, 401: {}, 413: {}, 422: {}},
+)
+async def create_dataset(
+    request: Request, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
+) -> Dataset:
+    """Upload a zip of labeled images; it is validated, every image decoded, and stored."""
+    upload = await receive_upload(request, settings)
+    try:
+        name = upload.name or (PurePath(upload.filename).stem if upload.filename else "") or "dataset"
+        if len(name) > 200:
+            raise Invalid("`name` is longer than 200 characters; choose a shorter dataset name.")
+        dataset_id = new_id()
+        dest = storage.dataset_dir(settings.data_dir, tenant.id, dataset_id)
+        ingested = await run_in_threadpool(ingest_zip, upload.path, dest, settings)
+    finally:
+        upload.path.unlink(missing_ok=True)
+    dataset = Dataset(
+        id=dataset_id,
+        tenant_id=tenant.id,
+        name=name,
+        status="ready",
+        num_images=ingested.num_images,
+        classes=ingested.classes,
+        class_counts=ingested.class_counts,
+        bytes=ingested.bytes,
+        created_at=utcnow(),
+    )
+    try:
+        session.add(dataset)
+        await run_in_threadpool(session.commit)
+    except BaseException:
+        storage.remove_tree(dest)
+        raise
+    return dataset
+
+
+@router.get("", response_model=DatasetsPublic)
+def list_datasets(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> DatasetsPublic:
+    """The tenant's datasets, newest first."""
+    count = session.scalar(select(func.count()).select_from(Dataset).where(Dataset.tenant_id == tenant.id))
+    rows = session.scalars(
+        select(Dataset)
+        .where(Dataset.tenant_id == tenant.id)
+        .order_by(Dataset.created_at.desc(), Dataset.id)
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return DatasetsPublic(data=[DatasetPublic.model_validate(row) for row in rows], count=count or 0)
+
+
+@router.get("/{dataset_id}", response_model=DatasetPublic, responses={404: {}})
+def get_dataset(dataset_id: str, session: SessionDep, tenant: CurrentTenant) -> Dataset:
+    return _get_owned(session, tenant, dataset_id)
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses={404: {}})
+def delete_dataset(
+    dataset_id: str, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
+) -> Response:
+    """Delete the dataset and its files."""
+    dataset = _get_owned(session, tenant, dataset_id)
+    session.delete(dataset)
+    session.commit()
+    storage.remove_tree(storage.dataset_dir(settings.data_dir, tenant.id, dataset_id))
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,231 @@
+"""The worker: ``worker.runner.run_job`` in-process on SQLite (success, cancel, user and unexpected
+errors, progress accounting), and a real Celery worker process on Redis + PostgreSQL."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from kt_train import pipeline
+from kt_train.config import STAGES, parse_config
+from service.db.models import Job, Model
+from service.db.session import init_db, make_engine, make_session_factory
+from tests.conftest import VENV_BIN
+from tests.worker.conftest import add_job, add_tenant, get_job, make_settings
+from worker import runner
+
+
+def test_run_job_succeeds_and_records_everything(session_factory, worker_settings, tenant_id, job_config):
+    job_id = add_job(session_factory, tenant_id, job_config())
+    assert runner.run_job(session_factory, job_id, worker_settings) == "succeeded"
+
+    job = get_job(session_factory, job_id)
+    assert (job.status, job.progress, job.eta_s, job.error, job.attempts) == ("succeeded", 1.0, None, None, 1)
+    assert job.stage == "evaluate" and job.started_at and job.finished_at
+    assert set(job.stage_timings) == set(STAGES)
+    assert 0.0 <= job.metrics["student_top1"] <= 100.0  # percent and "student" in job.metrics["test"]
+    run_dir = worker_settings.data_dir / "jobs" / job_id / "run"
+    assert (run_dir / "export" / "_SUCCESS").is_file()
+    with session_factory() as s:
+        models = s.scalars(select(Model).where(Model.job_id == job_id)).all()
+    assert len(models) == 1 and models[0].tenant_id == tenant_id
+    weights = Path(models[0].files["safetensors"])
+    assert weights.name == "model.safetensors" and weights.is_file()
+    assert weights.parent == run_dir / "export"
+    assert len(models[0].card["classes"]) == 4 and models[0].card["preprocessing"]
+
+    # a re-delivered task for a finished job is a no-op
+    assert runner.run_job(session_factory, job_id, worker_settings) == "succeeded"
+    assert get_job(session_factory, job_id).attempts == 1
+    with session_factory() as s:
+        assert len(s.scalars(select(Model).where(Model.job_id == job_id)).all()) == 1
+
+
+def test_cancel_before_start(session_factory, worker_settings, tenant_id, job_config):
+    job_id = add_job(session_factory, tenant_id, job_config(), cancel_requested=True)
+    assert runner.run_job(session_factory, job_id, worker_settings) == "canceled"
+    job = get_job(session_factory, job_id)
+    assert job.status == "canceled" and job.finished_at is not None
+    assert not (worker_settings.data_dir / "jobs" / job_id).exists()
+
+
+def test_cancel_while_running_stops_between_steps_and_keeps_finished_stages(
+    session_factory, worker_settings, tenant_id, job_config, monkeypatch
+):
+    job_id = add_job(session_factory, tenant_id, job_config(stages=["finetune_teacher", "distill", "export"]))
+    real_distill = pipeline.STAGE_FUNCS["distill"]
+    seen: dict[str, Any] = {}
+
+    def distill_then_cancel(cfg, inputs, out_dir, reporter=None):
+        seen["stage"] = get_job(session_factory, job_id).stage
+        with session_factory() as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            job.cancel_requested = True
+            s.commit()
+        return real_distill(cfg, inputs, out_dir, reporter)
+
+    monkeypatch.setitem(pipeline.STAGE_FUNCS, "distill", distill_then_cancel)
+    status = runner.run_job(session_factory, job_id, worker_settings, progress_interval_s=0)
+    assert status == "canceled" and seen["stage"] == "distill"
+    job = get_job(session_factory, job_id)
+    assert job.status == "canceled" and job.stage == "distill"
+    assert 0.0 < job.progress < 1.0
+    assert set(job.stage_timings) == {"finetune_teacher"}
+    run_dir = worker_settings.data_dir / "jobs" / job_id / "run"
+    assert (run_dir / "finetune_teacher" / "_SUCCESS").is_file()
+    assert not (run_dir / "distill" / "_SUCCESS").exists()
+    with session_factory() as s:
+        assert s.scalars(select(Model).where(Model.job_id == job_id)).first() is None
+
+
+def test_user_error_fails_with_message_without_retry(session_factory, worker_settings, tenant_id, job_config):
+    cfg = job_config(stages=["finetune_student"], student__model="timm:not_a_model")
+    job_id = add_job(session_factory, tenant_id, cfg)
+    # even when retries are allowed, a user error is final
+    assert runner.run_job(session_factory, job_id, worker_settings, can_retry=True) == "failed"
+    job = get_job(session_factory, job_id)
+    assert job.status == "failed" and job.attempts == 1 and job.finished_at is not None
+    assert "not_a_model" in (job.error or "") and "timm.list_models" in (job.error or "")
+
+    bad = add_job(session_factory, tenant_id, {**cfg, "studnet": {}})
+    assert runner.run_job(session_factory, bad, worker_settings) == "failed"
+    assert "did you mean 'student'" in (get_job(session_factory, bad).error or "")
+
+
+def test_unexpected_error_is_retried_then_fails(
+    session_factory, worker_settings, tenant_id, job_config, monkeypatch
+):
+    def boom(cfg, inputs, out_dir, reporter=None):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setitem(pipeline.STAGE_FUNCS, "finetune_teacher", boom)
+    job_id = add_job(session_factory, tenant_id, job_config())
+    with pytest.raises(runner.JobRetry, match="disk on fire"):
+        runner.run_job(session_factory, job_id, worker_settings, can_retry=True)
+    job = get_job(session_factory, job_id)
+    assert job.status == "queued" and "disk on fire" in (job.error or "") and job.attempts == 1
+    assert runner.run_job(session_factory, job_id, worker_settings, can_retry=False) == "failed"
+    job = get_job(session_factory, job_id)
+    assert job.status == "failed" and job.attempts == 2 and job.error == "RuntimeError: disk on fire"
+
+
+def test_progress_is_weighted_by_steps(job_config):
+    cfg = parse_config(job_config(stages=["finetune_teacher", "distill", "export"]))
+    weights = runner.stage_weights(cfg)
+    assert weights == {"finetune_teacher": 4.0, "distill": 3.0, "export": 1.0}
+    rep = runner.JobReporter(None, "x", weights)  # type: ignore[arg-type]
+    rep.stage = "finetune_teacher"
+    rep.start("probe", 4)
+    rep.loop_step = 2
+    assert rep.progress() == pytest.approx(2 / 8)
+    rep.finish("probe")
+    rep.end_stage("finetune_teacher")
+    rep.stage = "distill"
+    rep.loop_step = 3
+    assert rep.progress() == pytest.approx(7 / 8)
+
+
+def test_backoff_is_exponential_and_capped():
+    from worker.tasks import MAX_RETRIES, backoff_s
+
+    assert [backoff_s(i) for i in range(3)] == [10, 20, 40] and backoff_s(20) == 600
+    assert MAX_RETRIES == 3
+
+
+@pytest.fixture(params=["redis+postgres", "embedded-sqlite"])
+def worker_backend(request, tmp_path) -> dict[str, str]:
+    """Production wiring (Redis broker and results, PostgreSQL jobs) and the embedded default
+    (kombu's SQLite-backed broker, SQLite results and jobs)."""
+    if request.param == "redis+postgres":
+        redis_url = request.getfixturevalue("redis_url")
+        pg = request.getfixturevalue("postgres_url")
+        return {"database_url": pg, "broker_url": redis_url, "result_backend": redis_url}
+    return {
+        "database_url": f"sqlite:///{tmp_path / 'kt.db'}",
+        "broker_url": f"sqla+sqlite:///{tmp_path / 'broker.db'}",
+        "result_backend": f"db+sqlite:///{tmp_path / 'results.db'}",
+    }
+
+
+@pytest.mark.e2e
+def test_celery_worker_runs_a_job(worker_backend, job_config, tmp_path, subprocess_env):
+    """A real `celery worker` process takes the job id from the broker and runs it to success."""
+    from worker.app import make_celery
+
+    db_url = worker_backend["database_url"]
+    init_db(db_url)
+    engine = make_engine(db_url)
+    factory = make_session_factory(engine)
+    tenant = add_tenant(factory, name=f"worker-e2e-{tmp_path.name}")
+    job_id = add_job(factory, tenant, job_config(stages=["finetune_teacher", "distill", "export"]))
+    settings = make_settings(
+        tmp_path / "data",
+        db_url,
+        broker_url=worker_backend["broker_url"],
+        result_backend=worker_backend["result_backend"],
+    )
+    env = {
+        **subprocess_env,
+        "KT_DATA_DIR": str(settings.data_dir),
+        "KT_DATABASE_URL": db_url,
+        "KT_BROKER_URL": settings.broker_url,
+        "KT_RESULT_BACKEND": settings.result_backend,
+    }
+    log_path = tmp_path / "worker.log"
+    cmd = [str(VENV_BIN / "celery"), "-A", "worker.app:celery_app", "worker", "-Q", "cpu"]
+    cmd += ["--pool", "solo", "-c", "1", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    app = make_celery(settings)
+    try:
+        app.send_task("kt.run_job", args=[job_id], queue="cpu")
+        deadline, job = time.monotonic() + 120, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            job = get_job(factory, job_id)
+            if job.status in ("succeeded", "failed", "canceled"):
+                break
+            time.sleep(0.5)
+        tail = log_path.read_text(errors="replace")[-3000:]
+        assert job is not None and job.status == "succeeded", (
+            f"job: {job and job.status} {job and job.error}\n{tail}"
+        )
+        assert job.attempts == 1 and set(job.stage_timings) == {"finetune_teacher", "distill", "export"}
+        with factory() as s:
+            model = s.scalars(select(Model).where(Model.job_id == job_id)).one()
+        assert Path(model.files["safetensors"]).is_file()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        app.close()
+        engine.dispose()
+
+
+def test_celery_app_configuration():
+    from worker.app import VISIBILITY_TIMEOUT_S, make_celery
+
+    redis = make_celery(
+        make_settings(
+            Path("/tmp/kt"), "sqlite://", broker_url="redis://h:6379/0", result_backend="redis://h/1"
+        )
+    )
+    conf = redis.conf
+    assert {q.name for q in conf.task_queues} == {"cpu", "gpu"} and conf.task_create_missing_queues is False
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
+    assert conf.broker_transport_options == {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+    assert conf.task_serializer == "json" and conf.accept_content == ["json"]
+    assert "kt.run_job" in redis.tasks
+    embedded = make_celery(make_settings(Path("/tmp/kt"), "sqlite://"))
+    assert (
+        embedded.conf.broker_url.startswith("sqla+sqlite:///") and not embedded.conf.broker_transport_options
+    )

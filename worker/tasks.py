@@ -1,0 +1,37 @@
+"""Celery tasks: thin wrappers over ``worker.runner``.
+
+The API enqueues a job by name, after committing its row:
+``celery_app.send_task("kt.run_job", args=[job_id], queue="cpu")``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from service.db.session import SessionLocal
+from service.settings import get_settings
+from worker import runner
+from worker.app import celery_app
+
+log = logging.getLogger(__name__)
+
+MAX_RETRIES = 3
+BACKOFF_BASE_S = 10.0
+BACKOFF_MAX_S = 600.0
+
+
+def backoff_s(retries: int) -> float:
+    """Seconds before retry number ``retries + 1``: 10, 20, 40, ... capped at 10 min."""
+    return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**retries)
+
+
+@celery_app.task(name="kt.run_job", bind=True, max_retries=MAX_RETRIES, acks_late=True)
+def run_job(self, job_id: str) -> str:
+    """Run job ``job_id`` (see ``worker.runner.run_job``); unexpected errors retry with backoff."""
+    can_retry = self.request.retries < self.max_retries
+    try:
+        return runner.run_job(SessionLocal(), job_id, get_settings(), can_retry=can_retry)
+    except runner.JobRetry as err:
+        delay = backoff_s(self.request.retries)
+        log.warning("job %s: %s; retry %d in %.0f s", job_id, err, self.request.retries + 1, delay)
+        raise self.retry(exc=err, countdown=delay) from err
