@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 class Message(BaseModel):
@@ -26,4 +28,179 @@ class DatasetPublic(BaseModel):
 
 class DatasetsPublic(BaseModel):
     data: list[DatasetPublic]
+    count: int
+
+
+# --- jobs, transfer sets, galleries, models
+
+# A model spec without a weights path (the API never reads files the user names): the library
+# prefix, a model name, and optionally "@<pretrained tag>".
+_NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]*"
+MODEL_SPEC_PATTERN = rf"^(timm|open_clip):{_NAME}(@{_NAME})?$"
+STUDENT_SPEC_PATTERN = rf"^timm:{_NAME}(@{_NAME})?$"
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+_ID = Field(min_length=1, max_length=32, description="A resource id (32 hex characters).")
+
+ExportFormat = Literal["safetensors", "onnx", "torchscript"]
+ManifestFormat = Literal["jsonl", "csv", "parquet"]
+CurateMethod = Literal["query_balanced", "knn", "class_balanced", "random"]
+
+
+def _teacher_spec(spec: str) -> str:
+    if not re.fullmatch(MODEL_SPEC_PATTERN, spec):
+        raise ValueError(
+            f"model spec {spec!r} is not of the form 'timm:<name>[@tag]' or 'open_clip:<arch>[@tag]' "
+            "(e.g. 'timm:vit_small_patch14_dinov2.lvd142m', 'open_clip:ViT-B-32@openai')"
+        )
+    return _no_weights_file(spec)
+
+
+def _student_spec(spec: str) -> str:
+    if not re.fullmatch(STUDENT_SPEC_PATTERN, spec):
+        raise ValueError(
+            f"student spec {spec!r} is not of the form 'timm:<name>[@tag]' (e.g. 'timm:resnet18')"
+        )
+    return _no_weights_file(spec)
+
+
+def _no_weights_file(spec: str) -> str:
+    if spec.lower().endswith(_WEIGHT_SUFFIXES):
+        raise ValueError(f"model spec {spec!r} names a weights file; only pretrained tags are allowed")
+    return spec
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StageSteps(_Request):
+    finetune_teacher: int = Field(100, ge=0, le=100_000, description="Teacher linear-probe steps.")
+    distill: int = Field(200, ge=0, le=1_000_000, description="Distillation steps.")
+    finetune_student: int = Field(100, ge=0, le=100_000, description="Student finetuning steps.")
+
+
+class StageBatchSizes(_Request):
+    finetune_teacher: int | None = Field(None, ge=1, le=4096)
+    distill: int | None = Field(None, ge=1, le=4096)
+    finetune_student: int | None = Field(None, ge=1, le=4096)
+
+
+class StageLearningRates(_Request):
+    finetune_teacher: float | None = Field(None, gt=0, le=1)
+    distill: float | None = Field(None, gt=0, le=1)
+    finetune_student: float | None = Field(None, gt=0, le=1)
+
+
+class JobCreate(_Request):
+    """Train a small model for a dataset: finetune the teacher, (curate a transfer set,) distill,
+    finetune the student, export, and evaluate on the test dataset when one is given."""
+
+    dataset_id: str = _ID
+    test_dataset_id: str | None = Field(None, min_length=1, max_length=32)
+    gallery_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=32,
+        description="Curate the transfer set from this gallery; "
+        "without one the student distills on the labeled images themselves.",
+    )
+    transfer_set_size: int | None = Field(None, ge=1, le=1_000_000)
+    teacher: Annotated[str, AfterValidator(_teacher_spec)] = Field(
+        "timm:vit_small_patch14_dinov2.lvd142m",
+        max_length=200,
+        description="timm:<name>[@tag] or open_clip:<arch>[@tag]",
+    )
+    student: Annotated[str, AfterValidator(_student_spec)] = Field(
+        "timm:resnet18", max_length=200, description="timm:<name>[@tag]"
+    )
+    image_size: int | None = Field(None, ge=32, le=1024, description="Input side of both models.")
+    steps: StageSteps = Field(default_factory=StageSteps)
+    batch_size: StageBatchSizes = Field(default_factory=StageBatchSizes)
+    lr: StageLearningRates = Field(default_factory=StageLearningRates)
+    export_formats: list[ExportFormat] = Field(
+        default_factory=lambda: ["safetensors", "onnx", "torchscript"],  # type: ignore[arg-type]
+        min_length=1,
+        max_length=3,
+    )
+
+
+class JobPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    kind: str
+    status: str
+    stage: str | None
+    progress: float
+    eta_s: float | None
+    stage_timings: dict[str, Any]
+    metrics: dict[str, Any]
+    error: str | None
+    cancel_requested: bool
+    attempts: int
+    request: dict[str, Any] = Field(default_factory=dict, description="The request that created the job.")
+    model_id: str | None = None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    count: int
+
+
+class TransferSetCreate(_Request):
+    dataset_id: str = _ID
+    gallery_id: str = _ID
+    size: int = Field(5000, ge=1, le=1_000_000, description="Items in the transfer set.")
+    method: CurateMethod = "query_balanced"
+    crops: int = Field(4, ge=0, le=64, description="Crops per labeled image besides the full image.")
+    dedup_threshold: float | None = Field(0.95, gt=0, le=1)
+    leakage_threshold: float | None = Field(0.95, gt=0, le=1)
+    min_score: float | None = Field(None, ge=-1, le=1)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class TransferSetPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    dataset_id: str
+    gallery_id: str
+    status: str
+    size: int
+    params: dict[str, Any]
+    summary: dict[str, Any]
+    job_id: str | None
+    created_at: datetime
+
+
+class GalleryPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    size: int
+    encoder: str
+    index_kind: str
+    dim: int
+    created_at: datetime
+
+
+class GalleriesPublic(BaseModel):
+    data: list[GalleryPublic]
+    count: int
+
+
+class ModelPublic(BaseModel):
+    id: str
+    job_id: str | None
+    card: dict[str, Any]
+    formats: list[str] = Field(description="Formats that can be downloaded.")
+    created_at: datetime
+
+
+class ModelsPublic(BaseModel):
+    data: list[ModelPublic]
     count: int

@@ -8,7 +8,7 @@ Redis in production, kombu's SQLite-backed SQLAlchemy transport (``sqla+sqlite:/
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from service.settings import Settings, get_settings
 
@@ -24,7 +24,9 @@ def make_celery(settings: Settings) -> Celery:
     app.conf.update(
         broker_url=settings.broker_url,
         result_backend=settings.result_backend,
-        task_queues=[Queue(name) for name in QUEUES],
+        # Each queue gets its own exchange and routing key; a bare Queue(name) binds with the
+        # default routing key, so a task sent to "gpu" could land on "cpu".
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
         task_default_queue="cpu",
         task_create_missing_queues=False,
         # tasks are idempotent (the row + resumable stages): ack after the run, redeliver on a crash

@@ -38,6 +38,18 @@ class TooLarge(UserError):
     status_code = 413
 
 
+class Conflict(UserError):
+    """The resource is not in a state that allows this (a job already finished, a set not ready)."""
+
+    status_code = 409
+
+
+class Unavailable(UserError):
+    """A dependency (the job queue) is unreachable; the request may be retried later."""
+
+    status_code = 503
+
+
 class Invalid(UserError):
     """The request is well-formed but its content is unusable (corrupt images, one class, ...)."""
 

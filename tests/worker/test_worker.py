@@ -221,6 +221,8 @@ def test_celery_app_configuration():
     )
     conf = redis.conf
     assert {q.name for q in conf.task_queues} == {"cpu", "gpu"} and conf.task_create_missing_queues is False
+    # a task sent to "gpu" is routed to the gpu queue, not the default one
+    assert {q.name: q.routing_key for q in conf.task_queues} == {"cpu": "cpu", "gpu": "gpu"}
     assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
     assert conf.broker_transport_options == {"visibility_timeout": VISIBILITY_TIMEOUT_S}
     assert conf.task_serializer == "json" and conf.accept_content == ["json"]

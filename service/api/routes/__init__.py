@@ -2,7 +2,11 @@
 
 from fastapi import APIRouter
 
-from service.api.routes import datasets
+from service.api.routes import datasets, galleries, jobs, models, transfer_sets
 
 api_router = APIRouter()
 api_router.include_router(datasets.router)
+api_router.include_router(jobs.router)
+api_router.include_router(transfer_sets.router)
+api_router.include_router(galleries.router)
+api_router.include_router(models.router)

@@ -1,0 +1,249 @@
+"""``/v1/jobs``: train a model for a dataset (202 + a queued job), follow it, cancel it, read its log.
+
+The service builds the worker's full training config from the validated request (real paths to
+the tenant's datasets and the gallery), commits the job row, then enqueues ``kt.run_job``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, status
+from fastapi.responses import PlainTextResponse
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from service import storage
+from service.api.deps import CurrentTenant, SessionDep, SettingsDep
+from service.api.errors import Conflict, Invalid, NotFound, Unavailable
+from service.db.models import (
+    JOB_FINAL_STATUSES,
+    JOB_STATUSES,
+    Dataset,
+    Gallery,
+    Job,
+    Model,
+    Tenant,
+    new_id,
+    utcnow,
+)
+from service.queue import enqueue_job
+from service.schemas import JobCreate, JobPublic, JobsPublic
+from service.settings import Settings
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+# Stages of a training job, in order (``evaluate`` only with a test dataset).
+PIPELINE_STAGES = ("finetune_teacher", "curate", "distill", "finetune_student", "export", "evaluate")
+MAX_LOG_BYTES = 1_000_000
+
+
+def job_dir(settings: Settings, job_id: str) -> Path:
+    """``<data_dir>/jobs/<job_id>``: the worker's run directory and log live here."""
+    return Path(settings.data_dir) / "jobs" / job_id
+
+
+def owned_dataset(session: Session, tenant: Tenant, dataset_id: str, what: str = "Dataset") -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None or dataset.tenant_id != tenant.id:
+        raise NotFound(f"{what} {dataset_id!r} not found.")
+    if dataset.status != "ready":
+        raise Conflict(
+            f"{what} {dataset_id!r} is {dataset.status}, not ready; wait for it or upload it again."
+        )
+    return dataset
+
+
+def dataset_images(settings: Settings, dataset: Dataset) -> str:
+    return str(storage.dataset_dir(settings.data_dir, dataset.tenant_id, dataset.id) / "images")
+
+
+def get_gallery(session: Session, gallery_id: str) -> Gallery:
+    gallery = session.get(Gallery, gallery_id)
+    if gallery is None:
+        raise NotFound(f"Gallery {gallery_id!r} not found; `GET /v1/galleries` lists them.")
+    return gallery
+
+
+def owned_job(session: Session, tenant: Tenant, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != tenant.id:
+        raise NotFound(f"Job {job_id!r} not found.")
+    return job
+
+
+def job_public(job: Job, model_id: str | None = None) -> JobPublic:
+    public = JobPublic.model_validate(job)
+    public.request = dict((job.params or {}).get("request") or {})
+    public.model_id = model_id
+    return public
+
+
+def _model_ids(session: Session, job_ids: list[str]) -> dict[str, str]:
+    if not job_ids:
+        return {}
+    rows = session.execute(select(Model.job_id, Model.id).where(Model.job_id.in_(job_ids))).all()
+    return {job_id: model_id for job_id, model_id in rows if job_id is not None}
+
+
+def submit_job(
+    session: Session,
+    settings: Settings,
+    tenant: Tenant,
+    kind: str,
+    config: dict[str, Any],
+    request: dict[str, Any],
+    link: Callable[[Job], None] | None = None,
+) -> Job:
+    """Commit a queued job row (and whatever ``link`` adds for it, in the same transaction), then
+    enqueue it. If the broker is unreachable the job is marked failed (nothing will run it) and
+    the request answers 503."""
+    job = Job(
+        id=new_id(),
+        tenant_id=tenant.id,
+        kind=kind,
+        status="queued",
+        params={"config": config, "request": request},
+    )
+    session.add(job)
+    if link is not None:
+        link(job)
+    session.commit()
+    try:
+        enqueue_job(settings, job.id)
+    except Exception as err:
+        job.status, job.finished_at = "failed", utcnow()
+        job.error = f"could not be queued: {type(err).__name__}: {err}"[:4000]
+        session.commit()
+        raise Unavailable("The job queue is unreachable; try again later.") from err
+    return job
+
+
+def build_pipeline_config(
+    session: Session, settings: Settings, tenant: Tenant, body: JobCreate
+) -> dict[str, Any]:
+    """The worker's ``TrainConfig`` (as a dict) for ``body``; 404/409 for unusable references."""
+    train = owned_dataset(session, tenant, body.dataset_id)
+    if len(train.classes or []) < 2:
+        raise Invalid(f"Dataset {train.id!r} has fewer than two classes; a classifier needs at least two.")
+    images = dataset_images(settings, train)
+    data: dict[str, Any] = {"train": {"path": images}}
+    stages = list(PIPELINE_STAGES)
+    if body.test_dataset_id is not None:
+        test = owned_dataset(session, tenant, body.test_dataset_id, what="Test dataset")
+        unknown = sorted(set(test.classes or []) - set(train.classes or []))
+        if unknown:
+            raise Invalid(f"Test dataset has classes the training dataset lacks: {', '.join(unknown[:20])}.")
+        data["test"] = {"path": dataset_images(settings, test)}
+    else:
+        stages.remove("evaluate")
+    curate: dict[str, Any] = {}
+    if body.gallery_id is not None:
+        curate["gallery"] = get_gallery(session, body.gallery_id).path
+        if body.transfer_set_size is not None:
+            curate["size"] = body.transfer_set_size
+    else:
+        if body.transfer_set_size is not None:
+            raise Invalid("`transfer_set_size` needs a `gallery_id` to curate the transfer set from.")
+        stages.remove("curate")
+        data["transfer"] = {"path": images}  # distill on the labeled images themselves
+
+    def optim(stage: str) -> dict[str, Any]:
+        values: dict[str, Any] = {"steps": getattr(body.steps, stage)}
+        if getattr(body.batch_size, stage) is not None:
+            values["batch_size"] = getattr(body.batch_size, stage)
+        if getattr(body.lr, stage) is not None:
+            values["lr"] = getattr(body.lr, stage)
+        return values
+
+    return {
+        "stages": stages,
+        "teacher": {"model": body.teacher, "image_size": body.image_size},
+        "student": {"model": body.student, "image_size": body.image_size},
+        "data": data,
+        "finetune_teacher": {"linear_probe": optim("finetune_teacher")},
+        "distill": optim("distill"),
+        "finetune_student": optim("finetune_student"),
+        "curate": curate,
+        "export": {"formats": list(body.export_formats)},
+    }
+
+
+@router.post(
+    "", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic, responses={404: {}, 409: {}, 503: {}}
+)
+def create_job(
+    body: JobCreate, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
+) -> JobPublic:
+    """Queue a training job; poll `GET /v1/jobs/{id}` for its progress."""
+    config = build_pipeline_config(session, settings, tenant, body)
+    job = submit_job(session, settings, tenant, "pipeline", config, body.model_dump(mode="json"))
+    return job_public(job)
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    status_: Annotated[
+        str | None, Query(alias="status", pattern="^(" + "|".join(JOB_STATUSES) + ")$")
+    ] = None,
+) -> JobsPublic:
+    """The tenant's jobs, newest first (optionally only those with ``status``)."""
+    where = [Job.tenant_id == tenant.id]
+    if status_ is not None:
+        where.append(Job.status == status_)
+    count = session.scalar(select(func.count()).select_from(Job).where(*where))
+    rows = session.scalars(
+        select(Job).where(*where).order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
+    ).all()
+    models = _model_ids(session, [row.id for row in rows])
+    return JobsPublic(data=[job_public(row, models.get(row.id)) for row in rows], count=count or 0)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses={404: {}})
+def get_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobPublic:
+    job = owned_job(session, tenant, job_id)
+    return job_public(job, _model_ids(session, [job.id]).get(job.id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses={404: {}, 409: {}})
+def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobPublic:
+    """Cancel a job: a queued one at once, a running one at its next progress report."""
+    job = owned_job(session, tenant, job_id)
+    if job.status in JOB_FINAL_STATUSES:
+        raise Conflict(f"Job {job_id!r} already {job.status}; only queued or running jobs can be canceled.")
+    # conditional update: a worker may pick the job up between our read and this write
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == "queued")
+        .values(status="canceled", cancel_requested=True, finished_at=utcnow(), eta_s=None)
+    )
+    session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
+    session.commit()
+    session.refresh(job)
+    return job_public(job, _model_ids(session, [job.id]).get(job.id))
+
+
+@router.get(
+    "/{job_id}/logs",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {}}}, 404: {}},
+)
+def job_logs(
+    job_id: str, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
+) -> PlainTextResponse:
+    """The job's log (its last megabyte); empty until the worker writes one."""
+    owned_job(session, tenant, job_id)
+    path = job_dir(settings, job_id) / "job.log"
+    text = ""
+    if path.is_file():
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - MAX_LOG_BYTES))
+            text = f.read().decode("utf-8", errors="replace")
+    return PlainTextResponse(text)

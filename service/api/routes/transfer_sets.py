@@ -1,0 +1,151 @@
+"""``/v1/transfer-sets``: curate unlabeled images from a gallery for a dataset (a ``curate`` job),
+then read its summary, manifest and report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Query, status
+from fastapi.responses import FileResponse
+from sqlalchemy.orm import Session
+
+from service.api.deps import CurrentTenant, SessionDep, SettingsDep
+from service.api.errors import Conflict, NotFound
+from service.api.routes.jobs import dataset_images, get_gallery, job_dir, owned_dataset, submit_job
+from service.db.models import Job, Tenant, TransferSet, new_id
+from service.schemas import ManifestFormat, TransferSetCreate, TransferSetPublic
+from service.settings import Settings
+
+router = APIRouter(prefix="/transfer-sets", tags=["transfer sets"])
+
+# job status -> transfer set status
+_STATUS = {
+    "queued": "queued",
+    "running": "running",
+    "succeeded": "ready",
+    "failed": "failed",
+    "canceled": "failed",
+}
+_MEDIA = {"jsonl": "application/x-ndjson", "csv": "text/csv", "parquet": "application/vnd.apache.parquet"}
+
+
+def curate_dir(settings: Settings, job_id: str) -> Path:
+    return job_dir(settings, job_id) / "run" / "curate"
+
+
+def _owned(session: Session, tenant: Tenant, transfer_set_id: str) -> TransferSet:
+    ts = session.get(TransferSet, transfer_set_id)
+    if ts is None or ts.tenant_id != tenant.id:
+        raise NotFound(f"Transfer set {transfer_set_id!r} not found.")
+    return ts
+
+
+def _sync(session: Session, settings: Settings, ts: TransferSet) -> TransferSet:
+    """Bring the row up to date with its job (status; summary and file paths once done)."""
+    job = session.get(Job, ts.job_id) if ts.job_id else None
+    new_status = _STATUS.get(job.status, "failed") if job is not None else "failed"
+    if new_status == ts.status:
+        return ts
+    ts.status = new_status
+    if new_status == "ready" and ts.job_id:
+        out = curate_dir(settings, ts.job_id)
+        summary_path = out / "summary.json"
+        if summary_path.is_file():
+            ts.summary = json.loads(summary_path.read_text())
+        for fmt in ("jsonl", "csv", "parquet"):
+            if (out / f"manifest.{fmt}").is_file():
+                ts.manifest_path = str(out / f"manifest.{fmt}")
+                break
+        if (out / "report.html").is_file():
+            ts.report_path = str(out / "report.html")
+    session.commit()
+    return ts
+
+
+def _ready_dir(session: Session, settings: Settings, tenant: Tenant, transfer_set_id: str) -> Path:
+    ts = _sync(session, settings, _owned(session, tenant, transfer_set_id))
+    if ts.status != "ready" or ts.job_id is None:
+        raise Conflict(f"Transfer set {transfer_set_id!r} is {ts.status}, not ready; poll it until it is.")
+    return curate_dir(settings, ts.job_id)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=TransferSetPublic,
+    responses={404: {}, 409: {}, 503: {}},
+)
+def create_transfer_set(
+    body: TransferSetCreate, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
+) -> TransferSet:
+    """Queue the curation of a transfer set; poll `GET /v1/transfer-sets/{id}` until it is ready."""
+    dataset = owned_dataset(session, tenant, body.dataset_id)
+    gallery = get_gallery(session, body.gallery_id)
+    config = {
+        "stages": ["curate"],
+        "data": {"train": {"path": dataset_images(settings, dataset)}},
+        "curate": {
+            "gallery": gallery.path,
+            "size": body.size,
+            "method": body.method,
+            "crops": body.crops,
+            "dedup_threshold": body.dedup_threshold,
+            "leakage_threshold": body.leakage_threshold,
+            "min_score": body.min_score,
+            "seed": body.seed,
+            "formats": ["jsonl", "csv", "parquet"],
+            "report": True,
+        },
+    }
+    request = body.model_dump(mode="json")
+    ts = TransferSet(
+        id=new_id(),
+        tenant_id=tenant.id,
+        dataset_id=dataset.id,
+        gallery_id=gallery.id,
+        params=request,
+        size=body.size,
+        status="queued",
+    )
+
+    def link(job: Job) -> None:  # committed with the job, before it is enqueued
+        ts.job_id = job.id
+        session.add(ts)
+
+    submit_job(session, settings, tenant, "curate", config, request, link=link)
+    return ts
+
+
+@router.get("/{transfer_set_id}", response_model=TransferSetPublic, responses={404: {}})
+def get_transfer_set(
+    transfer_set_id: str, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
+) -> TransferSet:
+    return _sync(session, settings, _owned(session, tenant, transfer_set_id))
+
+
+@router.get("/{transfer_set_id}/manifest", response_class=FileResponse, responses={404: {}, 409: {}})
+def get_manifest(
+    transfer_set_id: str,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    settings: SettingsDep,
+    format: Annotated[ManifestFormat, Query()] = "jsonl",
+) -> FileResponse:
+    """The manifest (one row per item: path, score, query, class, ...)."""
+    path = _ready_dir(session, settings, tenant, transfer_set_id) / f"manifest.{format}"
+    if not path.is_file():
+        raise NotFound(f"Transfer set {transfer_set_id!r} has no {format} manifest.")
+    return FileResponse(path, media_type=_MEDIA[format], filename=f"transfer-set-{transfer_set_id}.{format}")
+
+
+@router.get("/{transfer_set_id}/report", response_class=FileResponse, responses={404: {}, 409: {}})
+def get_report(
+    transfer_set_id: str, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
+) -> FileResponse:
+    """The HTML report: per-class counts, score histograms, an image grid."""
+    path = _ready_dir(session, settings, tenant, transfer_set_id) / "report.html"
+    if not path.is_file():
+        raise NotFound(f"Transfer set {transfer_set_id!r} has no report.")
+    return FileResponse(path, media_type="text/html")

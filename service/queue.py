@@ -1,0 +1,47 @@
+"""Enqueue jobs for the workers, without importing the worker (nor torch or kt_train).
+
+The service builds its own Celery client from the same settings as ``worker.app`` (broker,
+result backend, Redis visibility timeout) and sends tasks by name. A job is always enqueued
+after its row is committed: Celery only carries the id, the row is the source of truth.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+
+from service.settings import Settings
+
+RUN_JOB_TASK = "kt.run_job"
+DEFAULT_QUEUE = "cpu"
+# Must match worker.app.VISIBILITY_TIMEOUT_S: longer than the longest stage.
+VISIBILITY_TIMEOUT_S = 12 * 3600
+REDIS_SCHEMES = ("redis://", "rediss://", "redis+socket://")
+# Give up publishing after about this many seconds when the broker is down (then: 503).
+PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
+
+
+@lru_cache(maxsize=8)
+def celery_client(broker_url: str, result_backend: str) -> Celery:
+    """A publish-only Celery app for this broker (cached: it holds a connection pool)."""
+    app = Celery("kt-service", set_as_current=False)
+    app.conf.update(
+        broker_url=broker_url,
+        result_backend=result_backend,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        enable_utc=True,
+    )
+    if broker_url.startswith(REDIS_SCHEMES):
+        app.conf.broker_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+    if result_backend.startswith(REDIS_SCHEMES):
+        app.conf.result_backend_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+    return app
+
+
+def enqueue_job(settings: Settings, job_id: str, queue: str = DEFAULT_QUEUE) -> None:
+    """Send ``kt.run_job(job_id)`` to ``queue``; raises when the broker can't be reached."""
+    client = celery_client(settings.broker_url, settings.result_backend)
+    client.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, retry=True, retry_policy=PUBLISH_RETRY_POLICY)

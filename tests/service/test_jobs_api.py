@@ -1,0 +1,335 @@
+"""Jobs, transfer sets, galleries and models through a real uvicorn server (SQLite) with a real
+Redis broker: submitted jobs land in the ``cpu`` queue; no worker runs here."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from sqlalchemy import update
+
+from service.db.models import Gallery, Job, Model, utcnow
+from service.db.session import make_engine, make_session_factory
+from tests.service.test_api import Api, imagefolder_zip, make_settings, running_api, upload
+
+REDIS_URL = os.environ.get("KT_TEST_SERVICE_REDIS_URL", "redis://127.0.0.1:6379/12")
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as err:
+        pytest.fail(
+            f"Redis is needed at {REDIS_URL} ({err}); start it, e.g. `sudo service redis-server start`."
+        )
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def japi(tmp_path_factory: pytest.TempPathFactory, broker: redis.Redis) -> Iterator[Api]:
+    settings = make_settings(
+        tmp_path_factory.mktemp("jobs") / "data", broker_url=REDIS_URL, result_backend=REDIS_URL
+    )
+    with running_api(settings) as running:
+        yield running
+
+
+def db_write(api: Api, *rows: Any, statement: Any = None) -> None:
+    engine = make_engine(api.settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            session.add_all(rows)
+            if statement is not None:
+                session.execute(statement)
+            session.commit()
+    finally:
+        engine.dispose()
+
+
+def queued_job_ids(broker: redis.Redis) -> list[str]:
+    """The job ids of the ``kt.run_job`` messages waiting in the ``cpu`` queue."""
+    ids = []
+    for raw in broker.lrange("cpu", 0, -1):
+        message = json.loads(raw)
+        assert message["headers"]["task"] == "kt.run_job"
+        ids.append(message["headers"]["argsrepr"].strip("[]'\""))
+    return ids
+
+
+@pytest.fixture(scope="module")
+def tenant(japi: Api) -> dict[str, Any]:
+    """A tenant with a key, an uploaded dataset, a gallery; and a second tenant."""
+    key = japi.key("acme")
+    with japi.client(key) as client:
+        dataset = upload(client, imagefolder_zip({"cat": 2, "dog": 2})).json()
+        test_set = upload(client, imagefolder_zip({"cat": 1, "dog": 1}), name="test").json()
+    gallery = Gallery(
+        name="tiny", path="/galleries/tiny", size=10, encoder="timm:x", index_kind="flat", dim=8
+    )
+    db_write(japi, gallery)
+    return {
+        "key": key,
+        "dataset": dataset,
+        "test": test_set,
+        "gallery_id": gallery.id,
+        "other": japi.key("rival"),
+    }
+
+
+def job_body(dataset_id: str, **extra: Any) -> dict[str, Any]:
+    body = {
+        "dataset_id": dataset_id,
+        "teacher": "timm:test_vit",
+        "student": "timm:resnet10t",
+        "steps": {"finetune_teacher": 2, "distill": 3, "finetune_student": 1},
+        "export_formats": ["safetensors", "onnx"],
+    }
+    body.update(extra)
+    return body
+
+
+def test_submit_job_queues_it_and_sends_a_message(
+    japi: Api, tenant: dict[str, Any], broker: redis.Redis
+) -> None:
+    with japi.client(tenant["key"]) as client:
+        created = client.post(
+            "/v1/jobs",
+            json=job_body(
+                tenant["dataset"]["id"],
+                test_dataset_id=tenant["test"]["id"],
+                gallery_id=tenant["gallery_id"],
+                transfer_set_size=50,
+                image_size=64,
+            ),
+        )
+        assert created.status_code == 202, created.text
+        job = created.json()
+        assert (job["kind"], job["status"], job["progress"], job["model_id"]) == (
+            "pipeline",
+            "queued",
+            0.0,
+            None,
+        )
+        assert job["request"]["steps"]["distill"] == 3
+        assert job["id"] in queued_job_ids(broker)
+
+        fetched = client.get(f"/v1/jobs/{job['id']}").json()
+        assert fetched["status"] == "queued" and fetched["created_at"] and fetched["started_at"] is None
+        listing = client.get("/v1/jobs").json()
+        assert listing["count"] >= 1 and job["id"] in [j["id"] for j in listing["data"]]
+        assert client.get(f"/v1/jobs/{job['id']}/logs").text == ""
+
+    engine = make_engine(japi.settings.database_url)
+    with make_session_factory(engine)() as session:
+        row = session.get(Job, job["id"])
+        assert row is not None
+        cfg = row.params["config"]
+    engine.dispose()
+    images = japi.settings.data_dir / "tenants"
+    assert Path(cfg["data"]["train"]["path"]).is_dir() and cfg["data"]["train"]["path"].startswith(
+        str(images)
+    )
+    assert cfg["data"]["test"]["path"].endswith(f"{tenant['test']['id']}/images")
+    assert cfg["curate"] == {"gallery": "/galleries/tiny", "size": 50}
+    assert cfg["stages"][-1] == "evaluate" and "curate" in cfg["stages"]
+    assert cfg["distill"] == {"steps": 3} and cfg["export"] == {"formats": ["safetensors", "onnx"]}
+    assert cfg["teacher"] == {"model": "timm:test_vit", "image_size": 64}
+
+    # the worker's own validation accepts it (kt_train is importable in the test process)
+    from kt_train.config import parse_config
+
+    parse_config({**cfg, "out_dir": "/tmp/x"})
+
+
+@pytest.mark.parametrize(
+    ("change", "where"),
+    [
+        ({"teacher": "resnet18"}, "teacher"),
+        ({"teacher": "timm:x@/etc/passwd"}, "teacher"),
+        ({"student": "open_clip:ViT-B-32"}, "student"),
+        ({"steps": {"finetune_teacher": -1, "distill": 1, "finetune_student": 1}}, "steps.finetune_teacher"),
+        ({"steps": {"finetune_teacher": 1, "distill": 10**9, "finetune_student": 1}}, "steps.distill"),
+        ({"export_formats": ["tflite"]}, "export_formats"),
+        ({"image_size": 4}, "image_size"),
+        ({"lr": {"distill": 5.0}}, "lr.distill"),
+        ({"surprise": 1}, "surprise"),
+    ],
+)
+def test_submit_job_rejects_bad_requests(japi: Api, tenant: dict[str, Any], change: dict, where: str) -> None:
+    with japi.client(tenant["key"]) as client:
+        response = client.post("/v1/jobs", json=job_body(tenant["dataset"]["id"], **change))
+    assert response.status_code == 422, response.text
+    assert where in response.json()["detail"]
+
+
+def test_other_tenants_and_missing_ids_are_404(japi: Api, tenant: dict[str, Any]) -> None:
+    with japi.client(tenant["key"]) as client:
+        job = client.post("/v1/jobs", json=job_body(tenant["dataset"]["id"])).json()
+        assert (
+            client.post("/v1/jobs", json=job_body(tenant["dataset"]["id"], gallery_id="nope")).status_code
+            == 404
+        )
+    model = Model(tenant_id=_tenant_id(japi, job["id"]), job_id=job["id"], card={}, files={})
+    db_write(japi, model)
+    with japi.client(tenant["other"]) as rival:
+        assert rival.post("/v1/jobs", json=job_body(tenant["dataset"]["id"])).status_code == 404
+        for path in (f"/v1/jobs/{job['id']}", f"/v1/jobs/{job['id']}/logs", f"/v1/models/{model.id}"):
+            assert rival.get(path).status_code == 404, path
+        assert rival.post(f"/v1/jobs/{job['id']}/cancel").status_code == 404
+        assert rival.get("/v1/jobs").json()["count"] == 0
+        body = {"dataset_id": tenant["dataset"]["id"], "gallery_id": tenant["gallery_id"]}
+        assert rival.post("/v1/transfer-sets", json=body).status_code == 404
+
+
+def _tenant_id(api: Api, job_id: str) -> str:
+    engine = make_engine(api.settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            return job.tenant_id
+    finally:
+        engine.dispose()
+
+
+def test_dataset_not_ready_is_409(japi: Api, tenant: dict[str, Any]) -> None:
+    with japi.client(tenant["key"]) as client:
+        dataset = upload(client, imagefolder_zip({"a": 1, "b": 1}), name="pending").json()
+        db_write(japi, statement=_set_dataset_status(dataset["id"], "uploading"))
+        response = client.post("/v1/jobs", json=job_body(dataset["id"]))
+    assert response.status_code == 409 and "not ready" in response.json()["detail"]
+
+
+def _set_dataset_status(dataset_id: str, status: str) -> Any:
+    from service.db.models import Dataset
+
+    return update(Dataset).where(Dataset.id == dataset_id).values(status=status)
+
+
+def test_cancel_queued_job_and_finished_job(japi: Api, tenant: dict[str, Any]) -> None:
+    with japi.client(tenant["key"]) as client:
+        queued = client.post("/v1/jobs", json=job_body(tenant["dataset"]["id"])).json()
+        canceled = client.post(f"/v1/jobs/{queued['id']}/cancel")
+        assert canceled.status_code == 200, canceled.text
+        assert (canceled.json()["status"], canceled.json()["cancel_requested"]) == ("canceled", True)
+        assert canceled.json()["finished_at"] is not None
+        assert client.post(f"/v1/jobs/{queued['id']}/cancel").status_code == 409
+
+        done = client.post("/v1/jobs", json=job_body(tenant["dataset"]["id"])).json()
+        db_write(
+            japi,
+            statement=update(Job)
+            .where(Job.id == done["id"])
+            .values(status="succeeded", finished_at=utcnow()),
+        )
+        again = client.post(f"/v1/jobs/{done['id']}/cancel")
+        assert again.status_code == 409 and "succeeded" in again.json()["detail"]
+
+        running = client.post("/v1/jobs", json=job_body(tenant["dataset"]["id"])).json()
+        db_write(japi, statement=update(Job).where(Job.id == running["id"]).values(status="running"))
+        flagged = client.post(f"/v1/jobs/{running['id']}/cancel").json()
+        assert (flagged["status"], flagged["cancel_requested"]) == ("running", True)
+
+        log = japi.settings.data_dir / "jobs" / running["id"] / "job.log"
+        log.parent.mkdir(parents=True)
+        log.write_text("stage distill\n")
+        logs = client.get(f"/v1/jobs/{running['id']}/logs")
+        assert logs.text == "stage distill\n" and logs.headers["content-type"].startswith("text/plain")
+
+
+def test_model_card_and_download(japi: Api, tenant: dict[str, Any]) -> None:
+    with japi.client(tenant["key"]) as client:
+        job = client.post("/v1/jobs", json=job_body(tenant["dataset"]["id"])).json()
+        weights = japi.settings.data_dir / "jobs" / job["id"] / "run" / "export" / "model.safetensors"
+        weights.parent.mkdir(parents=True)
+        weights.write_bytes(b"\x00weights\xff" * 100)
+        model = Model(
+            tenant_id=_tenant_id(japi, job["id"]),
+            job_id=job["id"],
+            card={"classes": ["cat", "dog"]},
+            files={"safetensors": str(weights), "card": str(weights.parent / "model_card.json")},
+        )
+        db_write(japi, model)
+
+        card = client.get(f"/v1/models/{model.id}").json()
+        assert card["card"]["classes"] == ["cat", "dog"] and card["formats"] == ["safetensors"]
+        assert client.get(f"/v1/jobs/{job['id']}").json()["model_id"] == model.id
+        assert client.get("/v1/models").json()["count"] >= 1
+
+        got = client.get(f"/v1/models/{model.id}/download", params={"format": "safetensors"})
+        assert got.status_code == 200 and got.content == weights.read_bytes()
+        assert f"model-{model.id}.safetensors" in got.headers["content-disposition"]
+        assert client.get(f"/v1/models/{model.id}/download", params={"format": "onnx"}).status_code == 404
+        assert client.get(f"/v1/models/{model.id}/download", params={"format": "pkl"}).status_code == 422
+
+
+def test_transfer_set_lifecycle(japi: Api, tenant: dict[str, Any], broker: redis.Redis) -> None:
+    body = {
+        "dataset_id": tenant["dataset"]["id"],
+        "gallery_id": tenant["gallery_id"],
+        "size": 20,
+        "method": "class_balanced",
+        "crops": 2,
+    }
+    with japi.client(tenant["key"]) as client:
+        assert client.post("/v1/transfer-sets", json={**body, "size": 0}).status_code == 422
+        assert client.post("/v1/transfer-sets", json={**body, "method": "magic"}).status_code == 422
+        assert client.post("/v1/transfer-sets", json={**body, "gallery_id": "nope"}).status_code == 404
+
+        created = client.post("/v1/transfer-sets", json=body)
+        assert created.status_code == 202, created.text
+        ts = created.json()
+        assert (ts["status"], ts["size"]) == ("queued", 20) and ts["job_id"] in queued_job_ids(broker)
+        job = client.get(f"/v1/jobs/{ts['job_id']}").json()
+        assert job["kind"] == "curate"
+        for path in ("manifest", "report"):
+            pending = client.get(f"/v1/transfer-sets/{ts['id']}/{path}")
+            assert pending.status_code == 409 and "queued" in pending.json()["detail"]
+        assert (
+            client.get(f"/v1/transfer-sets/{ts['id']}/manifest", params={"format": "xml"}).status_code == 422
+        )
+
+        # what the worker leaves behind when the curate job succeeds
+        out = japi.settings.data_dir / "jobs" / ts["job_id"] / "run" / "curate"
+        out.mkdir(parents=True)
+        (out / "manifest.jsonl").write_text('{"path": "a.jpg", "score": 0.9}\n')
+        (out / "summary.json").write_text(json.dumps({"items": 1}))
+        (out / "report.html").write_text("<html>report</html>")
+        db_write(japi, statement=update(Job).where(Job.id == ts["job_id"]).values(status="succeeded"))
+
+        ready = client.get(f"/v1/transfer-sets/{ts['id']}").json()
+        assert (ready["status"], ready["summary"]) == ("ready", {"items": 1})
+        manifest = client.get(f"/v1/transfer-sets/{ts['id']}/manifest")
+        assert manifest.status_code == 200 and manifest.text == '{"path": "a.jpg", "score": 0.9}\n'
+        assert (
+            client.get(f"/v1/transfer-sets/{ts['id']}/manifest", params={"format": "csv"}).status_code == 404
+        )
+        report = client.get(f"/v1/transfer-sets/{ts['id']}/report")
+        assert report.headers["content-type"].startswith("text/html") and "report" in report.text
+    with japi.client(tenant["other"]) as rival:
+        assert rival.get(f"/v1/transfer-sets/{ts['id']}").status_code == 404
+
+
+def test_galleries_listed_for_every_tenant(japi: Api, tenant: dict[str, Any]) -> None:
+    with japi.client(tenant["other"]) as client:
+        listing = client.get("/v1/galleries").json()
+    assert listing["count"] == 1
+    assert {k: listing["data"][0][k] for k in ("name", "size", "encoder", "index_kind")} == {
+        "name": "tiny",
+        "size": 10,
+        "encoder": "timm:x",
+        "index_kind": "flat",
+    }
+    assert "path" not in listing["data"][0]
+    assert httpx.get(f"{japi.url}/v1/galleries").status_code == 401
