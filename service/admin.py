@@ -2,17 +2,20 @@
 
 python -m service.admin create-key --tenant acme     # prints the key, once
 python -m service.admin revoke-key 1a2b3c4d
+python -m service.admin register-gallery runs/gallery [--name web]   # a `kt gallery build` output
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db.models import ApiKey, Tenant, utcnow
+from service.db.models import ApiKey, Gallery, Tenant, utcnow
 from service.db.session import init_db, make_engine, make_session_factory
 from service.security import generate_api_key
 from service.settings import get_settings
@@ -46,6 +49,43 @@ def revoke_key(session: Session, prefix: str) -> int:
     return len(keys)
 
 
+def read_gallery_json(path: str | Path) -> dict[str, Any]:
+    """``<path>/gallery.json`` of a ``kt gallery build`` output (read with json only: no kt_train)."""
+    meta_path = Path(path).expanduser().resolve() / "gallery.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found; pass a directory made by `kt gallery build`")
+    meta = json.loads(meta_path.read_text())
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path} is not a JSON object")
+    return meta
+
+
+def register_gallery(session: Session, path: str | Path, name: str | None = None) -> Gallery:
+    """Insert (or update, by name) the ``galleries`` row for the gallery built in ``path``."""
+    root = Path(path).expanduser().resolve()
+    meta = read_gallery_json(root)
+    encoder = meta.get("encoder") or {}
+    spec = encoder.get("spec") if isinstance(encoder, dict) else encoder
+    if not spec:
+        raise ValueError(f"{root / 'gallery.json'} names no encoder spec; it cannot be curated from")
+    index = meta.get("index") or {}
+    index_kind = (index.get("kind") if isinstance(index, dict) else index) or "none"
+    gallery_name = (name or meta.get("name") or root.name).strip()
+    if not gallery_name:
+        raise ValueError("gallery name is empty; pass --name")
+    row = session.scalar(select(Gallery).where(Gallery.name == gallery_name))
+    if row is None:
+        row = Gallery(name=gallery_name, path=str(root), encoder=str(spec), index_kind="", dim=0)
+        session.add(row)
+    row.path = str(root)
+    row.size = int(meta.get("count") or 0)
+    row.encoder = str(spec)
+    row.index_kind = str(index_kind)
+    row.dim = int(meta.get("dim") or 0)
+    session.commit()
+    return row
+
+
 cli = typer.Typer(help="vfm-kt service administration.", no_args_is_help=True)
 
 
@@ -74,6 +114,23 @@ def revoke_key_command(
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(1) from err
     typer.echo(f"revoked {count} key(s) with prefix {prefix}")
+
+
+@cli.command("register-gallery")
+def register_gallery_command(
+    path: Annotated[
+        Path, typer.Argument(help="Gallery directory (with gallery.json), from `kt gallery build`.")
+    ],
+    name: Annotated[str | None, typer.Option(help="Gallery name (default: the one in gallery.json).")] = None,
+) -> None:
+    """Register (or update) a gallery so that transfer sets and jobs can use it; prints its id."""
+    with _session() as session:
+        try:
+            row = register_gallery(session, path, name)
+        except (OSError, ValueError) as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from err
+        typer.echo(f"{row.id} {row.name} ({row.size} images, {row.dim}-d, {row.encoder}, {row.index_kind})")
 
 
 if __name__ == "__main__":
