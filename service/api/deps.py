@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
@@ -57,9 +58,13 @@ def get_current_tenant(
     tenant = session.get(Tenant, match.tenant_id)
     if tenant is None:  # the tenant was deleted between the two reads
         raise _unauthorized("Invalid API key: its tenant no longer exists.")
-    match.last_used_at = utcnow()
-    session.commit()
+    # A write per request would make every status poll a transaction; a minute's precision is enough.
+    now = utcnow()
+    if match.last_used_at is None or now - match.last_used_at > LAST_USED_PRECISION:
+        match.last_used_at = now
+        session.commit()
     return tenant
 
 
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
+LAST_USED_PRECISION = timedelta(minutes=1)

@@ -1,0 +1,561 @@
+"""Service benchmark (BENCHMARKS.md §4): the API alone, in production shape, on this machine.
+
+A fresh PostgreSQL database (``kt_bench_<rand>`` on 127.0.0.1:5432, dropped at the end), Redis
+db 10 as the Celery broker (flushed at start and end), ONE uvicorn API process
+(``--factory service.app:create_app``) and NO Celery worker: jobs stay queued, so what is
+measured is the API.
+
+1. submit latency: POST /v1/jobs, each answered 202 + ``queued``; median and max of N submits;
+2. status polling: an open-loop load generator at a fixed rate of GET /v1/jobs/{id}; each request
+   is scheduled at an exact time and its latency counted from that time (a slow server delays the
+   following requests' start, which is counted, so coordinated omission is not hidden);
+3. upload: a ~200 MB zip of incompressible (random-noise PNG) images, streamed as a multipart
+   generator body, while a thread polls the API process tree's VmRSS every 50 ms.
+
+python bench/service/run.py                       # the full run; writes bench/results/service.{json,md}
+python bench/service/run.py --upload-mb 5 --duration 3 --out /tmp/smoke   # a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import io
+import json
+import os
+import platform
+import secrets
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+BARS = {"status_p99_ms": 50.0, "status_rps": 200.0, "upload_rss_growth_mb": 100.0, "submit_ms": 100.0}
+MB = 1024 * 1024
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/10")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn --workers (default 1)")
+    p.add_argument("--rate", type=float, default=200.0, help="status polling requests per second")
+    p.add_argument("--duration", type=float, default=20.0, help="status polling seconds (measured)")
+    p.add_argument("--warmup", type=float, default=2.0, help="status polling seconds before measuring")
+    p.add_argument("--pool", type=int, default=50, help="client connection pool size")
+    p.add_argument("--submits", type=int, default=20, help="measured job submits")
+    p.add_argument("--upload-mb", type=float, default=200.0, help="size of the uploaded zip, MB")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results directory")
+    p.add_argument("--name", default="service", help="results file stem")
+    return p.parse_args()
+
+
+# --- infrastructure
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def postgres_db(admin_url: str) -> Iterator[tuple[str, str]]:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    name = f"kt_bench_{secrets.token_hex(6)}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+        version = str(conn.execute(text("SHOW server_version")).scalar())
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False), version
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@contextlib.contextmanager
+def redis_db(url: str) -> Iterator[str]:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=3)
+    client.flushdb()
+    version = str(client.info("server").get("redis_version", "?"))
+    try:
+        yield version
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@contextlib.contextmanager
+def api_process(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the API exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.25)
+    raise SystemExit(f"{url} not ready within {timeout:g} s:\n{log.read_text()[-4000:]}")
+
+
+# --- process-tree RSS
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as fh:
+                out.extend(int(x) for x in fh.read().split())
+    return out
+
+
+def tree_rss_bytes(pid: int) -> int:
+    total, stack, seen = 0, [pid], set()
+    while stack:
+        p = stack.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        with contextlib.suppress(OSError), open(f"/proc/{p}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        stack.extend(_children(p))
+    return total
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` (its own threads; uvicorn --workers 1 is one process)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.peak = 0
+        self.samples = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.peak = max(self.peak, tree_rss_bytes(self.pid))
+            self.samples += 1
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+        self.peak = max(self.peak, tree_rss_bytes(self.pid))
+
+
+# --- datasets
+
+
+def png_bytes(rng: np.random.Generator, side: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def write_zip(path: Path, target_bytes: int, side: int, seed: int = 0, min_images: int = 4) -> int:
+    """An ImageFolder zip (2 classes, stored) of random-noise PNGs, about ``target_bytes``; returns images."""
+    rng = np.random.default_rng(seed)
+    n = 0
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        while n < min_images or path.stat().st_size < target_bytes:
+            zf.writestr(f"data/{'ab'[n % 2]}/img_{n:05d}.png", png_bytes(rng, side))
+            n += 1
+            if n % 16 == 0:
+                zf.fp.flush()  # type: ignore[union-attr]
+    return n
+
+
+def multipart_stream(path: Path, boundary: str, chunk: int = MB) -> tuple[Iterator[bytes], int]:
+    head = (
+        f"--{boundary}\r\n"
+        f'Content-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
+        "Content-Type: application/zip\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    length = len(head) + path.stat().st_size + len(tail)
+
+    def gen() -> Iterator[bytes]:
+        yield head
+        with open(path, "rb") as fh:
+            while data := fh.read(chunk):
+                yield data
+        yield tail
+
+    return gen(), length
+
+
+def upload(client: httpx.Client, path: Path) -> httpx.Response:
+    boundary = secrets.token_hex(16)
+    body, length = multipart_stream(path, boundary)
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}
+    return client.post("/v1/datasets", content=body, headers=headers, timeout=600)
+
+
+# --- measurements
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return float(np.percentile(np.asarray(values), q, method="higher"))
+
+
+async def open_loop(
+    base: str, key: str, path: str, rate: float, duration: float, pool: int
+) -> dict[str, Any]:
+    """GET ``path`` at ``rate``/s for ``duration`` s, each request at its scheduled time; latency
+    counts from the scheduled time (queueing for a pooled connection included)."""
+    limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
+    headers = {"Authorization": f"Bearer {key}"}
+    lat: list[float] = []
+    errors: list[str] = []
+    async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits, timeout=10) as client:
+        # open the pool's connections up front so the run does not start by connecting
+        await asyncio.gather(*(client.get(path) for _ in range(min(pool, 20))))
+        loop = asyncio.get_running_loop()
+        n = round(rate * duration)
+        t0 = loop.time() + 0.1
+
+        async def one(at: float) -> None:
+            try:
+                resp = await client.get(path)
+                if resp.status_code != 200:
+                    errors.append(f"HTTP {resp.status_code}")
+                    return
+            except httpx.HTTPError as err:
+                errors.append(type(err).__name__)
+                return
+            lat.append((loop.time() - at) * 1000)
+
+        tasks = []
+        for i in range(n):
+            at = t0 + i / rate
+            delay = at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(at)))
+        await asyncio.gather(*tasks)
+        elapsed = loop.time() - t0
+    return {
+        "sent": n,
+        "ok": len(lat),
+        "errors": len(errors),
+        "error_kinds": sorted(set(errors)),
+        "rps": len(lat) / elapsed,
+        "p50_ms": pct(lat, 50),
+        "p90_ms": pct(lat, 90),
+        "p99_ms": pct(lat, 99),
+        "max_ms": max(lat) if lat else float("nan"),
+        "elapsed_s": elapsed,
+    }
+
+
+def submit_once(client: httpx.Client, dataset_id: str) -> tuple[float, str]:
+    body = {"dataset_id": dataset_id, "student": "timm:resnet18", "steps": {"distill": 10}}
+    t = time.perf_counter()
+    resp = client.post("/v1/jobs", json=body)
+    ms = (time.perf_counter() - t) * 1000
+    if resp.status_code != 202 or resp.json().get("status") != "queued":
+        raise SystemExit(f"POST /v1/jobs answered {resp.status_code}: {resp.text[:2000]}")
+    return ms, str(resp.json()["id"])
+
+
+# --- report
+
+
+def versions(pg: str, redis_v: str) -> dict[str, str]:
+    out = {"python": platform.python_version(), "postgresql": pg, "redis": redis_v}
+    for pkg in ("fastapi", "starlette", "uvicorn", "sqlalchemy", "psycopg", "celery", "httpx"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    return out
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = ""
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as fh:
+        mem = f", {int(fh.readline().split()[1]) / MB:.0f} GiB RAM"
+    return f"{cpu}, {os.cpu_count()} cores{mem}; {platform.system()} {platform.release()}"
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def verdicts(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    return [
+        (
+            "status polling p99 at 200 req/s",
+            f"< {BARS['status_p99_ms']:g} ms, ≥ 99% of {BARS['status_rps']:g} req/s achieved, 0 errors",
+            f"p99 {r['status_p99_ms']:.1f} ms at {r['rps']:.1f} req/s, {r['errors']} errors",
+            r["status_p99_ms"] < BARS["status_p99_ms"]
+            and r["rps"] >= 0.99 * BARS["status_rps"]
+            and r["errors"] == 0,
+        ),
+        (
+            f"{r['upload_mb']:.0f} MB upload: API RSS growth",
+            f"< {BARS['upload_rss_growth_mb']:g} MB",
+            f"{r['upload_rss_growth_mb']:.1f} MB ({r['upload_mb_s']:.1f} MB/s)",
+            r["upload_rss_growth_mb"] < BARS["upload_rss_growth_mb"],
+        ),
+        (
+            "submit → queued (p50)",
+            f"< {BARS['submit_ms']:g} ms",
+            f"p50 {r['submit_p50_ms']:.1f} ms, max {r['submit_max_ms']:.1f} ms",
+            r["submit_p50_ms"] < BARS["submit_ms"],
+        ),
+    ]
+
+
+def markdown(r: dict[str, Any]) -> str:
+    d = r["details"]
+    s = d["status"]
+    lines = [
+        "# Service benchmark (BENCHMARKS.md §4)",
+        "",
+        f"- date: {r['date']}; commit `{r['git_commit']}`; duration {r['duration_s']:.0f} s",
+        f"- machine: {r['machine']}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
+        f"- command: `{r['command']}`",
+        f"- shape: PostgreSQL (fresh database), Redis broker, {d['uvicorn_workers']} uvicorn worker process(es), "
+        "no Celery worker (jobs stay queued); client and server on the same machine.",
+        "",
+        "| metric | value |",
+        "|---|---:|",
+        f"| status polling: target rate, req/s | {d['rate']:g} for {d['duration_s']:g} s |",
+        f"| status polling: achieved req/s | {r['rps']:.1f} |",
+        f"| status polling: p50 / p90 / p99 / max, ms | {r['status_p50_ms']:.1f} / {s['p90_ms']:.1f} / "
+        f"{r['status_p99_ms']:.1f} / {s['max_ms']:.1f} |",
+        f"| status polling: errors | {r['errors']} of {s['sent']} |",
+        f"| status polling: CPU of the API process / of the load generator, cores | "
+        f"{s['server_cpu_frac']:.2f} / {s['client_cpu_frac']:.2f} |",
+        f"| upload: size, MB ({d['upload_images']} PNG images) | {r['upload_mb']:.1f} |",
+        f"| upload: API RSS before / peak, MB | {d['rss_before_mb']:.1f} / {d['rss_peak_mb']:.1f} |",
+        f"| upload: API RSS growth, MB | {r['upload_rss_growth_mb']:.1f} |",
+        f"| upload: MB/s (send + validate + store, until 201) | {r['upload_mb_s']:.1f} |",
+        f"| submit → 202 queued: p50 / max of {d['submits']}, ms | {r['submit_p50_ms']:.1f} / "
+        f"{r['submit_max_ms']:.1f} |",
+        "",
+        "| bar | target | measured | result |",
+        "|---|---|---|---|",
+    ]
+    for name, target, measured, ok in verdicts(r):
+        lines.append(f"| {name} | {target} | {measured} | {'PASS' if ok else 'FAIL'} |")
+    lines += [
+        "",
+        "Status latency is counted from each request's scheduled time (open loop, "
+        f"pool of {d['pool']} connections), so a stall delays and counts every request behind it. "
+        "RSS is VmRSS of the uvicorn process and its children, polled every 50 ms.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --- main
+
+
+def main() -> None:
+    args = parse_args()
+    started = time.monotonic()
+    command = "python " + shlex.join([os.path.relpath(__file__, REPO), *sys.argv[1:]])
+    sys.path.insert(0, str(REPO))
+    from service.admin import create_tenant_key
+    from service.db.session import init_db, make_engine, make_session_factory
+
+    with (
+        tempfile.TemporaryDirectory(prefix="kt-bench-") as tmp_name,
+        postgres_db(args.pg_admin_url) as (db_url, pg_version),
+        redis_db(args.redis_url) as redis_version,
+    ):
+        tmp = Path(tmp_name)
+        data_dir = tmp / "data"
+        data_dir.mkdir()
+        upload_bytes = int(args.upload_mb * MB)
+
+        print(f"generating a {args.upload_mb:g} MB zip ...", flush=True)
+        big_zip, small_zip = tmp / "big.zip", tmp / "small.zip"
+        n_big = write_zip(big_zip, upload_bytes, 512, seed=1)
+        write_zip(small_zip, 0, 32, seed=2, min_images=8)
+
+        init_db(db_url)
+        engine = make_engine(db_url)
+        try:
+            with make_session_factory(engine)() as session:
+                key = create_tenant_key(session, "bench")
+        finally:
+            engine.dispose()
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KT_")}
+        env.update(
+            PYTHONUNBUFFERED="1",
+            KT_DATABASE_URL=db_url,
+            KT_BROKER_URL=args.redis_url,
+            KT_RESULT_BACKEND=args.redis_url,
+            KT_DATA_DIR=str(data_dir),
+            KT_MAX_UPLOAD_BYTES=str(max(2 * 1024**3, 2 * big_zip.stat().st_size)),
+        )
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        cmd = [
+            str(Path(sys.executable).parent / "uvicorn"), "--factory", "service.app:create_app",
+            "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers),
+        ]  # fmt: skip
+        log = tmp / "api.log"
+        with api_process(cmd, env, log) as api:
+            wait_ready(f"{base}/readyz", api, log)
+            headers = {"Authorization": f"Bearer {key}"}
+            with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
+                resp = upload(client, small_zip)
+                if resp.status_code != 201:
+                    raise SystemExit(f"small upload answered {resp.status_code}: {resp.text[:2000]}")
+                dataset_id = resp.json()["id"]
+
+                print("submitting jobs ...", flush=True)
+                _, job_id = submit_once(client, dataset_id)  # the job to poll (and a warm-up)
+                for _ in range(3):
+                    submit_once(client, dataset_id)
+                submits = [submit_once(client, dataset_id)[0] for _ in range(args.submits)]
+
+            print(f"status polling at {args.rate:g} req/s ...", flush=True)
+            path = f"/v1/jobs/{job_id}"
+            if args.warmup > 0:
+                asyncio.run(open_loop(base, key, path, args.rate, args.warmup, args.pool))
+            cpu0, wall0 = (proc_cpu_s(api.pid), time.process_time()), time.monotonic()
+            status = asyncio.run(open_loop(base, key, path, args.rate, args.duration, args.pool))
+            wall = time.monotonic() - wall0
+            status["server_cpu_frac"] = (proc_cpu_s(api.pid) - cpu0[0]) / wall
+            status["client_cpu_frac"] = (time.process_time() - cpu0[1]) / wall
+
+            print(f"uploading {big_zip.stat().st_size / MB:.1f} MB ...", flush=True)
+            time.sleep(0.5)
+            rss_before = tree_rss_bytes(api.pid)
+            sampler = RssSampler(api.pid)
+            sampler.start()
+            with httpx.Client(base_url=base, headers=headers) as client:
+                t = time.perf_counter()
+                resp = upload(client, big_zip)
+                upload_s = time.perf_counter() - t
+            sampler.stop()
+            if resp.status_code != 201:
+                raise SystemExit(f"large upload answered {resp.status_code}: {resp.text[:2000]}")
+            if resp.json().get("num_images") != n_big:
+                raise SystemExit(f"large upload: {resp.json().get('num_images')} images, expected {n_big}")
+            rss_after = tree_rss_bytes(api.pid)
+            if api.poll() is not None:
+                raise SystemExit(f"the API exited {api.returncode}:\n{log.read_text()[-4000:]}")
+
+        upload_mb = big_zip.stat().st_size / MB
+        result: dict[str, Any] = {
+            "status_p50_ms": round(status["p50_ms"], 2),
+            "status_p99_ms": round(status["p99_ms"], 2),
+            "rps": round(status["rps"], 1),
+            "errors": status["errors"],
+            "upload_mb": round(upload_mb, 1),
+            "upload_rss_growth_mb": round((sampler.peak - rss_before) / MB, 1),
+            "upload_mb_s": round(upload_mb / upload_s, 1),
+            "submit_ms": round(statistics.median(submits), 2),
+            "submit_p50_ms": round(statistics.median(submits), 2),
+            "submit_max_ms": round(max(submits), 2),
+            "command": command,
+            "machine": machine(),
+            "versions": versions(pg_version, redis_version),
+            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "git_commit": git_commit(),
+            "duration_s": 0.0,
+            "details": {
+                "uvicorn_workers": args.workers,
+                "rate": args.rate,
+                "duration_s": args.duration,
+                "warmup_s": args.warmup,
+                "pool": args.pool,
+                "status": {k: (round(v, 2) if isinstance(v, float) else v) for k, v in status.items()},
+                "submits": args.submits,
+                "submit_all_ms": [round(x, 2) for x in submits],
+                "upload_images": n_big,
+                "upload_s": round(upload_s, 2),
+                "rss_before_mb": round(rss_before / MB, 1),
+                "rss_peak_mb": round(sampler.peak / MB, 1),
+                "rss_after_mb": round(rss_after / MB, 1),
+                "rss_samples": sampler.samples,
+            },
+        }
+    result["duration_s"] = round(time.monotonic() - started, 1)
+    result["bars"] = [
+        {"bar": name, "target": target, "measured": measured, "pass": ok}
+        for name, target, measured, ok in verdicts(result)
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    md = markdown(result)
+    (args.out / f"{args.name}.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
