@@ -14,17 +14,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.service.conftest import flushed_redis, fresh_postgres_database
+
 REPO = Path(__file__).resolve().parents[2]
 STUDENT = "timm:test_efficientnet"
 STEPS = "3,6,3"  # a handful of steps per stage: the flow, not the accuracy, is under test
 REDIS_URL = os.environ.get("KT_TEST_E2E_REDIS_URL", "redis://127.0.0.1:6379/11")
-PG_ADMIN_URL = os.environ.get("KT_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -90,43 +90,14 @@ def test_demo_on_the_embedded_default(tmp_path: Path) -> None:
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import OperationalError
-
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
-    name = f"kt_e2e_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except OperationalError as err:
-        admin.dispose()
-        pytest.fail(f"PostgreSQL is needed at {PG_ADMIN_URL}: {err.orig}", pytrace=False)
-    try:
-        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_postgres_database("kt_e2e") as url:
+        yield url
 
 
 @pytest.fixture
 def redis_url() -> Iterator[str]:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
-    try:
-        client.ping()
-    except redis.RedisError as err:
-        pytest.fail(
-            f"Redis is needed at {REDIS_URL} ({err}); start it, e.g. `sudo service redis-server start`."
-        )
-    client.flushdb()
-    try:
-        yield REDIS_URL
-    finally:
-        client.flushdb()
-        client.close()
+    with flushed_redis(REDIS_URL) as url:
+        yield url
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@ session (created under a unique name, dropped afterwards)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -58,12 +59,12 @@ def db(sqlite_engine: Engine) -> Iterator[Session]:
         yield session
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """URL of a brand-new, empty PostgreSQL database, dropped at the end of the session.
+@contextlib.contextmanager
+def fresh_postgres_database(prefix: str = "kt_test") -> Iterator[str]:
+    """URL of a brand-new, empty PostgreSQL database, dropped on exit.
     Fails (does not skip) when the server is unreachable."""
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
-    name = f"kt_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     unreachable = ""
     try:
         with admin.connect() as conn:
@@ -80,3 +81,32 @@ def postgres_url() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+REDIS_HOWTO = "Redis is needed at {url} ({err}); start it, e.g. `sudo service redis-server start`."
+
+
+@contextlib.contextmanager
+def flushed_redis(url: str) -> Iterator[str]:
+    """A Redis database flushed before and after use. Fails (does not skip) when unreachable."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as err:
+        client.close()
+        pytest.fail(REDIS_HOWTO.format(url=url, err=err), pytrace=False)
+    client.flushdb()
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for the test session."""
+    with fresh_postgres_database() as url:
+        yield url

@@ -15,14 +15,9 @@ from service.db.models import Job, Tenant
 from service.db.session import init_db, make_engine, make_session_factory
 from service.settings import Settings
 from tests.conftest import small_config_dict
-from tests.service.conftest import _clean_kt_env, postgres_url  # noqa: F401 - fixtures used here
+from tests.service.conftest import _clean_kt_env, flushed_redis, postgres_url  # noqa: F401 - fixtures used here
 
 REDIS_URL = os.environ.get("KT_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
-REDIS_HOWTO = (
-    "Redis is needed for the Celery worker test and is not reachable at {url} ({err}).\n"
-    "Start it, e.g. `sudo service redis-server start` (Debian), `redis-server --daemonize yes`, or\n"
-    "`docker run -d -p 6379:6379 redis:7`, or point KT_TEST_REDIS_URL at a Redis database you may flush."
-)
 
 
 @pytest.fixture(scope="session")
@@ -95,17 +90,5 @@ def tenant_id(session_factory: sessionmaker[Session]) -> str:
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     """A flushed Redis database for the broker and the result backend. Fails when unreachable."""
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
-    try:
-        client.ping()
-    except redis.RedisError as err:
-        client.close()
-        pytest.fail(REDIS_HOWTO.format(url=REDIS_URL, err=err), pytrace=False)
-    client.flushdb()
-    try:
-        yield REDIS_URL
-    finally:
-        client.flushdb()
-        client.close()
+    with flushed_redis(REDIS_URL) as url:
+        yield url
