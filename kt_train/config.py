@@ -78,7 +78,12 @@ class DataConfigSection(_Strict):
         None, ge=8, description="side of the augmented view both models see (default: the larger input size)"
     )
     cache_images: bool = Field(True, description="decode every image once and keep it in memory")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = in the training process)")
+    num_workers: int | None = Field(
+        None,
+        ge=0,
+        description="DataLoader worker processes (0 = in the training process; default: 0 on CPU, where "
+        "the cores are busy training, min(8, cores - 1) on CUDA)",
+    )
 
 
 class FinetuneTeacherConfig(_Strict):
@@ -95,6 +100,23 @@ class FinetuneTeacherConfig(_Strict):
     )
 
 
+class TeacherCacheConfig(_Strict):
+    mode: Literal["auto", "online", "cached"] = Field(
+        "auto",
+        description="online: run the teacher on every training view; cached: run it once on `views` "
+        "stored views per image and replay them (no teacher in the loop); auto: cached when that takes "
+        "fewer teacher passes (views x images < steps x batch_size)",
+    )
+    views: int = Field(8, ge=1, le=1024, description="augmented views stored per transfer image")
+    topk: int = Field(10, ge=1, description="teacher logits stored per view (all classes when fewer)")
+    dir: str | None = Field(
+        None,
+        description="where caches live, one directory per (teacher, transfer set, augmentation, views, "
+        "topk, seed); share it between runs to reuse a cache (default: <out_dir>/teacher_cache)",
+    )
+    batch_size: int = Field(256, ge=1, description="teacher batch size while building the cache")
+
+
 class DistillConfig(OptimConfig):
     method: Literal["task_oriented", "task_agnostic"] = Field(
         "task_oriented",
@@ -109,6 +131,9 @@ class DistillConfig(OptimConfig):
     feature_source: Literal["pretrained", "finetuned"] = Field(
         "pretrained",
         description="task_agnostic only: features of the pretrained or the finetuned teacher backbone",
+    )
+    cache: TeacherCacheConfig = Field(
+        default_factory=TeacherCacheConfig, description="task_oriented only: teacher-output cache"
     )
 
 
@@ -221,6 +246,14 @@ class TrainConfig(_Strict):
     checkpoint_every: int | None = Field(
         None, ge=1, description="save last.ckpt every N steps (default: every epoch of the data)"
     )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast precision of forward passes; auto: bf16 on CUDA, fp32 on CPU"
+    )
+    channels_last: bool | None = Field(
+        None,
+        description="channels_last memory format for convnets (default: on for CUDA and frozen teachers)",
+    )
+    compile: bool = Field(False, description="torch.compile the student (CUDA; the first steps compile)")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     data: DataConfigSection = Field(default_factory=DataConfigSection)

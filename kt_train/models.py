@@ -210,6 +210,11 @@ def _timm_net(
     import timm
 
     _check_timm_name(spec.name)
+    if "num_classes" in model_kwargs:
+        raise ConfigError(
+            "model_kwargs.num_classes is not allowed: the number of classes comes from the labeled data; "
+            "remove it from model_kwargs"
+        )
     kwargs = {k: v for k, v in model_kwargs.items() if v is not None}
     card: dict[str, Any] = {}
     wpath = spec.weights_path if load_weights else None

@@ -37,7 +37,15 @@ from .models import (
     save_checkpoint,
     set_norm_eval,
 )
-from .train import LoopResult, Reporter, param_groups, resolve_device, train_loop
+from .train import (
+    LoopResult,
+    Reporter,
+    param_groups,
+    resolve_device,
+    resolve_num_workers,
+    resolve_precision,
+    train_loop,
+)
 from .transforms import TrainAugment
 
 log = logging.getLogger(__name__)
@@ -208,9 +216,10 @@ def _fit(
         warmup_steps=opt.warmup_steps,
         seed=seed,
         checkpoint_every=cfg.checkpoint_every,
-        num_workers=cfg.data.num_workers,
+        num_workers=resolve_num_workers(cfg.data.num_workers, device),
         device=device,
         reporter=reporter,
+        autocast_dtype=resolve_precision(cfg.precision, device),
         **loop,
     )
 
@@ -346,24 +355,68 @@ def distill(
             model_kwargs=cfg.student.model_kwargs,
         ),
         device,
+        channels_last=_channels_last(cfg, device),
     )
     dc = cfg.distill
     size = cfg.data.view_size or max(teacher.data_config.input_size, student.data_config.input_size)
-    transfer = with_transform(
-        open_unlabeled(_transfer_ref(cfg, inputs), seed=cfg.seed, cache=cfg.data.cache_images),
-        augment_for(dc, size),
-    )
+    augment = augment_for(dc, size)
+    images = open_unlabeled(_transfer_ref(cfg, inputs), seed=cfg.seed, cache=cfg.data.cache_images)
     labeled_iter = _labeled_stream(cfg, classes, size, dc) if dc.ce_weight > 0 else None
+    forward = torch.compile(student) if cfg.compile else student
+    cache_info: dict[str, Any] | None = None
+    transfer: Any
+    if _use_cache(dc, len(images)):
+        from .teacher_cache import CachedViews, kd_loss_topk, open_or_build
+
+        cache, built = open_or_build(
+            dc.cache.dir or Path(cfg.out_dir) / "teacher_cache",
+            inputs["teacher"],
+            lambda: teacher,
+            images,
+            augment,
+            views=dc.cache.views,
+            topk=dc.cache.topk,
+            seed=cfg.seed,
+            num_classes=len(classes),
+            batch_size=dc.cache.batch_size,
+            num_workers=resolve_num_workers(cfg.data.num_workers, device),
+            device=device,
+            autocast_dtype=resolve_precision(cfg.precision, device),
+            reporter=reporter,
+        )
+        del teacher  # no teacher in the loop: its memory goes back before training starts
+        transfer = CachedViews(images, augment, cache)
+        cache_info = {
+            "path": str(cache.path),
+            "built": built,
+            "views": cache.views,
+            "topk": cache.topk,
+            "build_seconds": cache.meta["build_seconds"],
+            "build_views_per_s": cache.meta["build_views_per_s"],
+        }
+
+        def targets(batch: Any, s_logits: torch.Tensor) -> torch.Tensor:
+            vals, idx = batch[1].to(device, non_blocking=True), batch[2].to(device, non_blocking=True)
+            return kd_loss_topk(s_logits, vals, idx, dc.temperature)
+
+    else:
+        transfer = with_transform(images, augment)
+
+        def targets(batch: Any, s_logits: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                t_logits = teacher(x_cl(batch))
+            return kd_loss(s_logits, t_logits, dc.temperature)
+
+    def x_cl(batch: Any) -> torch.Tensor:
+        return _views(batch, device).contiguous(memory_format=torch.channels_last)
 
     def step(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         x = _views(batch, device)
-        with torch.no_grad():
-            t_logits = teacher(x.contiguous(memory_format=torch.channels_last))
-        loss = kd_loss(student(x), t_logits, dc.temperature)
+        loss = targets(batch, forward(x))
         metrics = {"kd": float(loss.detach())}
         if labeled_iter is not None:
             xl, yl = next(labeled_iter)
-            ce = F.cross_entropy(student(xl.to(device)), yl.to(device))
+            ce = F.cross_entropy(forward(xl.to(device)), yl.to(device))
             loss = loss + dc.ce_weight * ce
             metrics["ce"] = float(ce.detach())
         return loss, metrics
@@ -392,11 +445,24 @@ def distill(
             "teacher": ckpt.get("lineage", {}).get("teacher", str(inputs["teacher"])),
             "teacher_checkpoint": str(inputs["teacher"]),
             "transfer_set": _transfer_ref(cfg, inputs).model_dump(),
-            "transfer_set_size": len(transfer),
+            "transfer_set_size": len(images),
             "method": "task_oriented",
+            "teacher_outputs": "cached" if cache_info else "online",
         },
-        bad=transfer.bad,
+        bad=images.bad,
+        extra={"teacher_cache": cache_info} if cache_info else None,
     )
+
+
+def _use_cache(dc: Any, num_images: int) -> bool:
+    mode = dc.cache.mode
+    if mode == "auto":
+        return dc.cache.views * num_images < dc.steps * dc.batch_size
+    return mode == "cached"
+
+
+def _channels_last(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
 
 
 def distill_task_agnostic(
@@ -503,7 +569,7 @@ def finetune_student(
             model_kwargs=cfg.student.model_kwargs,
         )
         lineage["method"] = "scratch"
-    student = _to_device(student, device)
+    student = _to_device(student, device, channels_last=_channels_last(cfg, device))
     fs = cfg.finetune_student
     train = open_labeled(
         cfg.data.train, what="train", classes=classes, seed=cfg.seed, cache=cfg.data.cache_images
@@ -715,7 +781,7 @@ def _labeled_stream(cfg: TrainConfig, classes: list[str], size: int, opt: OptimC
 
 
 def _finish_student(
-    cfg, out, student, classes, device, loops, *, lineage, bad, evaluate: bool = True
+    cfg, out, student, classes, device, loops, *, lineage, bad, evaluate: bool = True, extra=None
 ) -> Outputs:
     student.eval()
     metrics = _val_metrics(cfg, student, classes, device) if evaluate else {}
@@ -730,6 +796,7 @@ def _finish_student(
             "timings": timings,
             "bad_images": bad,
             "lineage": lineage,
+            **(extra or {}),
         },
     )
 

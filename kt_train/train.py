@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,27 @@ from .errors import ConfigError, TrainingError
 from .io import atomic_torch_save
 
 log = logging.getLogger(__name__)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a config's ``precision`` (None: plain fp32)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if precision == "fp32":
+        return None
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def resolve_num_workers(num_workers: int | None, device: torch.device) -> int:
+    """DataLoader workers: as configured, else 0 on CPU (the cores train) and min(8, cores - 1) on CUDA."""
+    if num_workers is not None:
+        return num_workers
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores - 1))
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -170,6 +192,7 @@ def train_loop(
     reporter: Reporter | None = None,
     train_mode: Callable[[], None] | None = None,
     log_every: int = 10,
+    autocast_dtype: torch.dtype | None = None,
 ) -> LoopResult:
     """Run ``steps`` optimizer steps of ``step_fn`` over seeded batches of ``dataset``.
 
@@ -178,6 +201,9 @@ def train_loop(
     """
     reporter = reporter or LogReporter()
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    device_type = device.type if device is not None else "cpu"
+    # fp16 needs loss scaling; bf16 has fp32's range and does not.
+    scaler = torch.amp.GradScaler(device_type, enabled=autocast_dtype == torch.float16)
     start, history = 0, []
     if ckpt_path.exists():
         ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
@@ -229,12 +255,14 @@ def train_loop(
         wait += time.perf_counter() - t_data
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup_steps) * g.get("lr_scale", 1.0)
-        loss, metrics = step_fn(batch)
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss, metrics = step_fn(batch)
         if not torch.isfinite(loss):
             raise TrainingError(f"{task}: loss is {loss.item()} at step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         step += 1
         seen += batch_size
         metrics = {"loss": float(loss.detach()), **metrics}

@@ -360,3 +360,11 @@ def test_open_clip_unknown_tag_is_weights_error(tiny_open_clip: str, monkeypatch
     with pytest.raises(WeightsNotFoundError) as ei:
         create_teacher(f"open_clip:{tiny_open_clip}@openai", NC)
     assert f"open_clip:{tiny_open_clip}@openai" in str(ei.value)
+
+
+def test_num_classes_in_model_kwargs_is_a_config_error() -> None:
+    from kt_train.errors import ConfigError
+    from kt_train.models import create_student
+
+    with pytest.raises(ConfigError, match="comes from the labeled data"):
+        create_student("timm:resnet10t", 4, model_kwargs={"num_classes": 4})
