@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ModelSpecError, WeightsNotFoundError
+from .errors import ConfigError, ModelSpecError, WeightsNotFoundError
 from .specs import ModelSpec
 
 log = logging.getLogger(__name__)

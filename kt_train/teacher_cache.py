@@ -296,7 +296,7 @@ def _open_arrays(
         "indices": (np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32, (n, views, k)),
         "valid": (np.bool_, (n, views)),
     }
-    out = {}
+    out: dict[str, np.ndarray] = {}
     for name, (dtype, shape) in specs.items():
         f = tmp / f"{name}.npy"
         if fresh or not f.exists():
