@@ -1,21 +1,32 @@
-"""Typed dependencies for route handlers: ``SessionDep``, ``SettingsDep``, ``CurrentTenant``."""
+"""Typed dependencies for route handlers: ``SessionDep``, ``ReadSessionDep``, ``SettingsDep``,
+``CurrentTenant``.
+
+``CurrentTenant`` is on every authenticated request's path, so its common case costs no database
+round trip: keys that authenticated in the last ``API_KEY_CACHE_TTL_S`` seconds are served from
+the app's ``ApiKeyCache`` (see ``service.security``; a revocation takes effect within that TTL).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from datetime import timedelta
-from typing import Annotated
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from service.db.models import ApiKey, Tenant, utcnow
-from service.security import api_key_matches, api_key_prefix
+from service.db.session import make_session_factory
+from service.security import ApiKeyCache, api_key_matches, api_key_prefix
 from service.settings import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer kt_...`")
+# A write per request would make every status poll a transaction; a minute's precision is enough.
+LAST_USED_PRECISION = timedelta(minutes=1)
 
 
 def get_db(request: Request) -> Iterator[Session]:
@@ -24,12 +35,35 @@ def get_db(request: Request) -> Iterator[Session]:
         yield session
 
 
+def read_session_factory(app: FastAPI) -> sessionmaker[Session]:
+    """The app's session factory for read-only requests: same engine and pool, but AUTOCOMMIT, so
+    a read is one round trip (no BEGIN before it, no ROLLBACK when the session closes)."""
+    factory: sessionmaker[Session] | None = getattr(app.state, "read_session_factory", None)
+    if factory is None:
+        engine = app.state.session_factory.kw.get("bind") or app.state.engine
+        factory = make_session_factory(engine.execution_options(isolation_level="AUTOCOMMIT"))
+        app.state.read_session_factory = factory
+    return factory
+
+
+async def get_read_db(request: Request) -> AsyncIterator[Session]:
+    """A read-only session (see ``read_session_factory``). Opening it does no I/O; closing it
+    returns an idle autocommit connection to the pool, which sends nothing to the server either,
+    so neither needs a threadpool hop. Only for handlers that do not write."""
+    session = read_session_factory(request.app)()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
 def get_app_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
 SessionDep = Annotated[Session, Depends(get_db)]
+ReadSessionDep = Annotated[Session, Depends(get_read_db)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
@@ -39,32 +73,74 @@ def _unauthorized(message: str) -> HTTPException:
     )
 
 
-def get_current_tenant(
-    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> Tenant:
-    """The tenant owning the request's API key; 401 when the key is missing, unknown or revoked."""
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise _unauthorized("Missing API key: send `Authorization: Bearer <key>`.")
-    key = credentials.credentials
+@dataclass(frozen=True)
+class TenantSnapshot:
+    """What the key cache keeps of a tenant: its column values, not an ORM object, so no
+    instance is shared between requests (each gets its own detached ``Tenant``)."""
+
+    id: str
+    name: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, tenant: Tenant) -> TenantSnapshot:
+        return cls(id=tenant.id, name=tenant.name, created_at=tenant.created_at)
+
+    def tenant(self) -> Tenant:
+        tenant = Tenant(id=self.id, name=self.name, created_at=self.created_at)
+        make_transient_to_detached(tenant)  # as if loaded by a session that has since closed
+        return tenant
+
+
+def api_key_cache(app: FastAPI) -> ApiKeyCache[TenantSnapshot]:
+    """The app's key cache (created on first use; one per app, so per API process)."""
+    cache: ApiKeyCache[TenantSnapshot] | None = getattr(app.state, "api_key_cache", None)
+    if cache is None:
+        cache = ApiKeyCache()
+        app.state.api_key_cache = cache
+    return cache
+
+
+def lookup_tenant(session_factory: Any, key: str) -> TenantSnapshot:
+    """The database half of authentication: the tenant owning ``key``; 401 when the key is
+    malformed, unknown or revoked. Also records ``last_used_at`` (at most once a minute)."""
     prefix = api_key_prefix(key)
     if prefix is None:
         raise _unauthorized("Invalid API key: expected the form `kt_<prefix>_<secret>`.")
-    candidates = session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).all()
-    match = next((row for row in candidates if api_key_matches(key, row.key_hash)), None)
-    if match is None:
-        raise _unauthorized("Invalid API key: no such key; check it or ask for a new one.")
-    if match.revoked_at is not None:
-        raise _unauthorized("This API key was revoked; ask for a new one.")
-    tenant = session.get(Tenant, match.tenant_id)
-    if tenant is None:  # the tenant was deleted between the two reads
-        raise _unauthorized("Invalid API key: its tenant no longer exists.")
-    # A write per request would make every status poll a transaction; a minute's precision is enough.
-    now = utcnow()
-    if match.last_used_at is None or now - match.last_used_at > LAST_USED_PRECISION:
-        match.last_used_at = now
-        session.commit()
-    return tenant
+    with session_factory() as session:
+        candidates = session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).all()
+        match = next((row for row in candidates if api_key_matches(key, row.key_hash)), None)
+        if match is None:
+            raise _unauthorized("Invalid API key: no such key; check it or ask for a new one.")
+        if match.revoked_at is not None:
+            raise _unauthorized("This API key was revoked; ask for a new one.")
+        tenant = session.get(Tenant, match.tenant_id)
+        if tenant is None:  # the tenant was deleted between the two reads
+            raise _unauthorized("Invalid API key: its tenant no longer exists.")
+        snapshot = TenantSnapshot.of(tenant)
+        now = utcnow()
+        if match.last_used_at is None or now - match.last_used_at > LAST_USED_PRECISION:
+            match.last_used_at = now
+            session.commit()
+    return snapshot
+
+
+async def get_current_tenant(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Tenant:
+    """The tenant owning the request's API key; 401 when the key is missing, unknown or revoked.
+
+    A key seen in the last ``API_KEY_CACHE_TTL_S`` seconds is answered from the cache, on the event
+    loop, with no database access; otherwise the lookup runs in the threadpool, in its own session."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise _unauthorized("Missing API key: send `Authorization: Bearer <key>`.")
+    key = credentials.credentials
+    cache = api_key_cache(request.app)
+    snapshot = cache.get(key)
+    if snapshot is None:
+        snapshot = await run_in_threadpool(lookup_tenant, request.app.state.session_factory, key)
+        cache.put(key, snapshot)
+    return snapshot.tenant()
 
 
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
-LAST_USED_PRECISION = timedelta(minutes=1)
