@@ -1,6 +1,7 @@
 """Operator commands: create tenants and their API keys, revoke keys.
 
 python -m service.admin create-key --tenant acme     # prints the key, once
+python -m service.admin create-key --tenant ops --admin   # a key that may also call /v1/admin/...
 python -m service.admin revoke-key 1a2b3c4d
 python -m service.admin register-gallery runs/gallery [--name web]   # a `kt gallery build` output
 """
@@ -21,8 +22,9 @@ from service.security import generate_api_key
 from service.settings import get_settings
 
 
-def create_tenant_key(session: Session, tenant_name: str) -> str:
-    """Create an API key for ``tenant_name`` (creating the tenant if needed); returns the plaintext key."""
+def create_tenant_key(session: Session, tenant_name: str, *, admin: bool = False) -> str:
+    """Create an API key for ``tenant_name`` (creating the tenant if needed); returns the plaintext key.
+    ``admin``: the key may also call the ``/v1/admin`` routes (e.g. build galleries)."""
     tenant_name = tenant_name.strip()
     if not tenant_name:
         raise ValueError("tenant name is empty; pass a name such as `acme`")
@@ -32,7 +34,7 @@ def create_tenant_key(session: Session, tenant_name: str) -> str:
         session.add(tenant)
         session.flush()
     new = generate_api_key()
-    session.add(ApiKey(tenant_id=tenant.id, prefix=new.prefix, key_hash=new.key_hash))
+    session.add(ApiKey(tenant_id=tenant.id, prefix=new.prefix, key_hash=new.key_hash, is_admin=admin))
     session.commit()
     return new.key
 
@@ -60,6 +62,22 @@ def read_gallery_json(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def gallery_index_kind(meta: dict[str, Any]) -> str:
+    """The index type a gallery.json records: the kinds its shards' indexes were built as (what
+    ``auto`` chose, e.g. ``flat`` or ``flat+hnsw``), else the requested kind, else ``none``."""
+    index = meta.get("index")
+    if not index:
+        return "none"
+    if not isinstance(index, dict):
+        return str(index)
+    built = []
+    for shard in index.get("shards") or []:
+        kind = ((shard or {}).get("plan") or {}).get("kind") if isinstance(shard, dict) else None
+        if kind and kind not in built:
+            built.append(str(kind))
+    return "+".join(built) or str(index.get("kind") or "none")
+
+
 def register_gallery(session: Session, path: str | Path, name: str | None = None) -> Gallery:
     """Insert (or update, by name) the ``galleries`` row for the gallery built in ``path``."""
     root = Path(path).expanduser().resolve()
@@ -68,8 +86,7 @@ def register_gallery(session: Session, path: str | Path, name: str | None = None
     spec = encoder.get("spec") if isinstance(encoder, dict) else encoder
     if not spec:
         raise ValueError(f"{root / 'gallery.json'} names no encoder spec; it cannot be curated from")
-    index = meta.get("index") or {}
-    index_kind = (index.get("kind") if isinstance(index, dict) else index) or "none"
+    index_kind = gallery_index_kind(meta)
     gallery_name = (name or meta.get("name") or root.name).strip()
     if not gallery_name:
         raise ValueError("gallery name is empty; pass --name")
@@ -96,10 +113,15 @@ def _session() -> Session:
 
 
 @cli.command("create-key")
-def create_key_command(tenant: Annotated[str, typer.Option(help="Tenant name (created if new).")]) -> None:
+def create_key_command(
+    tenant: Annotated[str, typer.Option(help="Tenant name (created if new).")],
+    admin: Annotated[
+        bool, typer.Option("--admin", help="The key may also call /v1/admin (build galleries).")
+    ] = False,
+) -> None:
     """Create an API key for a tenant and print it (it is not shown again)."""
     with _session() as session:
-        typer.echo(create_tenant_key(session, tenant))
+        typer.echo(create_tenant_key(session, tenant, admin=admin))
 
 
 @cli.command("revoke-key")

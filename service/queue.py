@@ -15,6 +15,7 @@ from service.settings import Settings
 
 RUN_JOB_TASK = "kt.run_job"
 DEFAULT_QUEUE = "cpu"
+QUEUES = ("cpu", "gpu")  # must match worker.app.QUEUES
 # Must match worker.app.VISIBILITY_TIMEOUT_S: longer than the longest stage.
 VISIBILITY_TIMEOUT_S = 12 * 3600
 REDIS_SCHEMES = ("redis://", "rediss://", "redis+socket://")
@@ -41,7 +42,19 @@ def celery_client(broker_url: str, result_backend: str) -> Celery:
     return app
 
 
+def queue_for(device: str | None, settings: Settings) -> str:
+    """The queue of a job asking for ``device``: any ``cuda`` device needs a GPU worker (``gpu``),
+    ``cpu`` a CPU one; no device (or ``auto``) leaves it to ``settings.default_queue``."""
+    if device is not None and device.startswith("cuda"):
+        return "gpu"
+    if device == "cpu":
+        return "cpu"
+    return settings.default_queue
+
+
 def enqueue_job(settings: Settings, job_id: str, queue: str = DEFAULT_QUEUE) -> None:
     """Send ``kt.run_job(job_id)`` to ``queue``; raises when the broker can't be reached."""
+    if queue not in QUEUES:
+        raise ValueError(f"unknown queue {queue!r}; the workers listen on {QUEUES}")
     client = celery_client(settings.broker_url, settings.result_backend)
     client.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, retry=True, retry_policy=PUBLISH_RETRY_POLICY)

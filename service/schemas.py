@@ -6,7 +6,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 
 class Message(BaseModel):
@@ -42,6 +42,14 @@ _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 _ID = Field(min_length=1, max_length=32, description="A resource id (32 hex characters).")
 
 ExportFormat = Literal["safetensors", "onnx", "torchscript"]
+IndexKind = Literal["auto", "flat", "hnsw", "ivf_flat", "ivf_pq"]
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]{1,2})?)$"
+_DEVICE = Field(
+    None,
+    pattern=DEVICE_PATTERN,
+    description="`cuda` (or `cuda:N`) runs the job on a GPU worker (queue `gpu`), `cpu` on a CPU worker "
+    "(queue `cpu`); unset or `auto`: the server's default queue (KT_DEFAULT_QUEUE), on its best device.",
+)
 ManifestFormat = Literal["jsonl", "csv", "parquet"]
 CurateMethod = Literal["query_balanced", "knn", "class_balanced", "random"]
 
@@ -122,6 +130,7 @@ class JobCreate(_Request):
         min_length=1,
         max_length=3,
     )
+    device: str | None = _DEVICE
 
 
 class JobPublic(BaseModel):
@@ -138,6 +147,7 @@ class JobPublic(BaseModel):
     error: str | None
     cancel_requested: bool
     attempts: int
+    queue: str = Field(description="The worker queue the job was sent to: `cpu` or `gpu`.")
     request: dict[str, Any] = Field(default_factory=dict, description="The request that created the job.")
     model_id: str | None = None
     created_at: datetime
@@ -160,6 +170,7 @@ class TransferSetCreate(_Request):
     leakage_threshold: float | None = Field(0.95, gt=0, le=1)
     min_score: float | None = Field(None, ge=-1, le=1)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    device: str | None = _DEVICE
 
 
 class TransferSetPublic(BaseModel):
@@ -174,6 +185,58 @@ class TransferSetPublic(BaseModel):
     summary: dict[str, Any]
     job_id: str | None
     created_at: datetime
+
+
+class TransferSetsPublic(BaseModel):
+    data: list[TransferSetPublic]
+    count: int
+
+
+class GallerySource(_Request):
+    """One source of gallery images: a path on the server, or one of the caller's uploaded datasets."""
+
+    path: str | None = Field(
+        None,
+        min_length=2,
+        max_length=4096,
+        description="Absolute path on the server: an image folder, a .zip, a .tar (or a directory of .tar "
+        "shards, or a brace pattern like `/data/shards/{00000..00009}.tar`), or a .csv/.jsonl manifest.",
+    )
+    dataset_id: str | None = Field(
+        None, min_length=1, max_length=32, description="An uploaded dataset of the caller's tenant."
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> GallerySource:
+        if (self.path is None) == (self.dataset_id is None):
+            raise ValueError("give exactly one of `path` (on the server) or `dataset_id` (an upload)")
+        return self
+
+
+# what kt_train.gallery.DEFAULT_ENCODER is (the service does not import kt_train)
+DEFAULT_GALLERY_ENCODER = "open_clip:ViT-B-32@laion2b_s34b_b79k"
+GALLERY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
+
+
+class GalleryBuildCreate(_Request):
+    """Embed images into a new shared gallery (admin only); a `build_gallery` job does the work."""
+
+    name: str = Field(
+        pattern=GALLERY_NAME_PATTERN,
+        description="Unique gallery name: letters, digits, `_`, `.`, `-` (at most 100).",
+    )
+    sources: list[GallerySource] = Field(min_length=1, max_length=100)
+    encoder: Annotated[str, AfterValidator(_teacher_spec)] = Field(
+        DEFAULT_GALLERY_ENCODER,
+        max_length=200,
+        description="The encoder embedding the images: timm:<name>[@tag] or open_clip:<arch>[@tag]. "
+        "Curation embeds the queries with the same one.",
+    )
+    image_size: int | None = Field(None, ge=32, le=1024, description="Encoder input side (default: its own).")
+    index_kind: IndexKind = Field("auto", description="FAISS index; `auto` picks by size and memory.")
+    batch_size: int = Field(128, ge=1, le=4096)
+    shard_size: int = Field(50_000, ge=1, le=10_000_000, description="Images per shard (the unit of resume).")
+    device: str | None = _DEVICE
 
 
 class GalleryPublic(BaseModel):

@@ -65,6 +65,27 @@ class Settings(BaseSettings):
         gt=0,
         description="Largest image accepted, in pixels (width × height); PIL's decompression-bomb default.",
     )
+    default_queue: Literal["cpu", "gpu"] = Field(
+        default="cpu",
+        description="Celery queue of jobs whose request names no device (`device: cuda` always goes to "
+        "`gpu`, `device: cpu` to `cpu`). Set `gpu` where GPU workers should take every job.",
+    )
+    job_heartbeat_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="A running job whose worker wrote no heartbeat for this long is taken as lost: the "
+        "reaper (in every worker) requeues it, or fails it after `job_max_attempts` attempts.",
+    )
+    job_max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Attempts a job gets before a lost worker fails it instead of requeueing it.",
+    )
+    reaper_interval_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="Seconds between two looks of a worker's reaper for lost jobs (0: no reaper in this worker).",
+    )
     api_host: str = Field(default="127.0.0.1", description="Interface the API server binds to.")
     api_port: int = Field(default=8000, ge=1, le=65535, description="Port the API server listens on.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(

@@ -27,6 +27,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -124,6 +125,8 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = _created_at_column()
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
     last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+    # may call the /v1/admin routes (build galleries); `python -m service.admin create-key --admin`
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     __table_args__ = (Index("ix_api_keys_tenant_id_created_at", "tenant_id", "created_at"),)
 
@@ -180,6 +183,10 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text, default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # the Celery queue the job is sent to (again, when the reaper requeues it): "cpu" or "gpu"
+    queue: Mapped[str] = mapped_column(String(16), default="cpu", server_default="cpu")
+    # written by the worker holding a running job; a stale one means the worker is gone (the reaper)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = _created_at_column()
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -11,8 +11,8 @@ from starlette.concurrency import run_in_threadpool
 
 from service import storage
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep
-from service.api.errors import Invalid, NotFound
-from service.db.models import Dataset, Tenant, new_id, utcnow
+from service.api.errors import Conflict, Invalid, NotFound
+from service.db.models import Dataset, Job, Tenant, new_id, utcnow
 from service.schemas import DatasetPublic, DatasetsPublic
 from service.uploads import ingest_zip, receive_upload
 
@@ -46,7 +46,7 @@ _UPLOAD_BODY: dict[str, Any] = {
 def _get_owned(session: SessionDep, tenant: Tenant, dataset_id: str) -> Dataset:
     dataset = session.get(Dataset, dataset_id)
     if dataset is None or dataset.tenant_id != tenant.id:
-        raise NotFound(f"Dataset {dataset_id!r} not found.")
+        raise NotFound(f"Dataset {dataset_id!r} not found; `GET /v1/datasets` lists your datasets.")
     return dataset
 
 
@@ -115,12 +115,30 @@ def get_dataset(dataset_id: str, session: SessionDep, tenant: CurrentTenant) -> 
     return _get_owned(session, tenant, dataset_id)
 
 
-@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses={404: {}})
+def referenced_dataset_ids(request: dict[str, Any]) -> set[str]:
+    """The dataset ids a job's request reads (training/test datasets, gallery sources)."""
+    ids = {request.get("dataset_id"), request.get("test_dataset_id")}
+    for source in request.get("sources") or []:
+        if isinstance(source, dict):
+            ids.add(source.get("dataset_id"))
+    return {i for i in ids if isinstance(i, str)}
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses={404: {}, 409: {}})
 def delete_dataset(
     dataset_id: str, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
 ) -> Response:
-    """Delete the dataset and its files."""
+    """Delete the dataset and its files (not while a queued or running job reads it)."""
     dataset = _get_owned(session, tenant, dataset_id)
+    unfinished = session.scalars(
+        select(Job).where(Job.tenant_id == tenant.id, Job.status.in_(("queued", "running")))
+    ).all()
+    for job in unfinished:
+        if dataset_id in referenced_dataset_ids((job.params or {}).get("request") or {}):
+            raise Conflict(
+                f"Dataset {dataset_id!r} is used by {job.status} job {job.id!r}; wait for it to finish "
+                f"or cancel it (`POST /v1/jobs/{job.id}/cancel`), then delete the dataset."
+            )
     session.delete(dataset)
     session.commit()
     storage.remove_tree(storage.dataset_dir(settings.data_dir, tenant.id, dataset_id))

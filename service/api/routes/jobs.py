@@ -29,7 +29,7 @@ from service.db.models import (
     new_id,
     utcnow,
 )
-from service.queue import enqueue_job
+from service.queue import enqueue_job, queue_for
 from service.schemas import JobCreate, JobPublic, JobsPublic
 from service.settings import Settings
 
@@ -48,7 +48,7 @@ def job_dir(settings: Settings, job_id: str) -> Path:
 def owned_dataset(session: Session, tenant: Tenant, dataset_id: str, what: str = "Dataset") -> Dataset:
     dataset = session.get(Dataset, dataset_id)
     if dataset is None or dataset.tenant_id != tenant.id:
-        raise NotFound(f"{what} {dataset_id!r} not found.")
+        raise NotFound(f"{what} {dataset_id!r} not found; `GET /v1/datasets` lists your datasets.")
     if dataset.status != "ready":
         raise Conflict(
             f"{what} {dataset_id!r} is {dataset.status}, not ready; wait for it or upload it again."
@@ -70,7 +70,7 @@ def get_gallery(session: Session, gallery_id: str) -> Gallery:
 def owned_job(session: Session, tenant: Tenant, job_id: str) -> Job:
     job = session.get(Job, job_id)
     if job is None or job.tenant_id != tenant.id:
-        raise NotFound(f"Job {job_id!r} not found.")
+        raise NotFound(f"Job {job_id!r} not found; `GET /v1/jobs` lists your jobs.")
     return job
 
 
@@ -96,15 +96,18 @@ def submit_job(
     config: dict[str, Any],
     request: dict[str, Any],
     link: Callable[[Job], None] | None = None,
+    *,
+    device: str | None = None,
 ) -> Job:
     """Commit a queued job row (and whatever ``link`` adds for it, in the same transaction), then
-    enqueue it. If the broker is unreachable the job is marked failed (nothing will run it) and
-    the request answers 503."""
+    enqueue it on the queue for ``device`` (``gpu`` for cuda, see ``queue_for``). If the broker is
+    unreachable the job is marked failed (nothing will run it) and the request answers 503."""
     job = Job(
         id=new_id(),
         tenant_id=tenant.id,
         kind=kind,
         status="queued",
+        queue=queue_for(device, settings),
         params={"config": config, "request": request},
     )
     session.add(job)
@@ -112,7 +115,7 @@ def submit_job(
         link(job)
     session.commit()
     try:
-        enqueue_job(settings, job.id)
+        enqueue_job(settings, job.id, job.queue)
     except Exception as err:
         job.status, job.finished_at = "failed", utcnow()
         job.error = f"could not be queued: {type(err).__name__}: {err}"[:4000]
@@ -158,7 +161,7 @@ def build_pipeline_config(
             values["lr"] = getattr(body.lr, stage)
         return values
 
-    return {
+    config: dict[str, Any] = {
         "stages": stages,
         "teacher": {"model": body.teacher, "image_size": body.image_size},
         "student": {"model": body.student, "image_size": body.image_size},
@@ -169,6 +172,9 @@ def build_pipeline_config(
         "curate": curate,
         "export": {"formats": list(body.export_formats)},
     }
+    if body.device is not None:
+        config["device"] = body.device
+    return config
 
 
 @router.post(
@@ -179,7 +185,8 @@ def create_job(
 ) -> JobPublic:
     """Queue a training job; poll `GET /v1/jobs/{id}` for its progress."""
     config = build_pipeline_config(session, settings, tenant, body)
-    job = submit_job(session, settings, tenant, "pipeline", config, body.model_dump(mode="json"))
+    request = body.model_dump(mode="json")
+    job = submit_job(session, settings, tenant, "pipeline", config, request, device=body.device)
     return job_public(job)
 
 

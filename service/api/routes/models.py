@@ -23,7 +23,7 @@ EXPORT_FORMATS = ("safetensors", "onnx", "torchscript")
 def _owned(session: Session, tenant: Tenant, model_id: str) -> Model:
     model = session.get(Model, model_id)
     if model is None or model.tenant_id != tenant.id:
-        raise NotFound(f"Model {model_id!r} not found.")
+        raise NotFound(f"Model {model_id!r} not found; `GET /v1/models` lists your models.")
     return model
 
 

@@ -9,13 +9,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 from fastapi.responses import FileResponse
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep
 from service.api.errors import Conflict, NotFound
 from service.api.routes.jobs import dataset_images, get_gallery, job_dir, owned_dataset, submit_job
 from service.db.models import Job, Tenant, TransferSet, new_id
-from service.schemas import ManifestFormat, TransferSetCreate, TransferSetPublic
+from service.schemas import ManifestFormat, TransferSetCreate, TransferSetPublic, TransferSetsPublic
 from service.settings import Settings
 
 router = APIRouter(prefix="/transfer-sets", tags=["transfer sets"])
@@ -38,7 +39,7 @@ def curate_dir(settings: Settings, job_id: str) -> Path:
 def _owned(session: Session, tenant: Tenant, transfer_set_id: str) -> TransferSet:
     ts = session.get(TransferSet, transfer_set_id)
     if ts is None or ts.tenant_id != tenant.id:
-        raise NotFound(f"Transfer set {transfer_set_id!r} not found.")
+        raise NotFound(f"Transfer set {transfer_set_id!r} not found; `GET /v1/transfer-sets` lists yours.")
     return ts
 
 
@@ -99,6 +100,8 @@ def create_transfer_set(
             "report": True,
         },
     }
+    if body.device is not None:
+        config["device"] = body.device
     request = body.model_dump(mode="json")
     ts = TransferSet(
         id=new_id(),
@@ -114,8 +117,30 @@ def create_transfer_set(
         ts.job_id = job.id
         session.add(ts)
 
-    submit_job(session, settings, tenant, "curate", config, request, link=link)
+    submit_job(session, settings, tenant, "curate", config, request, link=link, device=body.device)
     return ts
+
+
+@router.get("", response_model=TransferSetsPublic)
+def list_transfer_sets(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    settings: SettingsDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> TransferSetsPublic:
+    """The tenant's transfer sets, newest first."""
+    where = TransferSet.tenant_id == tenant.id
+    count = session.scalar(select(func.count()).select_from(TransferSet).where(where))
+    rows = session.scalars(
+        select(TransferSet)
+        .where(where)
+        .order_by(TransferSet.created_at.desc(), TransferSet.id)
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    data = [TransferSetPublic.model_validate(_sync(session, settings, row)) for row in rows]
+    return TransferSetsPublic(data=data, count=count or 0)
 
 
 @router.get("/{transfer_set_id}", response_model=TransferSetPublic, responses={404: {}})
@@ -136,7 +161,10 @@ def get_manifest(
     """The manifest (one row per item: path, score, query, class, ...)."""
     path = _ready_dir(session, settings, tenant, transfer_set_id) / f"manifest.{format}"
     if not path.is_file():
-        raise NotFound(f"Transfer set {transfer_set_id!r} has no {format} manifest.")
+        raise NotFound(
+            f"Transfer set {transfer_set_id!r} has no {format} manifest; ask for another `format` "
+            "(jsonl, csv, parquet)."
+        )
     return FileResponse(path, media_type=_MEDIA[format], filename=f"transfer-set-{transfer_set_id}.{format}")
 
 
@@ -147,5 +175,7 @@ def get_report(
     """The HTML report: per-class counts, score histograms, an image grid."""
     path = _ready_dir(session, settings, tenant, transfer_set_id) / "report.html"
     if not path.is_file():
-        raise NotFound(f"Transfer set {transfer_set_id!r} has no report.")
+        raise NotFound(
+            f"Transfer set {transfer_set_id!r} has no report (its job wrote none); the manifest has the items."
+        )
     return FileResponse(path, media_type="text/html")

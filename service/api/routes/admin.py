@@ -1,0 +1,120 @@
+"""``/v1/admin``: operator actions. Only admin API keys may call them.
+
+An admin key is an ordinary tenant key with the ``is_admin`` flag, created by an operator with
+``python -m service.admin create-key --tenant NAME --admin``. The jobs it starts belong to that
+tenant (follow them at ``GET /v1/jobs/{id}``); what they build (galleries) is shared by every
+tenant. A missing or bad key answers 401 like everywhere; a valid key without the flag, 403.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi.security import HTTPAuthorizationCredentials
+from sqlalchemy import select
+
+from service.api.deps import CurrentTenant, SessionDep, SettingsDep, _bearer
+from service.api.errors import Conflict, Invalid
+from service.api.routes.jobs import dataset_images, job_public, owned_dataset, submit_job
+from service.db.models import ApiKey, Gallery, Job, Tenant
+from service.schemas import GalleryBuildCreate, JobPublic
+from service.security import api_key_matches, api_key_prefix
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+ADMIN_KEY_HOWTO = "an operator creates one with `python -m service.admin create-key --tenant NAME --admin`"
+
+
+def get_admin_tenant(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Tenant:
+    """The tenant of an admin key; 403 for a valid key without the admin flag.
+
+    ``CurrentTenant`` has already answered 401 for a missing, unknown or revoked key; this looks
+    the (rarely used) admin key up once more for its flag."""
+    key = credentials.credentials if credentials is not None else ""
+    prefix = api_key_prefix(key)
+    rows = (
+        session.scalars(select(ApiKey).where(ApiKey.prefix == prefix, ApiKey.tenant_id == tenant.id)).all()
+        if prefix
+        else []
+    )
+    if not any(
+        row.is_admin and row.revoked_at is None and api_key_matches(key, row.key_hash) for row in rows
+    ):
+        raise HTTPException(
+            status_code=status.HTTP_403_FORBIDDEN,
+            detail=f"This route needs an admin API key; {ADMIN_KEY_HOWTO}.",
+        )
+    return tenant
+
+
+AdminTenant = Annotated[Tenant, Depends(get_admin_tenant)]
+
+
+def server_path(path: str) -> str:
+    """``path`` if it is absolute, free of ``..`` and present on this server (the parent folder
+    of a brace pattern such as ``/data/shards/{00000..00009}.tar``); else 422."""
+    parsed = PurePosixPath(path)
+    if not parsed.is_absolute() or ".." in parsed.parts:
+        raise Invalid(
+            f"Source path {path!r} must be absolute and free of '..' (e.g. /data/images); "
+            "or upload the images and give `dataset_id`."
+        )
+    probe = Path(path.split("{", 1)[0]).parent if "{" in path else Path(path)
+    if not probe.exists():
+        raise Invalid(
+            f"Source path {path!r} does not exist on the server; give a path that the API and the "
+            "workers can both read (e.g. under KT_DATA_DIR), or upload the images and give `dataset_id`."
+        )
+    return path
+
+
+@router.post(
+    "/galleries",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    responses={403: {}, 404: {}, 409: {}, 503: {}},
+)
+def build_gallery(
+    body: GalleryBuildCreate, session: SessionDep, tenant: AdminTenant, settings: SettingsDep
+) -> JobPublic:
+    """Queue a `build_gallery` job: embed the sources with the encoder, index them, and register
+    the gallery under `name` when done (`GET /v1/galleries`). Poll `GET /v1/jobs/{id}`."""
+    if session.scalar(select(Gallery.id).where(Gallery.name == body.name)) is not None:
+        raise Conflict(
+            f"A gallery named {body.name!r} exists already; choose another name (`GET /v1/galleries` lists them)."
+        )
+    building = session.scalars(
+        select(Job).where(Job.kind == "build_gallery", Job.status.in_(("queued", "running")))
+    ).all()
+    for job in building:
+        if ((job.params or {}).get("request") or {}).get("name") == body.name:
+            raise Conflict(
+                f"Job {job.id!r} is already building gallery {body.name!r}; follow it at "
+                f"`GET /v1/jobs/{job.id}`, or choose another name."
+            )
+    sources: list[str] = []
+    for source in body.sources:
+        if source.dataset_id is not None:
+            sources.append(dataset_images(settings, owned_dataset(session, tenant, source.dataset_id)))
+        else:
+            assert source.path is not None  # GallerySource holds exactly one of the two
+            sources.append(server_path(source.path))
+    config = {
+        "name": body.name,
+        "sources": sources,
+        "encoder": body.encoder,
+        "image_size": body.image_size,
+        "index_kind": body.index_kind,
+        "batch_size": body.batch_size,
+        "shard_size": body.shard_size,
+        "device": body.device,
+    }
+    request = body.model_dump(mode="json")
+    job = submit_job(session, settings, tenant, "build_gallery", config, request, device=body.device)
+    return job_public(job)
