@@ -1,33 +1,46 @@
-"""Run one job: the glue between a ``jobs`` row and the kt_train pipeline stages, without Celery.
+"""Run one job: the glue between a ``jobs`` row and kt_train, without Celery.
 
-The row is the source of truth. ``run_job`` reloads it by id, runs the configured stages one by
-one under ``<data_dir>/jobs/<job_id>/run`` (writing the current stage, progress and ETA to the row
-as it goes), and leaves the row in a final status. Stages are resumable (``_SUCCESS`` per stage,
-``last.ckpt`` inside training stages), so running the same job again after a crash continues
-where the crashed run stopped; running a finished or canceled job again does nothing.
+The row is the source of truth. ``run_job`` claims it by id (``claim``: a conditional update, so
+two deliveries of one job never run it at once), then runs it: a ``pipeline`` or ``curate`` job
+runs the stages of its training config one by one under ``<data_dir>/jobs/<job_id>/run``; a
+``build_gallery`` job builds a gallery under ``<data_dir>/galleries/<job_id>`` and registers it.
+Meanwhile the current stage, progress, ETA and a heartbeat go to the row, and stage starts and
+ends, progress and errors to ``<data_dir>/jobs/<job_id>/job.log``. The row ends in a final status.
+Stages are resumable (``_SUCCESS`` per stage, ``last.ckpt`` inside training stages, finished
+shards of a gallery), so running the same job again after a crash continues where the crashed
+run stopped; running a finished or canceled job again does nothing.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
+import traceback
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import and_, or_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from kt_train import pipeline
 from kt_train.config import TrainConfig, parse_config
 from kt_train.errors import ConfigError, KTError
+from kt_train.gallery import DEFAULT_ENCODER, build_gallery
+from kt_train.io import SUCCESS
+from service.admin import register_gallery
 from service.db.models import JOB_FINAL_STATUSES, Job, Model, utcnow
 from service.settings import Settings
+from worker.joblog import JobLog, job_log_path
+from worker.liveness import Heartbeat, heartbeat_interval_s, stale
 
 log = logging.getLogger(__name__)
 
-# Job kinds this worker runs: each runs the stages of its config.
-RUNNABLE_KINDS = ("pipeline", "curate")
+# Job kinds this worker runs: the first two run the stages of their training config.
+RUNNABLE_KINDS = ("pipeline", "curate", "build_gallery")
 # Weight, in training-step equivalents, of a stage that does not train (curate, export, evaluate):
 # a share of the run's training steps, at least one step.
 NON_TRAINING_WEIGHT = 0.02
@@ -60,10 +73,20 @@ def stage_weights(cfg: TrainConfig) -> dict[str, float]:
     return {s: float(steps[s]) if s in steps else other for s in cfg.stages}
 
 
+ETA_MIN_WINDOW_S = 1.0  # a rate observed over less time than this is noise
+
+
 class JobReporter:
-    """A kt_train ``Reporter`` that writes progress (0..1 over all stages, weighted by steps) and
-    ETA to the job row, and raises ``Cancelled`` once the row asks for cancellation. Writes and
-    cancel checks happen at most every ``interval_s`` seconds (and at every stage boundary)."""
+    """A kt_train ``Reporter`` that writes progress (0..1 over all stages, weighted by steps), ETA
+    and a heartbeat to the job row, and raises ``Cancelled`` once the row asks for cancellation.
+    Writes and cancel checks happen at most every ``interval_s`` seconds (and at every stage
+    boundary); progress lines go to the job log at most every ``log_interval_s`` seconds.
+
+    The ETA is the remaining progress over the observed rate: the running stage's rate (progress
+    since the stage began over the time since), since stages run at different speeds per step;
+    before that stage has been observed for ``ETA_MIN_WINDOW_S``, this attempt's rate; ``None``
+    before any progress was seen. Stages finished by an earlier attempt (instant on resume) are
+    left out of the rate (``rebase``)."""
 
     def __init__(
         self,
@@ -72,6 +95,8 @@ class JobReporter:
         weights: dict[str, float],
         interval_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        joblog: JobLog | None = None,
+        log_interval_s: float = 30.0,
     ):
         self.session_factory = session_factory
         self.job_id = job_id
@@ -79,6 +104,8 @@ class JobReporter:
         self.total = sum(weights.values()) or 1.0
         self.interval_s = interval_s
         self.clock = clock
+        self.joblog = joblog
+        self.log_interval_s = log_interval_s
         self.stage: str | None = None
         self.done_before = 0.0  # weight of the finished stages
         self.stage_done = 0.0  # steps of the finished loops inside the current stage
@@ -86,16 +113,32 @@ class JobReporter:
         self.loop_step = 0
         self.t0 = clock()
         self.p0: float | None = None  # progress when this attempt first reported
+        self.stage_t0 = self.t0
+        self.stage_p0: float | None = None  # progress when the running stage began
         self.last_write = float("-inf")
+        self.last_log = float("-inf")
 
     # --- pipeline side
     def begin_stage(self, name: str) -> None:
         self.stage, self.stage_done, self.loop_total, self.loop_step = name, 0.0, 0, 0
+        self.stage_p0, self.stage_t0 = self.progress(), self.clock()
         self.flush(stage=name)
 
     def end_stage(self, name: str) -> None:
         self.done_before += self.weights.get(name, 0.0)
         self.stage_done, self.loop_total, self.loop_step = 0.0, 0, 0
+        self.stage_p0 = None
+
+    def rebase(self) -> None:
+        """Measure the rate from here on (after a stage that an earlier attempt had finished)."""
+        self.p0, self.t0 = self.progress(), self.clock()
+
+    def report_fraction(self, fraction: float, what: str = "") -> None:
+        """Progress of a stage that counts in fractions rather than steps (gallery embedding)."""
+        if self.stage is not None:
+            self.stage_done = max(0.0, min(1.0, fraction)) * self.weights.get(self.stage, 0.0)
+        self._log_progress(what)
+        self.flush(force=False)
 
     def progress(self) -> float:
         within = 0.0
@@ -103,11 +146,16 @@ class JobReporter:
             within = min(self.stage_done + self.loop_step, self.weights.get(self.stage, 0.0))
         return min(1.0, (self.done_before + within) / self.total)
 
-    def eta_s(self, p: float) -> float | None:
-        if self.p0 is None or p <= self.p0:
-            return None
-        rate = (p - self.p0) / max(self.clock() - self.t0, 1e-6)
-        return round((1.0 - p) / rate, 1)
+    def eta_s(self, p: float, now: float | None = None) -> float | None:
+        """Seconds left at progress ``p``, from the observed rate (see the class docstring)."""
+        if p >= 1.0:
+            return 0.0
+        now = self.clock() if now is None else now
+        for p_start, t_start in ((self.stage_p0, self.stage_t0), (self.p0, self.t0)):
+            if p_start is not None and p > p_start and now - t_start >= ETA_MIN_WINDOW_S:
+                rate = (p - p_start) / (now - t_start)
+                return round((1.0 - p) / rate, 1)
+        return None
 
     def flush(self, *, stage: str | None = None, force: bool = True) -> None:
         """Write progress/ETA (and ``stage``) to the row; raise ``Cancelled`` if it asks for that."""
@@ -125,22 +173,40 @@ class JobReporter:
             if job.cancel_requested:
                 raise Cancelled("cancel requested")
             job.progress = round(p, 4)
-            job.eta_s = self.eta_s(p)
+            job.eta_s = self.eta_s(p, now)
+            job.heartbeat_at = utcnow()
             if stage is not None:
                 job.stage = stage
             session.commit()
 
+    def _log_progress(self, what: str, *, force: bool = False) -> None:
+        now = self.clock()
+        if self.joblog is None or (not force and now - self.last_log < self.log_interval_s):
+            return
+        self.last_log = now
+        p = self.progress()
+        eta = self.eta_s(p, now)
+        eta_text = f", eta {eta:.0f} s" if eta is not None else ""
+        what = f"{what} " if what else ""
+        self.joblog.write(f"{self.stage}: {what}(job {100 * p:.0f}%{eta_text})")
+
     # --- kt_train Reporter protocol
     def start(self, task: str, total: int) -> None:
         self.loop_total, self.loop_step = total, 0
+        if self.joblog is not None:
+            self.joblog.write(f"{self.stage}: {task} started, {total} steps")
 
     def update(self, task: str, step: int, metrics: dict[str, float]) -> None:
         self.loop_step = step
+        values = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+        self._log_progress(f"{task} step {step}/{self.loop_total} {values}".rstrip())
         self.flush(force=False)
 
     def finish(self, task: str) -> None:
         self.stage_done += self.loop_total
         self.loop_total, self.loop_step = 0, 0
+        if self.joblog is not None:
+            self.joblog.write(f"{self.stage}: {task} finished")
 
 
 def _set(session_factory: sessionmaker[Session], job_id: str, **values: Any) -> Job:
@@ -154,9 +220,12 @@ def _set(session_factory: sessionmaker[Session], job_id: str, **values: Any) -> 
         return job
 
 
-def _finish(session_factory: sessionmaker[Session], job_id: str, status: str, **values: Any) -> str:
+def _finish(
+    session_factory: sessionmaker[Session], job_id: str, status: str, joblog: JobLog, **values: Any
+) -> str:
     _set(session_factory, job_id, status=status, eta_s=None, finished_at=utcnow(), **values)
     log.info("job %s %s", job_id, status)
+    joblog.write(f"job {status}" + (f": {values['error']}" if values.get("error") else ""))
     return status
 
 
@@ -177,14 +246,54 @@ def _wire(name: str, res: dict[str, Any], inputs: dict[str, Any]) -> None:
         inputs["student"], inputs["classes"] = res["checkpoint"], res["classes"]
 
 
-def _build_config(job: Job, settings: Settings) -> TrainConfig:
+def _raw_config(job: Job) -> dict[str, Any]:
     if job.kind not in RUNNABLE_KINDS:
         raise ConfigError(f"job kind {job.kind!r} is not run by this worker (it runs {RUNNABLE_KINDS})")
     raw = (job.params or {}).get("config")
     if not isinstance(raw, dict):
-        raise ConfigError("job params must hold the training config as a mapping under 'config'")
-    data = {**raw, "out_dir": str(job_run_dir(settings, job.id))}
+        raise ConfigError("job params must hold the job's config as a mapping under 'config'")
+    return raw
+
+
+def _build_config(job: Job, settings: Settings) -> TrainConfig:
+    data = {**_raw_config(job), "out_dir": str(job_run_dir(settings, job.id))}
     return parse_config(data, f"of job {job.id}")
+
+
+def claim(session_factory: sessionmaker[Session], job_id: str, settings: Settings) -> tuple[Job | None, str]:
+    """Take job ``job_id`` for this worker: ``(job, "running")`` with the row now ``running``, its
+    attempt counted and its heartbeat fresh. Otherwise ``(None, status)``: the job is finished,
+    was canceled before it started (``"canceled"``, set here), or another worker holds it (a
+    ``running`` row with a fresh heartbeat: a duplicate delivery must not run it twice)."""
+    now = utcnow()
+    free = or_(
+        Job.status == "queued",
+        and_(Job.status == "running", stale(now - timedelta(seconds=settings.job_heartbeat_timeout_s))),
+    )
+    with session_factory() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise LookupError(f"job {job_id} does not exist")
+        if job.status in JOB_FINAL_STATUSES:
+            return None, job.status
+        if job.cancel_requested:
+            values: dict[str, Any] = {"status": "canceled", "finished_at": now, "eta_s": None}
+        else:
+            values = {
+                "status": "running",
+                "attempts": Job.attempts + 1,
+                "started_at": job.started_at or now,
+                "heartbeat_at": now,
+                "error": None,
+            }
+        taken = session.execute(update(Job).where(Job.id == job_id, free).values(**values))
+        session.commit()
+        session.refresh(job)
+        if taken.rowcount != 1:  # type: ignore[attr-defined]
+            return None, job.status
+        if job.status == "canceled":
+            return None, "canceled"
+        return job, "running"
 
 
 def run_job(
@@ -194,72 +303,182 @@ def run_job(
     *,
     can_retry: bool = False,
     progress_interval_s: float = 2.0,
+    log_interval_s: float = 30.0,
 ) -> str:
-    """Run job ``job_id`` to a final status and return it.
+    """Run job ``job_id`` to a final status and return it (or ``"running"`` when another worker
+    holds it). A heartbeat thread runs meanwhile (see ``worker.liveness``) and every step goes to
+    the job log (``worker.joblog``).
 
     User errors (``KTError``) fail the job with their message. Any other error fails it too,
     unless ``can_retry``: then the row goes back to ``queued`` with the error noted and
     ``JobRetry`` is raised for the caller (Celery) to retry later.
     """
-    with session_factory() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise LookupError(f"job {job_id} does not exist")
-        if job.status in JOB_FINAL_STATUSES:
-            log.info("job %s is already %s; nothing to do", job_id, job.status)
-            return job.status
-        if job.cancel_requested:
-            job.status, job.finished_at, job.eta_s = "canceled", utcnow(), None
-            session.commit()
-            return "canceled"
-        job.status = "running"
-        job.attempts = (job.attempts or 0) + 1
-        job.started_at = job.started_at or utcnow()
-        job.error = None
-        session.commit()
-        timings: dict[str, Any] = dict(job.stage_timings or {})
+    joblog = JobLog(job_log_path(settings, job_id))
+    job, status = claim(session_factory, job_id, settings)
+    if job is None:
+        if status == "canceled":
+            joblog.write("job canceled before it started")
+        elif status == "running":
+            log.info("job %s is held by another worker (fresh heartbeat); not running it twice", job_id)
+        else:
+            log.info("job %s is already %s; nothing to do", job_id, status)
+        return status
 
+    joblog.write(
+        f"attempt {job.attempts} of {job.kind} job started on {socket.gethostname()} (queue {job.queue})"
+    )
     try:
-        cfg = _build_config(job, settings)
-        reporter = JobReporter(session_factory, job_id, stage_weights(cfg), interval_s=progress_interval_s)
-        out_root = Path(cfg.out_dir)
-        out_root.mkdir(parents=True, exist_ok=True)
-        inputs: dict[str, Any] = {}
-        results: dict[str, dict[str, Any]] = {}
-        for name in cfg.stages:
-            reporter.begin_stage(name)
-            t0 = time.perf_counter()
-            res = pipeline.STAGE_FUNCS[name](cfg, dict(inputs), out_root / name, reporter)
-            # a stage finished by an earlier attempt returns at once: keep the time it really took
-            timings.setdefault(name, round(time.perf_counter() - t0, 2))
-            results[name] = res
-            _wire(name, res, inputs)
-            reporter.end_stage(name)
-            _set(session_factory, job_id, stage_timings=dict(timings))
-        reporter.flush()  # a last cancel check, and progress 1.0
-        metrics, model_files, card = _collect(results)
-        with session_factory() as session:
-            job = session.get(Job, job_id)
-            assert job is not None
-            if model_files:
-                session.add(Model(tenant_id=job.tenant_id, job_id=job.id, card=card, files=model_files))
-            job.status, job.progress, job.eta_s, job.finished_at = "succeeded", 1.0, None, utcnow()
-            job.metrics, job.stage_timings = metrics, timings
-            session.commit()
+        with Heartbeat(session_factory, job_id, heartbeat_interval_s(settings)), joblog.capture():
+            if job.kind == "build_gallery":
+                _run_build_gallery(
+                    session_factory, job, settings, joblog, progress_interval_s, log_interval_s
+                )
+            else:
+                _run_stages(session_factory, job, settings, joblog, progress_interval_s, log_interval_s)
         log.info("job %s succeeded", job_id)
+        joblog.write("job succeeded")
         return "succeeded"
     except Cancelled:
-        return _finish(session_factory, job_id, "canceled")
+        return _finish(session_factory, job_id, "canceled", joblog)
     except KTError as err:
-        return _finish(session_factory, job_id, "failed", error=_message(err))
+        return _finish(session_factory, job_id, "failed", joblog, error=_message(err))
     except Exception as err:
         log.exception("job %s: unexpected error", job_id)
+        joblog.write(f"unexpected error on attempt {job.attempts}:\n{traceback.format_exc()}")
         if can_retry:
             _set(
                 session_factory, job_id, status="queued", eta_s=None, error=f"retrying after {_message(err)}"
             )
+            joblog.write("job requeued: it will be retried")
             raise JobRetry(_message(err)) from err
-        return _finish(session_factory, job_id, "failed", error=_message(err))
+        return _finish(session_factory, job_id, "failed", joblog, error=_message(err))
+
+
+def _run_stages(
+    session_factory: sessionmaker[Session],
+    job: Job,
+    settings: Settings,
+    joblog: JobLog,
+    progress_interval_s: float,
+    log_interval_s: float,
+) -> None:
+    """A ``pipeline`` or ``curate`` job: the stages of its training config, one after the other."""
+    job_id = job.id
+    timings: dict[str, Any] = dict(job.stage_timings or {})
+    cfg = _build_config(job, settings)
+    reporter = JobReporter(
+        session_factory,
+        job_id,
+        stage_weights(cfg),
+        interval_s=progress_interval_s,
+        joblog=joblog,
+        log_interval_s=log_interval_s,
+    )
+    out_root = Path(cfg.out_dir)
+    out_root.mkdir(parents=True, exist_ok=True)
+    inputs: dict[str, Any] = {}
+    results: dict[str, dict[str, Any]] = {}
+    for name in cfg.stages:
+        resumed = (out_root / name / SUCCESS).is_file()
+        joblog.write(f"stage {name}: " + ("done by an earlier attempt, reusing it" if resumed else "started"))
+        reporter.begin_stage(name)
+        t0 = time.perf_counter()
+        res = pipeline.STAGE_FUNCS[name](cfg, dict(inputs), out_root / name, reporter)
+        # a stage finished by an earlier attempt returns at once: keep the time it really took
+        timings.setdefault(name, round(time.perf_counter() - t0, 2))
+        results[name] = res
+        _wire(name, res, inputs)
+        reporter.end_stage(name)
+        if resumed:
+            reporter.rebase()
+        else:
+            joblog.write(f"stage {name}: finished in {timings[name]:.1f} s")
+        _set(session_factory, job_id, stage_timings=dict(timings))
+    reporter.flush()  # a last cancel check, and progress 1.0
+    metrics, model_files, card = _collect(results)
+    with session_factory() as session:
+        row = session.get(Job, job_id)
+        assert row is not None
+        if model_files:
+            session.add(Model(tenant_id=row.tenant_id, job_id=row.id, card=card, files=model_files))
+        row.status, row.progress, row.eta_s, row.finished_at = "succeeded", 1.0, None, utcnow()
+        row.metrics, row.stage_timings = metrics, timings
+        session.commit()
+
+
+def gallery_dir(settings: Settings, job_id: str) -> Path:
+    """Where a ``build_gallery`` job builds its gallery: ``<data_dir>/galleries/<job_id>`` (a retry
+    of the job resumes the same directory)."""
+    return Path(settings.data_dir) / "galleries" / job_id
+
+
+def _run_build_gallery(
+    session_factory: sessionmaker[Session],
+    job: Job,
+    settings: Settings,
+    joblog: JobLog,
+    progress_interval_s: float,
+    log_interval_s: float,
+) -> None:
+    """A ``build_gallery`` job: ``kt_train.gallery.build_gallery``, then the ``galleries`` row."""
+    raw = _raw_config(job)
+    name, sources = raw.get("name"), raw.get("sources")
+    if not isinstance(name, str) or not name or not isinstance(sources, list) or not sources:
+        raise ConfigError("a build_gallery job needs 'name' and a non-empty list of 'sources' in its config")
+    stage = "build_gallery"
+    reporter = JobReporter(
+        session_factory,
+        job.id,
+        {stage: 1.0},
+        interval_s=progress_interval_s,
+        joblog=joblog,
+        log_interval_s=log_interval_s,
+    )
+    out = gallery_dir(settings, job.id)
+    device = raw.get("device")
+    joblog.write(f"stage {stage}: embedding {len(sources)} source(s) with {raw.get('encoder')} into {out}")
+    reporter.begin_stage(stage)
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int, images_per_s: float) -> None:
+        reporter.report_fraction(
+            done / total if total else 1.0, f"{done}/{total} images, {images_per_s:.1f}/s"
+        )
+
+    gallery = build_gallery(
+        [str(s) for s in sources],
+        out,
+        encoder=str(raw.get("encoder") or DEFAULT_ENCODER),
+        image_size=raw.get("image_size"),
+        name=name,
+        batch_size=int(raw.get("batch_size") or 128),
+        shard_size=int(raw.get("shard_size") or 50_000),
+        index_kind=str(raw.get("index_kind") or "auto"),
+        progress=progress,
+        device=None if device in (None, "auto") else str(device),
+    )
+    reporter.end_stage(stage)
+    reporter.flush()  # a last cancel check before the gallery becomes visible
+    seconds = round(time.perf_counter() - t0, 2)
+    joblog.write(f"stage {stage}: {gallery.count} images, {gallery.dim}-d, finished in {seconds:.1f} s")
+    with session_factory() as session:
+        row = register_gallery(session, out, name)
+        metrics = {
+            "gallery_id": row.id,
+            "name": row.name,
+            "size": row.size,
+            "dim": row.dim,
+            "encoder": row.encoder,
+            "index_kind": row.index_kind,
+            "skipped_images": int(gallery.doc.get("num_skipped") or 0),
+            **{k: v for k, v in (gallery.doc.get("build") or {}).items() if k in ("images_per_s", "device")},
+        }
+        job_row = session.get(Job, job.id)
+        assert job_row is not None
+        job_row.status, job_row.progress, job_row.eta_s = "succeeded", 1.0, None
+        job_row.finished_at, job_row.metrics, job_row.stage_timings = utcnow(), metrics, {stage: seconds}
+        session.commit()
+    joblog.write(f"gallery {row.name!r} registered as {row.id}")
 
 
 def _collect(results: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:

@@ -7,10 +7,13 @@ The API enqueues a job by name, after committing its row:
 from __future__ import annotations
 
 import logging
+from typing import Any
+
+from celery.signals import worker_ready
 
 from service.db.session import SessionLocal
 from service.settings import get_settings
-from worker import runner
+from worker import liveness, runner
 from worker.app import celery_app
 
 log = logging.getLogger(__name__)
@@ -35,3 +38,14 @@ def run_job(self, job_id: str) -> str:
         delay = backoff_s(self.request.retries)
         log.warning("job %s: %s; retry %d in %.0f s", job_id, err, self.request.retries + 1, delay)
         raise self.retry(exc=err, countdown=delay) from err
+
+
+_reaper: liveness.Reaper | None = None
+
+
+@worker_ready.connect
+def start_reaper(**_: Any) -> None:
+    """Every worker looks for lost jobs (see ``worker.liveness``): at start, then periodically."""
+    global _reaper
+    if _reaper is None:
+        _reaper = liveness.start_reaper(SessionLocal(), get_settings())

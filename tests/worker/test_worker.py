@@ -3,18 +3,20 @@ errors, progress accounting), and a real Celery worker process on Redis + Postgr
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from kt_train import pipeline
 from kt_train.config import STAGES, parse_config
-from service.db.models import Job, Model
+from service.db.models import Job, Model, utcnow
 from service.db.session import init_db, make_engine, make_session_factory
 from tests.conftest import VENV_BIN
 from tests.worker.conftest import add_job, add_tenant, get_job, make_settings
@@ -23,7 +25,7 @@ from worker import runner
 
 def test_run_job_succeeds_and_records_everything(session_factory, worker_settings, tenant_id, job_config):
     job_id = add_job(session_factory, tenant_id, job_config())
-    assert runner.run_job(session_factory, job_id, worker_settings) == "succeeded"
+    assert runner.run_job(session_factory, job_id, worker_settings, log_interval_s=0) == "succeeded"
 
     job = get_job(session_factory, job_id)
     assert (job.status, job.progress, job.eta_s, job.error, job.attempts) == ("succeeded", 1.0, None, None, 1)
@@ -39,6 +41,18 @@ def test_run_job_succeeds_and_records_everything(session_factory, worker_setting
     assert weights.name == "model.safetensors" and weights.is_file()
     assert weights.parent == run_dir / "export"
     assert len(models[0].card["classes"]) == 4 and models[0].card["preprocessing"]
+    assert job.heartbeat_at is not None and job.heartbeat_at >= job.started_at
+
+    # the log the API serves: the attempt, every stage's start and end, training progress, the end
+    log = (worker_settings.data_dir / "jobs" / job_id / "job.log").read_text()
+    assert "attempt 1 of pipeline job started" in log and "(queue cpu)" in log
+    for stage in STAGES:
+        assert f"stage {stage}: started" in log and f"stage {stage}: finished in" in log, stage
+    assert log.index("stage finetune_teacher: started") < log.index("stage distill: started")
+    assert "distill: distill started, 3 steps" in log and "distill: distill finished" in log
+    # progress lines: step, the loop's metrics, the job's share done
+    assert re.search(r"distill: distill step 3/3 \S+=\S+.* \(job \d+%", log), log
+    assert log.rstrip().endswith("job succeeded")
 
     # a re-delivered task for a finished job is a no-op
     assert runner.run_job(session_factory, job_id, worker_settings) == "succeeded"
@@ -51,8 +65,10 @@ def test_cancel_before_start(session_factory, worker_settings, tenant_id, job_co
     job_id = add_job(session_factory, tenant_id, job_config(), cancel_requested=True)
     assert runner.run_job(session_factory, job_id, worker_settings) == "canceled"
     job = get_job(session_factory, job_id)
-    assert job.status == "canceled" and job.finished_at is not None
-    assert not (worker_settings.data_dir / "jobs" / job_id).exists()
+    assert job.status == "canceled" and job.finished_at is not None and job.attempts == 0
+    assert not (worker_settings.data_dir / "jobs" / job_id / "run").exists()
+    log = (worker_settings.data_dir / "jobs" / job_id / "job.log").read_text()
+    assert "job canceled before it started" in log
 
 
 def test_cancel_while_running_stops_between_steps_and_keeps_finished_stages(
@@ -93,6 +109,8 @@ def test_user_error_fails_with_message_without_retry(session_factory, worker_set
     job = get_job(session_factory, job_id)
     assert job.status == "failed" and job.attempts == 1 and job.finished_at is not None
     assert "not_a_model" in (job.error or "") and "timm.list_models" in (job.error or "")
+    log = (worker_settings.data_dir / "jobs" / job_id / "job.log").read_text()
+    assert "stage finetune_student: started" in log and "job failed: " in log and "not_a_model" in log
 
     bad = add_job(session_factory, tenant_id, {**cfg, "studnet": {}})
     assert runner.run_job(session_factory, bad, worker_settings) == "failed"
@@ -114,6 +132,15 @@ def test_unexpected_error_is_retried_then_fails(
     assert runner.run_job(session_factory, job_id, worker_settings, can_retry=False) == "failed"
     job = get_job(session_factory, job_id)
     assert job.status == "failed" and job.attempts == 2 and job.error == "RuntimeError: disk on fire"
+    log = (worker_settings.data_dir / "jobs" / job_id / "job.log").read_text()
+    # both attempts, each error with its traceback, the requeue in between
+    assert "attempt 1 of pipeline job started" in log and "attempt 2 of pipeline job started" in log
+    assert log.count("Traceback (most recent call last)") == 2 and 'raise RuntimeError("disk on fire")' in log
+    assert (
+        log.index("job requeued")
+        < log.index("attempt 2")
+        < log.index("job failed: RuntimeError: disk on fire")
+    )
 
 
 def test_progress_is_weighted_by_steps(job_config):
@@ -156,7 +183,8 @@ def worker_backend(request, tmp_path) -> dict[str, str]:
 
 @pytest.mark.e2e
 def test_celery_worker_runs_a_job(worker_backend, job_config, tmp_path, subprocess_env):
-    """A real `celery worker` process takes the job id from the broker and runs it to success."""
+    """A real `celery worker` process takes the job id from the broker and runs it to success; its
+    reaper, at start, requeues a job whose worker died (runs it) and fails one out of attempts."""
     from worker.app import make_celery
 
     db_url = worker_backend["database_url"]
@@ -165,6 +193,13 @@ def test_celery_worker_runs_a_job(worker_backend, job_config, tmp_path, subproce
     factory = make_session_factory(engine)
     tenant = add_tenant(factory, name=f"worker-e2e-{tmp_path.name}")
     job_id = add_job(factory, tenant, job_config(stages=["finetune_teacher", "distill", "export"]))
+    # rows left `running` by a worker that died an hour ago (no message for them in the broker)
+    an_hour_ago = utcnow() - timedelta(hours=1)
+    lost = add_job(factory, tenant, job_config(stages=["finetune_teacher"]), status="running", attempts=1)
+    exhausted = add_job(factory, tenant, job_config(), status="running", attempts=3)
+    with factory() as s:
+        s.execute(update(Job).where(Job.id.in_([lost, exhausted])).values(heartbeat_at=an_hour_ago))
+        s.commit()
     settings = make_settings(
         tmp_path / "data",
         db_url,
@@ -177,6 +212,8 @@ def test_celery_worker_runs_a_job(worker_backend, job_config, tmp_path, subproce
         "KT_DATABASE_URL": db_url,
         "KT_BROKER_URL": settings.broker_url,
         "KT_RESULT_BACKEND": settings.result_backend,
+        "KT_JOB_HEARTBEAT_TIMEOUT_S": "60",
+        "KT_REAPER_INTERVAL_S": "1",
     }
     log_path = tmp_path / "worker.log"
     cmd = [str(VENV_BIN / "celery"), "-A", "worker.app:celery_app", "worker", "-Q", "cpu"]
@@ -189,7 +226,10 @@ def test_celery_worker_runs_a_job(worker_backend, job_config, tmp_path, subproce
         deadline, job = time.monotonic() + 120, None
         while time.monotonic() < deadline and proc.poll() is None:
             job = get_job(factory, job_id)
-            if job.status in ("succeeded", "failed", "canceled"):
+            if job.status in ("succeeded", "failed", "canceled") and get_job(factory, lost).status in (
+                "succeeded",
+                "failed",
+            ):
                 break
             time.sleep(0.5)
         tail = log_path.read_text(errors="replace")[-3000:]
@@ -200,6 +240,14 @@ def test_celery_worker_runs_a_job(worker_backend, job_config, tmp_path, subproce
         with factory() as s:
             model = s.scalars(select(Model).where(Model.job_id == job_id)).one()
         assert Path(model.files["safetensors"]).is_file()
+        requeued = get_job(factory, lost)
+        assert (requeued.status, requeued.attempts) == ("succeeded", 2), f"{requeued.error}\n{tail}"
+        failed = get_job(factory, exhausted)
+        assert failed.status == "failed" and "all 3 attempts" in (failed.error or "")
+        lost_log = (settings.data_dir / "jobs" / lost / "job.log").read_text()
+        assert lost_log.index("reaper: requeued to 'cpu'") < lost_log.index(
+            "attempt 2 of pipeline job started"
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -212,6 +260,7 @@ def test_celery_worker_runs_a_job(worker_backend, job_config, tmp_path, subproce
 
 
 def test_celery_app_configuration():
+    import worker.tasks  # noqa: F401 - registers kt.run_job (a shared task) with every app
     from worker.app import VISIBILITY_TIMEOUT_S, make_celery
 
     redis = make_celery(

@@ -1,0 +1,251 @@
+"""Heartbeats, claiming a job, the reaper of lost jobs, and the ETA (all in-process, on SQLite;
+the reaper inside a real Celery worker is in ``test_worker.test_celery_worker_runs_a_job``)."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db.models import Job, utcnow
+from service.settings import Settings
+from tests.worker.conftest import add_job, get_job
+from worker import liveness, runner
+from worker.liveness import Heartbeat, Reaper, reap_lost_jobs
+
+
+def set_job(session_factory: sessionmaker[Session], job_id: str, **values: Any) -> None:
+    with session_factory() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(**values))
+        s.commit()
+
+
+def running_job(
+    session_factory: sessionmaker[Session], tenant_id: str, silent_s: float, attempts: int = 1, **kw: Any
+) -> str:
+    """A ``running`` job whose last heartbeat was ``silent_s`` seconds ago."""
+    job_id = add_job(session_factory, tenant_id, {}, **kw)
+    set_job(
+        session_factory,
+        job_id,
+        status="running",
+        attempts=attempts,
+        heartbeat_at=utcnow() - timedelta(seconds=silent_s),
+    )
+    return job_id
+
+
+class Enqueued:
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.fail = fail
+
+    def __call__(self, settings: Settings, job_id: str, queue: str) -> None:
+        if self.fail:
+            raise ConnectionError("broker down")
+        self.calls.append((job_id, queue))
+
+
+# --- claim
+
+
+def test_claim_refuses_a_job_another_worker_holds_and_takes_over_a_lost_one(
+    session_factory, worker_settings, tenant_id, job_config
+):
+    held = running_job(session_factory, tenant_id, silent_s=5)
+    # a duplicate delivery of a job whose worker is alive: not run twice
+    assert runner.run_job(session_factory, held, worker_settings) == "running"
+    job = get_job(session_factory, held)
+    assert (job.status, job.attempts) == ("running", 1)
+    assert not (worker_settings.data_dir / "jobs" / held / "run").exists()
+
+    # the same delivery once the heartbeat is stale: this worker takes the job over
+    lost = add_job(session_factory, tenant_id, job_config(stages=["finetune_teacher"]))
+    set_job(session_factory, lost, status="running", attempts=1, heartbeat_at=utcnow() - timedelta(hours=1))
+    assert runner.run_job(session_factory, lost, worker_settings) == "succeeded"
+    job = get_job(session_factory, lost)
+    assert (job.status, job.attempts) == ("succeeded", 2)
+
+
+def test_claim_is_conditional(session_factory, worker_settings, tenant_id):
+    job_id = add_job(session_factory, tenant_id, {})
+    job, status = runner.claim(session_factory, job_id, worker_settings)
+    assert job is not None and status == "running" and job.attempts == 1 and job.heartbeat_at is not None
+    again, status = runner.claim(session_factory, job_id, worker_settings)
+    assert again is None and status == "running" and get_job(session_factory, job_id).attempts == 1
+
+
+# --- heartbeat
+
+
+def test_heartbeat_thread_beats_while_the_job_runs(session_factory, tenant_id):
+    job_id = running_job(session_factory, tenant_id, silent_s=3600)
+    old = get_job(session_factory, job_id).heartbeat_at
+    assert old is not None
+    with Heartbeat(session_factory, job_id, interval_s=0.05):
+        deadline = time.monotonic() + 10
+        while (beat := get_job(session_factory, job_id).heartbeat_at) == old and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert beat is not None and utcnow() - beat < timedelta(seconds=10)
+    # no beats for a job that is no longer running
+    set_job(session_factory, job_id, status="failed", heartbeat_at=old)
+    with Heartbeat(session_factory, job_id, interval_s=0.01):
+        time.sleep(0.1)
+    assert get_job(session_factory, job_id).heartbeat_at == old
+
+
+def test_heartbeat_interval_is_a_fraction_of_the_timeout():
+    assert liveness.heartbeat_interval_s(Settings(job_heartbeat_timeout_s=8)) == 2
+    assert liveness.heartbeat_interval_s(Settings(job_heartbeat_timeout_s=3600)) == 30
+
+
+# --- the reaper
+
+
+def test_reaper_requeues_lost_jobs_and_fails_them_after_max_attempts(
+    session_factory, worker_settings, tenant_id
+):
+    settings = worker_settings.model_copy(update={"job_heartbeat_timeout_s": 60.0, "job_max_attempts": 3})
+    alive = running_job(session_factory, tenant_id, silent_s=30)
+    lost = running_job(session_factory, tenant_id, silent_s=120, attempts=1, queue="gpu")
+    exhausted = running_job(session_factory, tenant_id, silent_s=120, attempts=3)
+    canceling = running_job(session_factory, tenant_id, silent_s=120, cancel_requested=True)
+    queued = add_job(session_factory, tenant_id, {})
+    set_job(session_factory, queued, updated_at=utcnow() - timedelta(hours=1))  # waiting is not being lost
+
+    enqueued = Enqueued()
+    found = reap_lost_jobs(session_factory, settings, enqueue=enqueued)
+    assert (found.requeued, found.failed, found.canceled) == ([lost], [exhausted], [canceling])
+    assert enqueued.calls == [(lost, "gpu")]  # back to the queue it came from
+
+    job = get_job(session_factory, lost)
+    assert (job.status, job.attempts, job.eta_s) == ("queued", 1, None)
+    assert "no heartbeat for 120 s" in (job.error or "") and "requeued to 'gpu'" in (job.error or "")
+    job = get_job(session_factory, exhausted)
+    assert job.status == "failed" and job.finished_at is not None
+    assert "all 3 attempts" in (job.error or "") and "submit it again" in (job.error or "")
+    assert get_job(session_factory, canceling).status == "canceled"
+    assert get_job(session_factory, alive).status == "running"
+    assert get_job(session_factory, queued).status == "queued"
+    for job_id in (lost, exhausted, canceling):
+        text = (settings.data_dir / "jobs" / job_id / "job.log").read_text()
+        assert "reaper: " in text, job_id
+
+    # a second pass (another worker's reaper) finds nothing left to do
+    again = reap_lost_jobs(session_factory, settings, enqueue=enqueued)
+    assert (again.requeued, again.failed, again.canceled) == ([], [], [])
+    assert len(enqueued.calls) == 1
+
+    # the requeued job runs again in the next worker, as attempt 2 (its error cleared)
+    job, status = runner.claim(session_factory, lost, settings)
+    assert job is not None and (status, job.attempts, job.error) == ("running", 2, None)
+
+
+def test_reaper_keeps_the_job_running_when_the_broker_is_down(session_factory, worker_settings, tenant_id):
+    settings = worker_settings.model_copy(update={"job_heartbeat_timeout_s": 60.0})
+    lost = running_job(session_factory, tenant_id, silent_s=120)
+    before = get_job(session_factory, lost).heartbeat_at
+    found = reap_lost_jobs(session_factory, settings, enqueue=Enqueued(fail=True))
+    assert found.requeued == []
+    job = get_job(session_factory, lost)
+    assert (job.status, job.heartbeat_at) == ("running", before)  # the next pass tries again
+    assert reap_lost_jobs(session_factory, settings, enqueue=Enqueued()).requeued == [lost]
+
+
+def test_reaper_thread_runs_at_start_then_periodically(
+    session_factory, worker_settings, tenant_id, monkeypatch
+):
+    settings = worker_settings.model_copy(update={"job_heartbeat_timeout_s": 60.0, "reaper_interval_s": 0.05})
+    enqueued = Enqueued()
+    monkeypatch.setattr(liveness, "enqueue_job", enqueued)
+    first = running_job(session_factory, tenant_id, silent_s=120)
+    monkeypatch.setattr(liveness, "reap_lost_jobs", lambda f, s: reap_lost_jobs(f, s, enqueue=enqueued))
+    reaper = liveness.start_reaper(session_factory, settings)
+    assert isinstance(reaper, Reaper)
+    try:
+        deadline = time.monotonic() + 10
+        while get_job(session_factory, first).status != "queued" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert get_job(session_factory, first).status == "queued"
+        # a job lost later is found by a later pass
+        second = running_job(session_factory, tenant_id, silent_s=120)
+        while get_job(session_factory, second).status != "queued" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert get_job(session_factory, second).status == "queued" and reaper.passes >= 2
+    finally:
+        reaper.stop()
+    assert [job_id for job_id, _ in enqueued.calls] == [first, second]
+    assert (
+        liveness.start_reaper(session_factory, settings.model_copy(update={"reaper_interval_s": 0})) is None
+    )
+
+
+# --- ETA
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_eta_comes_from_the_observed_rate_of_the_running_stage(session_factory, tenant_id):
+    job_id = add_job(session_factory, tenant_id, {})
+    clock = FakeClock()
+    rep = runner.JobReporter(session_factory, job_id, {"a": 10.0, "b": 10.0}, interval_s=0, clock=clock)
+
+    rep.begin_stage("a")
+    job = get_job(session_factory, job_id)
+    assert (job.stage, job.progress, job.eta_s) == ("a", 0.0, None)  # nothing observed yet
+
+    rep.start("a", 10)
+    clock.now = 5.0
+    rep.update("a", 5, {})  # a quarter of the job in 5 s: 15 s to go at that rate
+    job = get_job(session_factory, job_id)
+    assert (job.progress, job.eta_s) == (0.25, 15.0)
+    assert job.heartbeat_at is not None
+
+    clock.now = 10.0
+    rep.update("a", 10, {})
+    rep.finish("a")
+    rep.end_stage("a")
+    rep.begin_stage("b")  # b not observed yet: the job's rate so far (0.5 in 10 s)
+    assert get_job(session_factory, job_id).eta_s == 10.0
+
+    rep.start("b", 10)
+    clock.now = 14.0
+    rep.update("b", 1, {})  # b runs 4x slower than a: its own rate says 36 s, not the job's 9.3 s
+    job = get_job(session_factory, job_id)
+    assert job.progress == 0.55 and job.eta_s == pytest.approx(36.0)
+    assert rep.eta_s(1.0) == 0.0
+
+
+def test_eta_leaves_out_stages_an_earlier_attempt_finished(session_factory, tenant_id):
+    job_id = add_job(session_factory, tenant_id, {})
+    clock = FakeClock()
+    rep = runner.JobReporter(session_factory, job_id, {"a": 10.0, "b": 10.0}, interval_s=0, clock=clock)
+    rep.begin_stage("a")  # finished before the crash: returns at once
+    clock.now = 0.1
+    rep.end_stage("a")
+    rep.rebase()
+    rep.begin_stage("b")
+    assert get_job(session_factory, job_id).eta_s is None  # 50% in 0.1 s is not a rate
+    rep.start("b", 10)
+    clock.now = 10.1
+    rep.update("b", 5, {})  # 25% of the job in the 10 s since the resume
+    assert get_job(session_factory, job_id).eta_s == pytest.approx(10.0)
+
+
+def test_cancel_is_seen_at_the_next_progress_report(session_factory, tenant_id):
+    job_id = add_job(session_factory, tenant_id, {})
+    rep = runner.JobReporter(session_factory, job_id, {"a": 4.0}, interval_s=0)
+    rep.begin_stage("a")
+    set_job(session_factory, job_id, cancel_requested=True)
+    with pytest.raises(runner.Cancelled):
+        rep.update("a", 1, {})
