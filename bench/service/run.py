@@ -6,20 +6,24 @@ db 10 as the Celery broker (flushed at start and end), ONE uvicorn API process
 measured is the API.
 
 1. submit latency: POST /v1/jobs, each answered 202 + ``queued``; median and max of N submits;
-2. status polling: an open-loop load generator at a fixed rate of GET /v1/jobs/{id}; each request
-   is scheduled at an exact time and its latency counted from that time (a slow server delays the
-   following requests' start, which is counted, so coordinated omission is not hidden);
+2. status polling: an open-loop load generator (``loadgen.py``: raw keep-alive HTTP/1.1 on
+   asyncio/uvloop, a few tens of microseconds of CPU per request) at a fixed rate of
+   GET /v1/jobs/{id}; each request is scheduled at an exact time and its latency counted from
+   that time (a slow server delays the following requests' start, which is counted, so
+   coordinated omission is not hidden); CPU of the API, of PostgreSQL, of the generator and of
+   whatever else ran on the machine meanwhile is recorded;
 3. upload: a ~200 MB zip of incompressible (random-noise PNG) images, streamed as a multipart
    generator body, while a thread polls the API process tree's VmRSS every 50 ms.
 
 python bench/service/run.py                       # the full run; writes bench/results/service.{json,md}
+python bench/service/run.py --workers 2           # two uvicorn processes (production runs one)
 python bench/service/run.py --upload-mb 5 --duration 3 --out /tmp/smoke   # a smoke test
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import collections
 import contextlib
 import datetime as dt
 import io
@@ -46,6 +50,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import open_loop
+
 REPO = Path(__file__).resolve().parents[2]
 BARS = {"status_p99_ms": 50.0, "status_rps": 200.0, "upload_rss_growth_mb": 100.0, "submit_ms": 100.0}
 MB = 1024 * 1024
@@ -55,7 +62,12 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/10")
-    p.add_argument("--workers", type=int, default=1, help="uvicorn --workers (default 1)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="uvicorn --workers (default 1, as the Dockerfile and compose run it)",
+    )
     p.add_argument("--rate", type=float, default=200.0, help="status polling requests per second")
     p.add_argument("--duration", type=float, default=20.0, help="status polling seconds (measured)")
     p.add_argument("--warmup", type=float, default=2.0, help="status polling seconds before measuring")
@@ -64,6 +76,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--upload-mb", type=float, default=200.0, help="size of the uploaded zip, MB")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results directory")
     p.add_argument("--name", default="service", help="results file stem")
+    p.add_argument("--note", default="", help="a free-text paragraph appended to the .md")
     return p.parse_args()
 
 
@@ -168,10 +181,62 @@ def tree_rss_bytes(pid: int) -> int:
 
 
 def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` (its own threads; uvicorn --workers 1 is one process)."""
+    """User + system CPU seconds of ``pid`` (all its threads)."""
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_pids(pid: int) -> set[int]:
+    out, stack = set(), [pid]
+    while stack:
+        p = stack.pop()
+        if p not in out:
+            out.add(p)
+            stack.extend(_children(p))
+    return out
+
+
+def process_table() -> dict[int, tuple[str, float]]:
+    """pid -> (command name, CPU seconds) of every process on the machine."""
+    out: dict[int, tuple[str, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{entry}/stat") as fh:
+                raw = fh.read()
+                comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+                fields = raw.rsplit(")", 1)[1].split()
+                out[int(entry)] = (comm, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_by_group(
+    before: dict[int, tuple[str, float]],
+    after: dict[int, tuple[str, float]],
+    wall: float,
+    ours: dict[str, set[int]],
+) -> dict[str, float]:
+    """Cores used during ``wall`` seconds, per group: ours (by pid), ``postgres`` (every backend of
+    the server, including other users'), and everything else by command name."""
+    groups: dict[str, float] = collections.defaultdict(float)
+    for pid, (comm, cpu) in after.items():
+        used = cpu - before.get(pid, (comm, 0.0))[1] if pid in before else cpu  # new processes: all of it
+        if used <= 0:
+            continue
+        name = next((g for g, pids in ours.items() if pid in pids), None)
+        if name is None:
+            name = "postgres" if comm == "postgres" else f"other: {comm}"
+        groups[name] += used / wall
+    return dict(sorted(groups.items(), key=lambda kv: -kv[1]))
+
+
+def machine_cpu_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as fh:
+        values = [int(x) for x in fh.readline().split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
 
 
 class RssSampler(threading.Thread):
@@ -245,62 +310,6 @@ def upload(client: httpx.Client, path: Path) -> httpx.Response:
 # --- measurements
 
 
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    return float(np.percentile(np.asarray(values), q, method="higher"))
-
-
-async def open_loop(
-    base: str, key: str, path: str, rate: float, duration: float, pool: int
-) -> dict[str, Any]:
-    """GET ``path`` at ``rate``/s for ``duration`` s, each request at its scheduled time; latency
-    counts from the scheduled time (queueing for a pooled connection included)."""
-    limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
-    headers = {"Authorization": f"Bearer {key}"}
-    lat: list[float] = []
-    errors: list[str] = []
-    async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits, timeout=10) as client:
-        # open the pool's connections up front so the run does not start by connecting
-        await asyncio.gather(*(client.get(path) for _ in range(min(pool, 20))))
-        loop = asyncio.get_running_loop()
-        n = round(rate * duration)
-        t0 = loop.time() + 0.1
-
-        async def one(at: float) -> None:
-            try:
-                resp = await client.get(path)
-                if resp.status_code != 200:
-                    errors.append(f"HTTP {resp.status_code}")
-                    return
-            except httpx.HTTPError as err:
-                errors.append(type(err).__name__)
-                return
-            lat.append((loop.time() - at) * 1000)
-
-        tasks = []
-        for i in range(n):
-            at = t0 + i / rate
-            delay = at - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(at)))
-        await asyncio.gather(*tasks)
-        elapsed = loop.time() - t0
-    return {
-        "sent": n,
-        "ok": len(lat),
-        "errors": len(errors),
-        "error_kinds": sorted(set(errors)),
-        "rps": len(lat) / elapsed,
-        "p50_ms": pct(lat, 50),
-        "p90_ms": pct(lat, 90),
-        "p99_ms": pct(lat, 99),
-        "max_ms": max(lat) if lat else float("nan"),
-        "elapsed_s": elapsed,
-    }
-
-
 def submit_once(client: httpx.Client, dataset_id: str) -> tuple[float, str]:
     body = {"dataset_id": dataset_id, "student": "timm:resnet18", "steps": {"distill": 10}}
     t = time.perf_counter()
@@ -316,7 +325,7 @@ def submit_once(client: httpx.Client, dataset_id: str) -> tuple[float, str]:
 
 def versions(pg: str, redis_v: str) -> dict[str, str]:
     out = {"python": platform.python_version(), "postgresql": pg, "redis": redis_v}
-    for pkg in ("fastapi", "starlette", "uvicorn", "sqlalchemy", "psycopg", "celery", "httpx"):
+    for pkg in ("fastapi", "starlette", "uvicorn", "uvloop", "httptools", "sqlalchemy", "psycopg", "celery"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)
     return out
@@ -393,8 +402,11 @@ def markdown(r: dict[str, Any]) -> str:
         f"| status polling: p50 / p90 / p99 / max, ms | {r['status_p50_ms']:.1f} / {s['p90_ms']:.1f} / "
         f"{r['status_p99_ms']:.1f} / {s['max_ms']:.1f} |",
         f"| status polling: errors | {r['errors']} of {s['sent']} |",
-        f"| status polling: CPU of the API process / of the load generator, cores | "
-        f"{s['server_cpu_frac']:.2f} / {s['client_cpu_frac']:.2f} |",
+        f"| status polling: CPU of the API / PostgreSQL (all backends) / the load generator, cores | "
+        f"{s['server_cpu_frac']:.2f} / {s['postgres_cpu_frac']:.2f} / {s['client_cpu_frac']:.2f} |",
+        f"| status polling: CPU per request, API / load generator, ms | {s['server_cpu_ms_per_request']:.2f} / "
+        f"{s['client_cpu_ms_per_request']:.3f} |",
+        f"| status polling: whole machine busy, cores (of {os.cpu_count()}) | {s['machine_busy_cores']:.2f} |",
         f"| upload: size, MB ({d['upload_images']} PNG images) | {r['upload_mb']:.1f} |",
         f"| upload: API RSS before / peak, MB | {d['rss_before_mb']:.1f} / {d['rss_peak_mb']:.1f} |",
         f"| upload: API RSS growth, MB | {r['upload_rss_growth_mb']:.1f} |",
@@ -407,13 +419,20 @@ def markdown(r: dict[str, Any]) -> str:
     ]
     for name, target, measured, ok in verdicts(r):
         lines.append(f"| {name} | {target} | {measured} | {'PASS' if ok else 'FAIL'} |")
+    others = ", ".join(f"{k[7:]} {v:.2f}" for k, v in s["other_cpu"].items()) or "nothing above 0.01 cores"
     lines += [
         "",
         "Status latency is counted from each request's scheduled time (open loop, "
-        f"pool of {d['pool']} connections), so a stall delays and counts every request behind it. "
+        f"pool of at most {d['pool']} keep-alive connections, {s['event_loop']}; `bench/service/loadgen.py`), "
+        "so a stall delays and counts every request behind it. "
         "RSS is VmRSS of the uvicorn process and its children, polled every 50 ms.",
         "",
+        f"Else running during the status phase (cores): {others}; load average before it "
+        f"{' / '.join(f'{x:.2f}' for x in s['loadavg_before'])} (1 / 5 / 15 min).",
     ]
+    if r.get("note"):
+        lines += ["", r["note"]]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -483,14 +502,31 @@ def main() -> None:
                 submits = [submit_once(client, dataset_id)[0] for _ in range(args.submits)]
 
             print(f"status polling at {args.rate:g} req/s ...", flush=True)
-            path = f"/v1/jobs/{job_id}"
+            url = f"{base}/v1/jobs/{job_id}"
             if args.warmup > 0:
-                asyncio.run(open_loop(base, key, path, args.rate, args.warmup, args.pool))
-            cpu0, wall0 = (proc_cpu_s(api.pid), time.process_time()), time.monotonic()
-            status = asyncio.run(open_loop(base, key, path, args.rate, args.duration, args.pool))
+                open_loop(url, headers, args.rate, args.warmup, args.pool)
+            ours = {"api": tree_pids(api.pid), "load generator": {os.getpid()}}
+            loadavg_before = os.getloadavg()
+            table0, busy0, client0 = process_table(), machine_cpu_busy(), time.process_time()
+            wall0 = time.monotonic()
+            status = open_loop(url, headers, args.rate, args.duration, args.pool)
             wall = time.monotonic() - wall0
-            status["server_cpu_frac"] = (proc_cpu_s(api.pid) - cpu0[0]) / wall
-            status["client_cpu_frac"] = (time.process_time() - cpu0[1]) / wall
+            client_cpu, busy1, table1 = time.process_time() - client0, machine_cpu_busy(), process_table()
+            groups = cpu_by_group(table0, table1, wall, ours)
+            status["server_cpu_frac"] = groups.get("api", 0.0)
+            status["client_cpu_frac"] = client_cpu / wall
+            status["postgres_cpu_frac"] = groups.get("postgres", 0.0)
+            status["server_cpu_ms_per_request"] = (
+                status["server_cpu_frac"] * wall / max(status["ok"], 1) * 1000
+            )
+            status["client_cpu_ms_per_request"] = client_cpu / max(status["sent"], 1) * 1000
+            status["machine_busy_cores"] = (
+                (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1) * (os.cpu_count() or 1)
+            )
+            status["other_cpu"] = {
+                k: round(v, 3) for k, v in groups.items() if k.startswith("other: ") and v >= 0.01
+            }
+            status["loadavg_before"] = [round(x, 2) for x in loadavg_before]
 
             print(f"uploading {big_zip.stat().st_size / MB:.1f} MB ...", flush=True)
             time.sleep(0.5)
@@ -527,6 +563,7 @@ def main() -> None:
             "versions": versions(pg_version, redis_version),
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "git_commit": git_commit(),
+            "note": args.note,
             "duration_s": 0.0,
             "details": {
                 "uvicorn_workers": args.workers,
