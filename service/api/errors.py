@@ -65,10 +65,25 @@ def _location(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(str(part) for part in loc) or "request"
 
 
+def _readable(err: dict[str, Any]) -> str:
+    """One validation error as a person reads it: where, and what to do about it (pydantic's own
+    wording for the checks that already say so, e.g. "Input should be greater than 0")."""
+    where = _location(err.get("loc", ()))
+    kind = err.get("type")
+    if kind == "json_invalid":
+        reason = (err.get("ctx") or {}).get("error") or "malformed"
+        return f"the body is not valid JSON ({reason}); send a JSON object"
+    if kind == "missing":
+        return f"{where}: required; add it"
+    if kind == "extra_forbidden":
+        return f"{where}: unknown field; remove it (the schema at /docs lists the fields)"
+    return f"{where}: {err.get('msg', 'invalid')}"
+
+
 def _validation_error_handler(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
-    readable = "; ".join(f"{_location(err.get('loc', ()))}: {err.get('msg', 'invalid')}" for err in errors)
+    readable = "; ".join(_readable(err) for err in errors)
     # FastAPI's list of errors stays available under "errors" for programs; "detail" is for people
     return JSONResponse(
         status_code=422,

@@ -240,3 +240,61 @@ def test_service_does_not_import_torch() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+
+
+# --- 0002: admin keys, job queue and heartbeat, added to a database that has rows
+
+
+def upgrade_with_rows(url: str) -> None:
+    from sqlalchemy import text
+
+    config = alembic_config(url)
+    command.upgrade(config, "0001")
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text("INSERT INTO tenants (id, name, created_at) VALUES ('t1', 'old', :now)"), {"now": NOW}
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO api_keys (id, tenant_id, prefix, key_hash, created_at) "
+                    "VALUES ('k1', 't1', 'abcd1234', :hash, :now)"
+                ),
+                {"hash": "0" * 64, "now": NOW},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (id, tenant_id, kind, status, progress, params, stage_timings, metrics, "
+                    "cancel_requested, attempts, created_at, updated_at) VALUES ('j1', 't1', 'pipeline', "
+                    "'running', 0.5, '{}', '{}', '{}', false, 1, :now, :now)"
+                ),
+                {"now": NOW},
+            )
+        command.upgrade(config, "head")
+        assert schema_diff(engine) == []
+        with make_session_factory(engine)() as session:
+            key = session.get(ApiKey, "k1")
+            job = session.get(Job, "j1")
+            assert key is not None and key.is_admin is False  # existing keys are not admin keys
+            assert job is not None and (job.queue, job.heartbeat_at, job.progress) == ("cpu", None, 0.5)
+        command.downgrade(config, "0001")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM jobs")).scalar() == 1
+            assert "queue" not in {c["name"] for c in inspect(conn).get_columns("jobs")}
+    finally:
+        engine.dispose()
+
+
+NOW = datetime(2026, 1, 1, 12, 0, 0)
+
+
+def test_migration_0002_keeps_rows_sqlite(sqlite_url: str) -> None:
+    upgrade_with_rows(sqlite_url)
+
+
+def test_migration_0002_keeps_rows_postgres() -> None:
+    from tests.service.conftest import fresh_postgres_database
+
+    with fresh_postgres_database("kt_mig") as url:
+        upgrade_with_rows(url)

@@ -57,10 +57,10 @@ def db_write(api: Api, *rows: Any, statement: Any = None) -> None:
         engine.dispose()
 
 
-def queued_job_ids(broker: redis.Redis) -> list[str]:
-    """The job ids of the ``kt.run_job`` messages waiting in the ``cpu`` queue."""
+def queued_job_ids(broker: redis.Redis, queue: str = "cpu") -> list[str]:
+    """The job ids of the ``kt.run_job`` messages waiting in ``queue``."""
     ids = []
-    for raw in broker.lrange("cpu", 0, -1):
+    for raw in broker.lrange(queue, 0, -1):
         message = json.loads(raw)
         assert message["headers"]["task"] == "kt.run_job"
         ids.append(message["headers"]["argsrepr"].strip("[]'\""))
@@ -333,3 +333,62 @@ def test_galleries_listed_for_every_tenant(japi: Api, tenant: dict[str, Any]) ->
     }
     assert "path" not in listing["data"][0]
     assert httpx.get(f"{japi.url}/v1/galleries").status_code == 401
+
+
+# --- queue routing: GPU jobs go to the `gpu` queue
+
+
+def test_queue_for_device() -> None:
+    from service.queue import queue_for
+    from service.settings import Settings
+
+    cpu_default, gpu_default = Settings(), Settings(default_queue="gpu")
+    assert [queue_for(d, cpu_default) for d in ("cuda", "cuda:1", "cpu", "auto", None)] == [
+        "gpu",
+        "gpu",
+        "cpu",
+        "cpu",
+        "cpu",
+    ]
+    assert [queue_for(d, gpu_default) for d in ("cuda", "cpu", "auto", None)] == ["gpu", "cpu", "gpu", "gpu"]
+
+
+@pytest.mark.parametrize(
+    ("device", "queue"), [("cuda", "gpu"), ("cuda:1", "gpu"), ("cpu", "cpu"), ("auto", "cpu"), (None, "cpu")]
+)
+def test_jobs_are_routed_by_device(
+    japi: Api, tenant: dict[str, Any], broker: redis.Redis, device: str | None, queue: str
+) -> None:
+    extra = {"device": device} if device is not None else {}
+    with japi.client(tenant["key"]) as client:
+        created = client.post("/v1/jobs", json=job_body(tenant["dataset"]["id"], **extra))
+        assert created.status_code == 202, created.text
+        job = created.json()
+    assert job["queue"] == queue and job["request"]["device"] == device
+    other = "cpu" if queue == "gpu" else "gpu"
+    assert job["id"] in queued_job_ids(broker, queue) and job["id"] not in queued_job_ids(broker, other)
+    engine = make_engine(japi.settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            row = session.get(Job, job["id"])
+            assert row is not None and row.queue == queue
+            # the worker runs it on that device (kt_train's own "auto" when none was asked for)
+            assert row.params["config"].get("device") == device
+    finally:
+        engine.dispose()
+
+
+def test_default_queue_setting_routes_jobs_that_name_no_device(
+    japi: Api, tenant: dict[str, Any], broker: redis.Redis
+) -> None:
+    gpu_settings = japi.settings.model_copy(update={"default_queue": "gpu"})
+    with running_api(gpu_settings, migrate=False) as gpu_api, gpu_api.client(tenant["key"]) as client:
+        plain = client.post("/v1/jobs", json=job_body(tenant["dataset"]["id"])).json()
+        on_cpu = client.post("/v1/jobs", json=job_body(tenant["dataset"]["id"], device="cpu")).json()
+        ts = client.post(
+            "/v1/transfer-sets",
+            json={"dataset_id": tenant["dataset"]["id"], "gallery_id": tenant["gallery_id"]},
+        ).json()
+    assert (plain["queue"], on_cpu["queue"]) == ("gpu", "cpu")
+    assert plain["id"] in queued_job_ids(broker, "gpu") and on_cpu["id"] in queued_job_ids(broker, "cpu")
+    assert ts["job_id"] in queued_job_ids(broker, "gpu")
