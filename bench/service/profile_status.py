@@ -8,6 +8,7 @@ time of all threads / requests, so it includes the threadpool hops) and wall ms 
 
 python bench/service/profile_status.py                    # 2000 requests
 python bench/service/profile_status.py --profile --n 500  # + cProfile, top 30 by cumulative time
+python bench/service/profile_status.py --pace-ms 4        # ~200 req/s, idle in between, as in the benchmark
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     p.add_argument("--n", type=int, default=2000, help="measured requests")
     p.add_argument("--profile", action="store_true", help="print a cProfile listing")
+    p.add_argument(
+        "--pace-ms",
+        type=float,
+        default=0.0,
+        help="idle time between requests (as at a fixed rate: caches go cold)",
+    )
     p.add_argument("--top", type=int, default=30)
     return p.parse_args()
 
@@ -67,7 +74,7 @@ async def call(app: Any, path: str, headers: list[tuple[bytes, bytes]]) -> tuple
 
 
 async def drive(
-    app: Any, path: str, key: str, n: int, profile: cProfile.Profile | None
+    app: Any, path: str, key: str, n: int, profile: cProfile.Profile | None, pace_s: float = 0.0
 ) -> tuple[float, float]:
     headers = [(b"host", b"bench"), (b"authorization", f"Bearer {key}".encode())]
     for _ in range(50):  # warm up: pool connections, caches, lazy imports
@@ -79,6 +86,8 @@ async def drive(
     for _ in range(n):
         status, body = await call(app, path, headers)
         assert status == 200, (status, body)
+        if pace_s > 0:
+            await asyncio.sleep(pace_s)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     if profile is not None:
         profile.disable()
@@ -116,7 +125,9 @@ def main() -> None:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         profile = cProfile.Profile() if args.profile else None
         try:
-            cpu_ms, wall_ms = asyncio.run(drive(app, f"/v1/jobs/{job_id}", key, args.n, profile))
+            cpu_ms, wall_ms = asyncio.run(
+                drive(app, f"/v1/jobs/{job_id}", key, args.n, profile, args.pace_ms / 1000)
+            )
         finally:
             app.state.engine.dispose()
         print(
