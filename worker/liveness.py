@@ -47,24 +47,31 @@ def stale(cutoff: datetime) -> ColumnElement[bool]:
 
 
 class Heartbeat:
-    """``with Heartbeat(factory, job_id, interval_s):`` writes ``heartbeat_at`` now and then every
-    ``interval_s`` from a daemon thread, while the job is ``running``."""
+    """``with Heartbeat(factory, job_id, interval_s, attempt):`` writes ``heartbeat_at`` every
+    ``interval_s`` from a daemon thread, while the job is ``running`` as ``attempt`` (a job handed
+    on to another worker's attempt is not kept alive by this one)."""
 
-    def __init__(self, session_factory: sessionmaker[Session], job_id: str, interval_s: float) -> None:
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        job_id: str,
+        interval_s: float,
+        attempt: int | None = None,
+    ) -> None:
         self.session_factory = session_factory
         self.job_id = job_id
         self.interval_s = interval_s
+        self.attempt = attempt
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id[:8]}", daemon=True)
 
     def beat(self) -> None:
         try:
             with self.session_factory() as session:
-                session.execute(
-                    update(Job)
-                    .where(Job.id == self.job_id, Job.status == "running")
-                    .values(heartbeat_at=utcnow())
-                )
+                held = [Job.id == self.job_id, Job.status == "running"]
+                if self.attempt is not None:
+                    held.append(Job.attempts == self.attempt)
+                session.execute(update(Job).where(*held).values(heartbeat_at=utcnow()))
                 session.commit()
         except Exception:  # a database blip: the next beat tries again, long before the timeout
             log.warning("job %s: heartbeat not written", self.job_id, exc_info=True)

@@ -51,6 +51,11 @@ class Cancelled(Exception):
     """The job's ``cancel_requested`` flag was seen set; the run stops between two steps."""
 
 
+class ClaimLost(Exception):
+    """This attempt no longer holds the job: its heartbeat went stale, the reaper requeued the job
+    and maybe another worker took it. The attempt stops and leaves the row to its new holder."""
+
+
 class JobRetry(Exception):
     """An unexpected (non-user) error on an attempt that may still be retried."""
 
@@ -97,8 +102,10 @@ class JobReporter:
         clock: Callable[[], float] = time.monotonic,
         joblog: JobLog | None = None,
         log_interval_s: float = 30.0,
+        attempt: int | None = None,
     ):
         self.session_factory = session_factory
+        self.attempt = attempt
         self.job_id = job_id
         self.weights = weights
         self.total = sum(weights.values()) or 1.0
@@ -170,6 +177,7 @@ class JobReporter:
             job = session.get(Job, self.job_id)
             if job is None:
                 raise Cancelled("the job row was deleted")
+            check_held(job, self.attempt)
             if job.cancel_requested:
                 raise Cancelled("cancel requested")
             job.progress = round(p, 4)
@@ -207,6 +215,14 @@ class JobReporter:
         self.loop_total, self.loop_step = 0, 0
         if self.joblog is not None:
             self.joblog.write(f"{self.stage}: {task} finished")
+
+
+def check_held(job: Job, attempt: int | None) -> None:
+    """Raise ``ClaimLost`` unless ``job`` is still running as ``attempt`` (``None``: any)."""
+    if job.status != "running" or (attempt is not None and job.attempts != attempt):
+        raise ClaimLost(
+            f"the job is now {job.status} as attempt {job.attempts}: it was taken for lost and handed on"
+        )
 
 
 def _set(session_factory: sessionmaker[Session], job_id: str, **values: Any) -> Job:
@@ -328,7 +344,8 @@ def run_job(
         f"attempt {job.attempts} of {job.kind} job started on {socket.gethostname()} (queue {job.queue})"
     )
     try:
-        with Heartbeat(session_factory, job_id, heartbeat_interval_s(settings)), joblog.capture():
+        beat = Heartbeat(session_factory, job_id, heartbeat_interval_s(settings), attempt=job.attempts)
+        with beat, joblog.capture():
             if job.kind == "build_gallery":
                 _run_build_gallery(
                     session_factory, job, settings, joblog, progress_interval_s, log_interval_s
@@ -338,6 +355,12 @@ def run_job(
         log.info("job %s succeeded", job_id)
         joblog.write("job succeeded")
         return "succeeded"
+    except ClaimLost as err:
+        log.warning("job %s: attempt %d stops: %s", job_id, job.attempts, err)
+        joblog.write(f"attempt {job.attempts} stopped: {err}")
+        with session_factory() as session:
+            row = session.get(Job, job_id)
+            return row.status if row is not None else "canceled"
     except Cancelled:
         return _finish(session_factory, job_id, "canceled", joblog)
     except KTError as err:
@@ -373,6 +396,7 @@ def _run_stages(
         interval_s=progress_interval_s,
         joblog=joblog,
         log_interval_s=log_interval_s,
+        attempt=job.attempts,
     )
     out_root = Path(cfg.out_dir)
     out_root.mkdir(parents=True, exist_ok=True)
@@ -399,6 +423,7 @@ def _run_stages(
     with session_factory() as session:
         row = session.get(Job, job_id)
         assert row is not None
+        check_held(row, job.attempts)
         if model_files:
             session.add(Model(tenant_id=row.tenant_id, job_id=row.id, card=card, files=model_files))
         row.status, row.progress, row.eta_s, row.finished_at = "succeeded", 1.0, None, utcnow()
@@ -433,6 +458,7 @@ def _run_build_gallery(
         interval_s=progress_interval_s,
         joblog=joblog,
         log_interval_s=log_interval_s,
+        attempt=job.attempts,
     )
     out = gallery_dir(settings, job.id)
     device = raw.get("device")
@@ -462,6 +488,9 @@ def _run_build_gallery(
     seconds = round(time.perf_counter() - t0, 2)
     joblog.write(f"stage {stage}: {gallery.count} images, {gallery.dim}-d, finished in {seconds:.1f} s")
     with session_factory() as session:
+        held = session.get(Job, job.id)
+        assert held is not None
+        check_held(held, job.attempts)
         row = register_gallery(session, out, name)
         metrics = {
             "gallery_id": row.id,

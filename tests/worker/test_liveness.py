@@ -196,7 +196,7 @@ class FakeClock:
 
 
 def test_eta_comes_from_the_observed_rate_of_the_running_stage(session_factory, tenant_id):
-    job_id = add_job(session_factory, tenant_id, {})
+    job_id = running_job(session_factory, tenant_id, silent_s=0)
     clock = FakeClock()
     rep = runner.JobReporter(session_factory, job_id, {"a": 10.0, "b": 10.0}, interval_s=0, clock=clock)
 
@@ -227,7 +227,7 @@ def test_eta_comes_from_the_observed_rate_of_the_running_stage(session_factory, 
 
 
 def test_eta_leaves_out_stages_an_earlier_attempt_finished(session_factory, tenant_id):
-    job_id = add_job(session_factory, tenant_id, {})
+    job_id = running_job(session_factory, tenant_id, silent_s=0)
     clock = FakeClock()
     rep = runner.JobReporter(session_factory, job_id, {"a": 10.0, "b": 10.0}, interval_s=0, clock=clock)
     rep.begin_stage("a")  # finished before the crash: returns at once
@@ -243,9 +243,44 @@ def test_eta_leaves_out_stages_an_earlier_attempt_finished(session_factory, tena
 
 
 def test_cancel_is_seen_at_the_next_progress_report(session_factory, tenant_id):
-    job_id = add_job(session_factory, tenant_id, {})
+    job_id = running_job(session_factory, tenant_id, silent_s=0)
     rep = runner.JobReporter(session_factory, job_id, {"a": 4.0}, interval_s=0)
     rep.begin_stage("a")
     set_job(session_factory, job_id, cancel_requested=True)
     with pytest.raises(runner.Cancelled):
         rep.update("a", 1, {})
+
+
+def test_an_attempt_taken_for_lost_stops_and_leaves_the_job_to_its_new_holder(
+    session_factory, worker_settings, tenant_id, job_config, monkeypatch
+):
+    from sqlalchemy import select
+
+    from kt_train import pipeline
+    from service.db.models import Model
+
+    job_id = add_job(session_factory, tenant_id, job_config(stages=["finetune_teacher", "distill", "export"]))
+    real_distill = pipeline.STAGE_FUNCS["distill"]
+
+    def handed_on_meanwhile(cfg, inputs, out_dir, reporter=None):
+        # this worker stalled: the reaper requeued the job and another worker claimed it as attempt 2
+        set_job(session_factory, job_id, status="running", attempts=2, heartbeat_at=utcnow())
+        return real_distill(cfg, inputs, out_dir, reporter)
+
+    monkeypatch.setitem(pipeline.STAGE_FUNCS, "distill", handed_on_meanwhile)
+    assert runner.run_job(session_factory, job_id, worker_settings, progress_interval_s=0) == "running"
+    job = get_job(session_factory, job_id)
+    assert (job.status, job.attempts, job.finished_at, job.error) == ("running", 2, None, None)
+    with session_factory() as s:
+        assert s.scalars(select(Model).where(Model.job_id == job_id)).first() is None
+    log = (worker_settings.data_dir / "jobs" / job_id / "job.log").read_text()
+    assert "attempt 1 stopped: the job is now running as attempt 2" in log and "job succeeded" not in log
+
+
+def test_heartbeat_only_for_its_own_attempt(session_factory, tenant_id):
+    job_id = running_job(session_factory, tenant_id, silent_s=3600, attempts=2)
+    old = get_job(session_factory, job_id).heartbeat_at
+    Heartbeat(session_factory, job_id, interval_s=1, attempt=1).beat()
+    assert get_job(session_factory, job_id).heartbeat_at == old
+    Heartbeat(session_factory, job_id, interval_s=1, attempt=2).beat()
+    assert get_job(session_factory, job_id).heartbeat_at != old
