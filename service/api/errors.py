@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
 class UserError(Exception):
@@ -91,6 +92,22 @@ def _validation_error_handler(_request: Request, exc: Exception) -> JSONResponse
     )
 
 
+def _http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """HTTP errors as ``{"detail": ...}``; the router's bare "Not Found" / "Method Not Allowed"
+    (a path or method no route serves) say where the endpoints are listed."""
+    assert isinstance(exc, StarletteHTTPException)
+    detail: Any = exc.detail
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404 and detail == "Not Found":
+        detail = f"No endpoint {where}; check the path: the endpoints are listed at /docs."
+    elif exc.status_code == 405 and detail == "Method Not Allowed":
+        detail = (
+            f"{request.method} is not allowed on {request.url.path}; use one of the methods listed at /docs."
+        )
+    return JSONResponse(status_code=exc.status_code, content={"detail": detail}, headers=exc.headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(UserError, _user_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_error_handler)

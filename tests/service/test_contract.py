@@ -611,3 +611,9 @@ def test_error_bodies_are_json_objects_with_detail(world: World) -> None:
         ]
     assert set(bodies[0]) == {"detail"} and set(bodies[1]) == {"detail", "errors"}
     assert json.dumps(bodies)  # plain JSON
+
+
+def test_paths_and_methods_no_route_serves(world: World) -> None:
+    with world.client(world.owner) as client:
+        assert_explains(client.get("/v1/nothing-here"), 404, "GET /v1/nothing-here", "/docs")
+        assert_explains(client.put("/v1/jobs"), 405, "PUT", "/docs")
