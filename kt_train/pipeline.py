@@ -190,6 +190,7 @@ def _save_history(out: Path, **loops: LoopResult) -> dict[str, Any]:
         name: {
             "seconds": round(r.seconds, 2),
             "images_per_s": round(r.images_per_s, 1),
+            "steady_images_per_s": round(r.steady_images_per_s, 1),
             "data_wait_share": round(r.data_wait_share, 3),
             "resumed_from": r.resumed_from,
         }
@@ -386,7 +387,7 @@ def distill(
             reporter=reporter,
         )
         del teacher  # no teacher in the loop: its memory goes back before training starts
-        transfer = CachedViews(images, augment, cache)
+        transfer = CachedViews(images, augment, cache, render_size=min(size, student.data_config.input_size))
         cache_info = {
             "path": str(cache.path),
             "built": built,

@@ -25,6 +25,7 @@ complete, and a file lock keeps two processes from building the same key at once
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import itertools
@@ -229,9 +230,20 @@ class _Render(Dataset):
 
 
 class CachedViews(Dataset):
-    """Distillation data from a cache: index j -> (pixels of stored view, top-k logits, indices, j)."""
+    """Distillation data from a cache: index j -> (pixels of stored view, top-k logits, indices, j).
 
-    def __init__(self, dataset: ImageDataset, augment: TrainAugment, cache: TeacherCache):
+    ``render_size`` renders the stored views (same crop box, flips and jitter) straight at the
+    student's input size instead of the size the teacher saw, sparing a larger render and the
+    student's own resize; default: the cache's size, pixel-exact with what the teacher saw.
+    """
+
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        augment: TrainAugment,
+        cache: TeacherCache,
+        render_size: int | None = None,
+    ):
         if len(dataset) != cache.num_items:
             raise ConfigError(
                 f"teacher-output cache {cache.path} holds {cache.num_items} images, the transfer set "
@@ -243,6 +255,10 @@ class CachedViews(Dataset):
                 f"the distillation views are {augment.size} px"
             )
         self.dataset, self.augment, self.cache = dataset, augment, cache
+        self.render = augment
+        if render_size is not None and render_size != augment.size:
+            self.render = copy.copy(augment)
+            self.render.size = render_size
         self.row_ids = cache.rows()
         self.bad = dataset.bad
 
@@ -252,7 +268,7 @@ class CachedViews(Dataset):
     def __getitem__(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         item, view = divmod(int(self.row_ids[j]), self.cache.views)
         img = self.dataset.load_image(item)
-        pixels = self.augment.apply(img, self.cache.view_params(item, view))
+        pixels = self.render.apply(img, self.cache.view_params(item, view))
         logits = torch.from_numpy(np.array(self.cache.logits[item, view]))
         idx = torch.from_numpy(np.array(self.cache.indices[item, view]).astype(np.int64))
         return pixels, logits, idx, j

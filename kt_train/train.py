@@ -171,6 +171,9 @@ class LoopResult:
     seconds: float = 0.0
     images_per_s: float = 0.0
     data_wait_share: float = 0.0
+    # From the end of the first step on: without loader start-up (worker processes) and first-step
+    # warm-up (allocations, cuDNN autotuning, compilation), which dominate short runs.
+    steady_images_per_s: float = 0.0
 
 
 def train_loop(
@@ -244,6 +247,7 @@ def train_loop(
         pin_memory=device is not None and device.type == "cuda",
     )
     step, t0, wait, seen = start, time.perf_counter(), 0.0, 0
+    t_first = t0
     running: dict[str, float] = {}
     t_data = last_save = time.perf_counter()
     # Creating the iterator draws the loader's base seed from the global RNG; undo that draw so a
@@ -265,6 +269,8 @@ def train_loop(
         scaler.update()
         step += 1
         seen += batch_size
+        if seen == batch_size:
+            t_first = time.perf_counter()
         metrics = {"loss": float(loss.detach()), **metrics}
         for k, v in metrics.items():
             running[k] = 0.9 * running.get(k, v) + 0.1 * v
@@ -282,4 +288,6 @@ def train_loop(
     result.seconds = time.perf_counter() - t0
     result.images_per_s = seen / max(result.seconds, 1e-9)
     result.data_wait_share = wait / max(result.seconds, 1e-9)
+    if seen > batch_size:
+        result.steady_images_per_s = (seen - batch_size) / max(time.perf_counter() - t_first, 1e-9)
     return result

@@ -202,9 +202,16 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "timm": timm.__version__,
-        "faiss": __import__("faiss").__version__,
+        "faiss": _version("faiss"),
         "platform": platform.platform(),
     }
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
 
 
 def git_commit() -> str:

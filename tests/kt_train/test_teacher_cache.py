@@ -290,3 +290,21 @@ def test_auto_mode_picks_the_cache_only_when_it_saves_teacher_passes(
     )
     assert cached["teacher_cache"]["built"] is True
     assert Path(cached["teacher_cache"]["path"]).parent == tmp_path / "c" / "teacher_cache"
+
+
+def test_views_rendered_at_the_students_size_are_the_same_crops(
+    teacher: dict[str, Any], demo_data: dict[str, Path], tmp_path: Path
+) -> None:
+    ds = _images(demo_data)
+    plain = TrainAugment(32, scale=(0.2, 1.0))
+    cache = build_teacher_cache(
+        _model(teacher), ds, plain, tmp_path / "c", views=2, topk=2, seed=0, num_classes=4, batch_size=64
+    )
+    full, small = CachedViews(ds, plain, cache), CachedViews(ds, plain, cache, render_size=16)
+    for j in (0, 3, 50):
+        a, b = full[j][0], small[j][0]
+        assert a.shape == (3, 32, 32) and b.shape == (3, 16, 16)
+        down = torch.nn.functional.interpolate(a[None].float(), size=16, mode="bilinear", antialias=True)[0]
+        assert (down - b.float()).abs().mean() < 12  # the same crop, at another resolution
+        other = CachedViews(ds, plain, cache, render_size=16)[j + 1][0]
+        assert (down - other.float()).abs().mean() > (down - b.float()).abs().mean()
