@@ -11,17 +11,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 SHARED=${KT_SHARED:-../shared}
+RESULTS=${RESULTS:-bench/results}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 t0=$(date +%s)
 "$PY" bench/throughput/run.py --device cuda --shared "$SHARED" --seeds 0 1 2 --test-limit 3000 \
-  --windows 3 --window-steps 60 --out bench/results/throughput_gpu "$@"
+  --windows 3 --window-steps 60 --out "$RESULTS/throughput_gpu" "$@"
 if [ -n "${BIG_TEACHER:-}" ]; then
   # An untrained ViT teacher at 224 px: images/s only (what a foundation-model teacher costs).
   "$PY" bench/throughput/run.py --device cuda --shared "$SHARED" --skip-accuracy --teacher "$BIG_TEACHER" \
-    --teacher-size 224 --windows 3 --window-steps 60 --out bench/results/throughput_gpu_vit "$@"
+    --teacher-size 224 --windows 3 --window-steps 60 --out "$RESULTS/throughput_gpu_vit" "$@"
 fi
 echo "gpu_check: $(( $(date +%s) - t0 )) s"
-for f in bench/results/throughput_gpu.md bench/results/throughput_gpu_vit.md; do
+for f in "$RESULTS/throughput_gpu.md" "$RESULTS/throughput_gpu_vit.md"; do
   [ -f "$f" ] && cat "$f"
 done
