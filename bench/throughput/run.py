@@ -18,6 +18,7 @@ Two measurements, in one run:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import shutil
@@ -205,11 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     log.info("device %s; views %d, topk %d; %d steps x %d", device, views, topk, steps, batch)
 
     teachers: dict[int, dict[str, Any]] = {}
+    # Stage directories keyed by the teacher recipe: a run with another teacher never reuses one.
+    tkey = hashlib.sha1(
+        json.dumps([base["teacher"], base["finetune_teacher"], args.skip_accuracy], sort_keys=True).encode()
+    ).hexdigest()[:10]
 
     def teacher_for(seed: int) -> dict[str, Any]:
         if seed not in teachers:
             cfg = arm_config({**base, "seed": seed}, work, train=refs["labeled"], val=None)
-            out = work / f"seed{seed}" / "teacher"
+            out = work / f"seed{seed}" / f"teacher_{tkey}"
             if args.skip_accuracy:  # throughput only: a teacher with an untrained head is as fast
                 cfg = arm_config(
                     {
@@ -221,7 +226,6 @@ def main(argv: list[str] | None = None) -> int:
                     train=refs["labeled"],
                     val=None,
                 )
-                out = work / f"seed{seed}" / "teacher_untrained"
             t = pipeline.finetune_teacher(cfg, {}, out)
             teachers[seed] = {"teacher": t["checkpoint"], "classes": t["classes"]}
         return teachers[seed]
