@@ -1,0 +1,49 @@
+"""``kt``: one command for the library and the service.
+
+- library (``kt_train.cli``): ``kt train``, ``kt config``, ``kt demo``, ``kt gallery …``, ``kt curate``
+- service: ``kt serve`` (API + worker on the embedded default, or KT_* settings), ``kt admin …``
+
+``kt_train`` has no web, queue or database imports, and ``service`` never imports torch; this module
+is where the two meet, so it is the console script.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from kt_train.cli import app as train_app
+
+app = typer.Typer(
+    name="kt",
+    help=(train_app.info.help or "")
+    + " Service: `kt serve` runs the API and a worker; `kt admin` manages keys and galleries.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+app.registered_commands += train_app.registered_commands
+app.registered_groups += train_app.registered_groups
+app.registered_callback = train_app.registered_callback
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    help="Start the service: the HTTP API and Celery worker processes (`kt serve --help` for options).",
+)
+def serve(ctx: typer.Context) -> None:
+    from service.serve import main
+
+    raise typer.Exit(main(list(ctx.args)))
+
+
+def _admin() -> typer.Typer:
+    from service.admin import cli
+
+    return cli
+
+
+app.add_typer(_admin(), name="admin", help="Service administration: API keys, galleries.")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
