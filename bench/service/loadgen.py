@@ -129,6 +129,8 @@ class OpenLoop:
         self.backlog: collections.deque[float] = collections.deque()
         self.connecting = 0
         self.latencies: list[float] = []
+        self.scheduled: list[float] = []  # the scheduled time of each latency, same order
+        self.t0 = 0.0
         self.errors: list[str] = []
         self.done = 0
         self.expected = 0
@@ -152,6 +154,7 @@ class OpenLoop:
         self.done += 1
         if status == 200:
             self.latencies.append((time.perf_counter() - at) * 1000)
+            self.scheduled.append(at)
         else:
             self.errors.append(f"HTTP {status}" if status is not None else why)
         if self.done >= self.expected and not self.finished.done():
@@ -195,6 +198,7 @@ class OpenLoop:
         # Timers run on the loop's clock (uvloop's has 1 ms steps); latencies on perf_counter, from
         # the exact scheduled instant, so a late timer is counted as latency, not hidden.
         loop_t0, t0 = self.loop.time() + 0.05, time.perf_counter() + 0.05
+        self.t0 = t0
         for i in range(n):
             self.loop.call_at(loop_t0 + i / rate, self.fire, t0 + i / rate)
         with contextlib.suppress(TimeoutError):
@@ -206,6 +210,7 @@ class OpenLoop:
             conn.close()
         await asyncio.sleep(0.05)  # let the transports close
         lat = self.latencies
+        slowest = sorted(range(len(lat)), key=lat.__getitem__)[-10:][::-1]
         return {
             "sent": n,
             "ok": len(lat),
@@ -220,6 +225,8 @@ class OpenLoop:
             "max_ms": max(lat) if lat else float("nan"),
             "elapsed_s": elapsed,
             "connections_max": self.pool,
+            # the 10 slowest: [seconds into the run it was scheduled at, latency ms]
+            "slowest": [[round(self.scheduled[i] - t0, 3), round(lat[i], 1)] for i in slowest],
         }
 
 
