@@ -442,7 +442,15 @@ def markdown(r: dict[str, Any]) -> str:
 def main() -> None:
     args = parse_args()
     started = time.monotonic()
-    command = "python " + shlex.join([os.path.relpath(__file__, REPO), *sys.argv[1:]])
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):  # the note goes in the report, not in the command line
+        if arg == "--note":
+            argv = argv[:i] + argv[i + 2 :]
+            break
+        if arg.startswith("--note="):
+            argv = argv[:i] + argv[i + 1 :]
+            break
+    command = "python " + shlex.join([os.path.relpath(__file__, REPO), *argv])
     sys.path.insert(0, str(REPO))
     from service.admin import create_tenant_key
     from service.db.session import init_db, make_engine, make_session_factory
