@@ -77,7 +77,11 @@ class DataConfigSection(_Strict):
     view_size: int | None = Field(
         None, ge=8, description="side of the augmented view both models see (default: the larger input size)"
     )
-    cache_images: bool = Field(True, description="decode every image once and keep it in memory")
+    cache_images: bool = Field(
+        True,
+        description="decode every image once and keep it in memory (skipped, with a warning, when the decoded "
+        "images would take more than half the memory available)",
+    )
     num_workers: int | None = Field(
         None,
         ge=0,

@@ -493,17 +493,20 @@ class ImageDataset(torch.utils.data.Dataset):
 
     # -- caching -------------------------------------------------------------------------------
 
-    def cache_in_memory(self, progress: bool = False) -> None:
+    def cache_in_memory(self, progress: bool = False, max_bytes: int | None = None) -> bool:
         """Decode every image once and keep it; unreadable images are recorded in ``bad`` and dropped.
 
         Decoding is the bottleneck of small-image training; PIL releases the GIL while decoding,
         so a thread pool gives real parallelism without pickling images between processes.
+        Images are decoded in chunks; when the decoded pixels would pass ``max_bytes`` the cache is
+        given up (images are then decoded on every use) and False is returned.
         """
         n = len(self.items)
         if self._cache is not None:
-            return
+            return True
         workers = max(1, min(8, os.cpu_count() or 1))
         step = max(1, n // 10)
+        chunk = 2048
 
         def decode(i: int) -> Image.Image | str:
             try:
@@ -512,11 +515,26 @@ class ImageDataset(torch.utils.data.Dataset):
                 return e.args[0]
 
         results: list[Image.Image | str] = []
+        used = 0
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kt-decode") as pool:
-            for k, res in enumerate(pool.map(decode, range(n)), start=1):
-                results.append(res)
-                if progress and (k % step == 0 or k == n):
-                    log.info("caching %s: %d/%d images decoded", self.name or "dataset", k, n)
+            for lo in range(0, n, chunk):
+                for res in pool.map(decode, range(lo, min(n, lo + chunk))):
+                    results.append(res)
+                    if not isinstance(res, str):
+                        used += res.width * res.height * len(res.getbands())
+                    k = len(results)
+                    if progress and (k % step == 0 or k == n):
+                        log.info("caching %s: %d/%d images decoded", self.name or "dataset", k, n)
+                if max_bytes is not None and used > max_bytes:
+                    log.warning(
+                        "not caching %s in memory: its decoded images pass %.1f GB after %d of %d "
+                        "(data.cache_max_gb); they are decoded on every use instead",
+                        self.name or "the dataset",
+                        max_bytes / 1e9,
+                        len(results),
+                        n,
+                    )
+                    return False
 
         keep_items: list[Item] = []
         cache: list[Image.Image] = []
@@ -546,6 +564,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.items = keep_items
         self._cache = cache
         self._bad_index = set()
+        return True
 
     @property
     def cached(self) -> bool:

@@ -81,11 +81,24 @@ def _memo(key: tuple, build: Callable[[], ImageDataset], cache: bool) -> ImageDa
         _DECODED.move_to_end(key)
         return copy.copy(_DECODED[key])
     ds = build()
-    ds.cache_in_memory()
+    if not ds.cache_in_memory(max_bytes=_cache_budget()):
+        return ds  # too large to keep decoded: decoded on every use
     _DECODED[key] = ds
     while len(_DECODED) > _DECODED_MAX:
         _DECODED.popitem(last=False)
     return copy.copy(ds)
+
+
+def _cache_budget() -> int | None:
+    """Half the memory available now: decoded images beyond it are not cached (a huge transfer set
+    is decoded on use instead of taking the machine down)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // 2
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def open_labeled(

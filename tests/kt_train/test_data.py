@@ -369,3 +369,14 @@ def test_zip_handle_reopened_after_pid_change(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(data_mod.os, "getpid", lambda: -12345)  # as seen from a forked worker
     assert store.read("a.png") == data
     assert store._handle is not parent_handle and parent_handle.fp is not None  # parent's left open
+
+
+def test_cache_in_memory_gives_up_past_its_byte_budget(tmp_path: Path) -> None:
+    from kt_train.data import load_unlabeled
+
+    for k in range(5):
+        write_image(tmp_path / "u" / f"{k}.png", 20, 10, seed=k)
+    ds = load_unlabeled(tmp_path / "u")
+    assert ds.cache_in_memory(max_bytes=100) is False  # 5 x 600 bytes decoded
+    assert not ds.cached and len(ds) == 5 and ds[0][0].shape == (3, 10, 20)
+    assert ds.cache_in_memory(max_bytes=5 * 600) is True and ds.cached
