@@ -427,7 +427,7 @@ def markdown(r: dict[str, Any]) -> str:
         "so a stall delays and counts every request behind it. "
         "RSS is VmRSS of the uvicorn process and its children, polled every 50 ms.",
         "",
-        f"Else running during the status phase (cores): {others}; load average before it "
+        f"Else running during the status phase (processes alive at its end; cores): {others}; load average before it "
         f"{' / '.join(f'{x:.2f}' for x in s['loadavg_before'])} (1 / 5 / 15 min).",
     ]
     if r.get("note"):
