@@ -24,6 +24,7 @@ from torch import nn
 
 from .config import DatasetRef, OptimConfig, TrainConfig, dump_config
 from .data import ImageDataset, load_labeled, load_unlabeled
+from .distributed import barrier, init_from_env, is_distributed, local_device, rank, world_size
 from .errors import ConfigError, DatasetError
 from .evaluate import evaluate_model
 from .io import atomic_write_json, atomic_write_text, is_done, mark_done, read_outputs
@@ -354,7 +355,7 @@ def distill(
     out = _stage_begin(out_dir, cfg)
     if out is None:
         return read_outputs(out_dir)
-    device = resolve_device(cfg.device)
+    device = local_device(resolve_device(cfg.device))
     if "teacher" not in inputs:
         raise ConfigError(
             "distill needs a finetuned teacher: run finetune_teacher first (stages) or pass inputs['teacher']"
@@ -377,7 +378,15 @@ def distill(
     augment = augment_for(dc, size)
     images = open_unlabeled(_transfer_ref(cfg, inputs), seed=cfg.seed, cache=cfg.data.cache_images)
     labeled_iter = _labeled_stream(cfg, classes, size, dc) if dc.ce_weight > 0 else None
-    forward = torch.compile(student) if cfg.compile else student
+    forward: nn.Module = student
+    if is_distributed():
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.compile:
+        forward = torch.compile(forward)  # type: ignore[assignment]
     cache_info: dict[str, Any] | None = None
     transfer: Any
     if _use_cache(dc, len(images)):
@@ -448,8 +457,12 @@ def distill(
         seed=cfg.seed,
         device=device,
         reporter=reporter,
+        data_parallel=is_distributed(),
     )
-    return _finish_student(
+    if rank() != 0:  # data parallel: rank 0 writes the student and the outputs
+        barrier()
+        return read_outputs(out)
+    res = _finish_student(
         cfg,
         out,
         student,
@@ -457,6 +470,7 @@ def distill(
         device,
         {"distill": loop},
         lineage={
+            "world_size": world_size(),
             "teacher": ckpt.get("lineage", {}).get("teacher", str(inputs["teacher"])),
             "teacher_checkpoint": str(inputs["teacher"]),
             "transfer_set": _transfer_ref(cfg, inputs).model_dump(),
@@ -467,6 +481,8 @@ def distill(
         bad=images.bad,
         extra={"teacher_cache": cache_info} if cache_info else None,
     )
+    barrier()
+    return res
 
 
 def _use_cache(dc: Any, num_images: int) -> bool:
@@ -757,6 +773,8 @@ def _transfer_ref(cfg: TrainConfig, inputs: Outputs) -> DatasetRef:
     return cfg.data.transfer
 
 
+DATA_PARALLEL_STAGES = frozenset({"distill"})
+
 STAGE_FUNCS = {
     "finetune_teacher": finetune_teacher,
     "curate": curate,
@@ -834,15 +852,25 @@ def _git_commit() -> str | None:
 
 def run_pipeline(cfg: TrainConfig, reporter: Reporter | None = None) -> dict[str, Outputs]:
     """Run ``cfg.stages`` in order under ``cfg.out_dir``, each stage fed the outputs before it."""
+    init_from_env(cfg.device)  # first: joining the group may draw from the global RNG
     torch.manual_seed(cfg.seed)
+    main = rank() == 0
     root = Path(cfg.out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / "config.yaml", dump_config(cfg))
+    if main:
+        atomic_write_text(root / "config.yaml", dump_config(cfg))
     results: dict[str, Outputs] = {}
     inputs: Outputs = {}
     for name in cfg.stages:
         t0 = time.perf_counter()
-        res = STAGE_FUNCS[name](cfg, dict(inputs), root / name, reporter)
+        parallel = name in DATA_PARALLEL_STAGES and cfg.distill.method == "task_oriented"
+        if parallel or not is_distributed():
+            res = STAGE_FUNCS[name](cfg, dict(inputs), root / name, reporter)
+        else:  # under torchrun, the other stages run on rank 0 while the rest wait
+            res = STAGE_FUNCS[name](cfg, dict(inputs), root / name, reporter) if main else {}
+            barrier()
+            if not main and is_done(root / name):
+                res = read_outputs(root / name)
         res = {**res, "seconds": round(time.perf_counter() - t0, 2)}
         results[name] = res
         if name == "finetune_teacher":
@@ -851,6 +879,7 @@ def run_pipeline(cfg: TrainConfig, reporter: Reporter | None = None) -> dict[str
             inputs["transfer"] = res["manifest"]
         elif name in ("distill", "finetune_student"):
             inputs["student"], inputs["classes"] = res["checkpoint"], res["classes"]
-    atomic_write_json(root / "summary.json", results)
+    if main:
+        atomic_write_json(root / "summary.json", results)
     log.info("pipeline done: %s", json.dumps({k: v.get("metrics") for k, v in results.items()}, default=str))
     return results

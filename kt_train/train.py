@@ -91,15 +91,22 @@ class StreamSampler(Sampler[int]):
     """Positions [start, stop) of an endless stream of seeded permutations of range(n).
 
     Position p is permutation p // n at offset p % n, so the stream can be resumed anywhere.
+    With ``world`` > 1 (data parallel), rank r keeps the r-th of ``world`` equal slices of every
+    global batch of ``batch_size`` positions: the ranks together see exactly the single-process
+    batches.
     """
 
-    def __init__(self, n: int, seed: int, start: int, stop: int):
+    def __init__(
+        self, n: int, seed: int, start: int, stop: int, *, batch_size: int = 1, rank: int = 0, world: int = 1
+    ):
         self.n, self.seed, self.start, self.stop = n, seed, start, stop
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.local = batch_size // world
 
     def __len__(self) -> int:
-        return max(0, self.stop - self.start)
+        return max(0, self.stop - self.start) // self.world
 
-    def __iter__(self) -> Iterator[int]:
+    def _stream(self) -> Iterator[int]:
         p = self.start
         while p < self.stop:
             epoch, offset = divmod(p, self.n)
@@ -108,6 +115,14 @@ class StreamSampler(Sampler[int]):
             take = perm[: self.stop - p]
             yield from take
             p += len(take)
+
+    def __iter__(self) -> Iterator[int]:
+        if self.world == 1:
+            yield from self._stream()
+            return
+        for p, item in enumerate(self._stream(), start=self.start):
+            if (p % self.batch_size) // self.local == self.rank:
+                yield item
 
 
 def batches(
@@ -119,12 +134,30 @@ def batches(
     steps: int,
     num_workers: int = 0,
     pin_memory: bool = False,
+    data_parallel: bool = False,
 ) -> DataLoader:
+    """Seeded batches from ``start_step``; with ``data_parallel`` (under torchrun) this rank's slice
+    of each global batch of ``batch_size``."""
+    from .distributed import rank, world_size
+
     n = len(dataset)  # type: ignore[arg-type]
-    sampler = StreamSampler(n, seed, start_step * batch_size, steps * batch_size)
+    world = world_size() if data_parallel else 1
+    if batch_size % world:
+        raise ConfigError(
+            f"batch_size {batch_size} does not split over {world} processes; use a multiple of {world}"
+        )
+    sampler = StreamSampler(
+        n,
+        seed,
+        start_step * batch_size,
+        steps * batch_size,
+        batch_size=batch_size,
+        rank=rank() if data_parallel else 0,
+        world=world,
+    )
     return DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=batch_size // world,
         sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory,
@@ -196,12 +229,16 @@ def train_loop(
     train_mode: Callable[[], None] | None = None,
     log_every: int = 10,
     autocast_dtype: torch.dtype | None = None,
+    data_parallel: bool = False,
 ) -> LoopResult:
     """Run ``steps`` optimizer steps of ``step_fn`` over seeded batches of ``dataset``.
 
     ``modules`` are what the checkpoint holds (the trainable parts); ``train_mode`` puts them in
     the right mode (e.g. train mode with batch norm frozen). Resumes from ``ckpt_path`` if present.
     """
+    from .distributed import rank as _rank
+
+    is_main = _rank() == 0
     reporter = reporter or LogReporter()
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
     device_type = device.type if device is not None else "cpu"
@@ -245,6 +282,7 @@ def train_loop(
         steps=steps,
         num_workers=num_workers,
         pin_memory=device is not None and device.type == "cuda",
+        data_parallel=data_parallel,
     )
     step, t0, wait, seen = start, time.perf_counter(), 0.0, 0
     t_first = t0
@@ -280,7 +318,7 @@ def train_loop(
         # Default cadence: every epoch, but not more often than every 30 s (tiny labeled sets
         # have epochs of a step or two); an explicit checkpoint_every is honored exactly.
         due = step % every == 0 and (checkpoint_every is not None or time.perf_counter() - last_save >= 30)
-        if due or step == steps:
+        if (due or step == steps) and is_main:
             save(step)
             last_save = time.perf_counter()
         t_data = time.perf_counter()
