@@ -145,6 +145,27 @@ def train(
     console.print(f"resolved config: {Path(cfg.out_dir) / 'config.yaml'}")
 
 
+@app.command("tune-batch")
+def tune_batch(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config file")],
+    teacher: Annotated[Path, typer.Option(help="finetuned teacher checkpoint (finetune_teacher/teacher.pt)")],
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="override: key.sub=value")] = None,
+    limit: Annotated[int, typer.Option(help="largest batch size tried")] = 4096,
+) -> None:
+    """Find the largest distillation batch that fits on the config's device (doubling from 16).
+
+    On CPU memory is rarely the limit; the number is an upper bound, not a recommendation.
+    """
+    from .pipeline import max_distill_batch
+
+    try:
+        cfg = load_config(config, list(set_ or []))
+        bs = max_distill_batch(cfg, teacher, limit=limit)
+    except KTError as e:
+        _fail(e)
+    typer.echo(f"largest distillation batch that fits: {bs} (distill.batch_size; lr usually scales with it)")
+
+
 @app.command("config")
 def show_config(
     config: Annotated[

@@ -485,6 +485,40 @@ def distill(
     return res
 
 
+def max_distill_batch(cfg: TrainConfig, teacher_checkpoint: str | Path, *, limit: int = 4096) -> int:
+    """The largest distillation batch that fits on ``cfg.device``: one student forward + backward
+    (and a teacher forward unless the cache mode is ``cached``) at the view size, at the config's
+    precision; the search doubles from 16 (``train.find_batch_size``)."""
+    from .distributed import world_size
+    from .train import find_batch_size
+
+    device = local_device(resolve_device(cfg.device))
+    teacher, ckpt = load_checkpoint(teacher_checkpoint)
+    teacher = _freeze(_to_device(teacher, device, channels_last=True))
+    student = _to_device(
+        create_student(cfg.student.model, len(ckpt["classes"]), image_size=cfg.student.image_size),
+        device,
+        channels_last=cfg.channels_last,
+    )
+    size = cfg.data.view_size or max(teacher.data_config.input_size, student.data_config.input_size)
+    with_teacher = cfg.distill.cache.mode != "cached"
+    dtype = resolve_precision(cfg.precision, device)
+
+    def try_step(bs: int) -> None:
+        x = torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8, device=device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            if with_teacher:
+                with torch.no_grad():
+                    t = teacher(x.contiguous(memory_format=torch.channels_last))
+            else:
+                t = torch.zeros(bs, len(ckpt["classes"]), device=device)
+            loss = kd_loss(student(x), t, cfg.distill.temperature)
+        loss.backward()
+        student.zero_grad(set_to_none=True)
+
+    return find_batch_size(try_step, limit=limit, multiple_of=world_size())
+
+
 def _use_cache(dc: Any, num_images: int) -> bool:
     mode = dc.cache.mode
     if mode == "auto":

@@ -196,6 +196,33 @@ def lr_at(step: int, steps: int, base_lr: float, warmup: int, min_ratio: float =
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+def find_batch_size(
+    try_step: Callable[[int], None], *, start: int = 16, limit: int = 4096, multiple_of: int = 1
+) -> int:
+    """The largest batch size, doubling from ``start`` up to ``limit``, for which ``try_step(bs)``
+    (one forward + backward at that size) runs without running out of memory.
+
+    Raises ConfigError when even ``start`` does not fit. Memory is freed between tries.
+    """
+    if start < 1 or limit < start:
+        raise ConfigError(f"batch-size search needs 1 <= start <= limit, got start={start}, limit={limit}")
+    best = 0
+    bs = start
+    while bs <= limit:
+        try:
+            try_step(bs)
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        best = bs
+        bs *= 2
+    if best == 0:
+        raise ConfigError(f"a batch of {start} does not fit in memory; use a smaller model or input size")
+    return max(multiple_of, best // multiple_of * multiple_of)
+
+
 @dataclass
 class LoopResult:
     steps: int

@@ -308,3 +308,30 @@ def test_views_rendered_at_the_students_size_are_the_same_crops(
         assert (down - b.float()).abs().mean() < 12  # the same crop, at another resolution
         other = CachedViews(ds, plain, cache, render_size=16)[j + 1][0]
         assert (down - other.float()).abs().mean() > (down - b.float()).abs().mean()
+
+
+def test_find_batch_size_doubles_until_out_of_memory() -> None:
+    from kt_train.train import find_batch_size
+
+    tried: list[int] = []
+
+    def step(bs: int) -> None:
+        tried.append(bs)
+        if bs > 200:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    assert find_batch_size(step, start=16, limit=4096) == 128
+    assert tried == [16, 32, 64, 128, 256]
+    assert find_batch_size(step, start=16, limit=64) == 64
+    assert find_batch_size(step, start=24, limit=4096, multiple_of=16) == 192
+    with pytest.raises(ConfigError, match="does not fit"):
+        find_batch_size(step, start=512)
+
+
+def test_max_distill_batch_runs_real_steps_on_the_device(
+    teacher: dict[str, Any], demo_data: dict[str, Path], tmp_path: Path
+) -> None:
+    cfg = parse_config(small_config_dict(demo_data, tmp_path))
+    assert (
+        pipeline.max_distill_batch(cfg, teacher["checkpoint"], limit=64) == 64
+    )  # CPU: no OOM below the limit
