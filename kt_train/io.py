@@ -3,10 +3,15 @@
 A stage may be killed at any instant (a worker crash, a redelivered task). Every file is written to a
 temp name and ``os.replace``d, and ``_SUCCESS`` is written last, so a reader sees either nothing or
 a complete result.
+
+A full disk is reported as ``DiskFullError`` (an ``OSError`` with errno ``ENOSPC`` and the file
+that was being written, and a ``KTError``: retrying does not help until space is freed); the
+partial temp file is removed, so a full disk never leaves a truncated file under a final name.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -14,8 +19,37 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import KTError
+
 SUCCESS = "_SUCCESS"
 OUTPUTS = "outputs.json"
+
+
+class DiskFullError(OSError, KTError):
+    """No space left on the device while writing ``filename`` (errno ``ENOSPC``)."""
+
+    def __init__(self, path: str | Path, cause: BaseException | None = None) -> None:
+        super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        self.cause = cause
+
+    def __str__(self) -> str:
+        return f"no space left on device while writing {self.filename}; free space on that disk and run again"
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """``err`` (or an error it was raised from) says the disk is full: an ``OSError`` with errno
+    ``ENOSPC``, or a library's wrapper whose message carries it (safetensors, torch)."""
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno == errno.ENOSPC:
+            return True
+        text = str(cur)
+        if "No space left on device" in text or "os error 28" in text:
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], None]) -> Path:
@@ -28,8 +62,10 @@ def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], None]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, Exception) and not isinstance(err, DiskFullError) and is_disk_full(err):
+            raise DiskFullError(path, err) from err
         raise
     return path
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from service.db.models import utcnow
 from service.settings import Settings
 
+log = logging.getLogger(__name__)
 JOB_LOG = "job.log"
 
 
@@ -37,9 +38,12 @@ class JobLog:
         lines = message.rstrip("\n").splitlines() or [""]
         text = f"{stamp} {lines[0]}\n" + "".join(f"    {line}\n" for line in lines[1:])
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(text)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(text)
+            except OSError as err:  # a full disk must not turn a job's bookkeeping into a crash
+                log.warning("job log %s not written (%s): %s", self.path, err, lines[0])
 
     @contextmanager
     def capture(self, *loggers: str, level: int = logging.INFO) -> Iterator[None]:

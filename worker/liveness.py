@@ -96,11 +96,24 @@ class ReapResult:
     canceled: list[str] = field(default_factory=list)
 
 
-def lost_message(attempts: int, settings: Settings) -> str:
+# ``jobs.params`` key where ``POST /v1/jobs/{id}/retry`` notes the attempts made before it: a
+# retried job gets KT_JOB_MAX_ATTEMPTS fresh attempts (``attempts`` itself keeps counting, since it
+# tells attempts apart).
+ATTEMPTS_BEFORE_RETRY = "attempts_before_retry"
+
+
+def attempts_since_retry(job: Job) -> int:
+    """Attempts the job made since it was last retried by hand (all of them if never)."""
+    base = (job.params or {}).get(ATTEMPTS_BEFORE_RETRY) or 0
+    return job.attempts - int(base) if isinstance(base, int) else job.attempts
+
+
+def lost_message(attempts: int, settings: Settings, job_id: str = "{id}") -> str:
     return (
         f"The worker running this job stopped (no heartbeat for {settings.job_heartbeat_timeout_s:g} s) on "
         f"attempt {attempts}, and the job has used all {settings.job_max_attempts} attempts "
-        "(KT_JOB_MAX_ATTEMPTS). The request itself was not at fault: submit it again to retry."
+        "(KT_JOB_MAX_ATTEMPTS). The request itself was not at fault: retry it with "
+        f"POST /v1/jobs/{job_id}/retry (finished stages are kept), or submit it again."
     )
 
 
@@ -125,8 +138,8 @@ def reap_lost_jobs(
         if job.cancel_requested:
             kind, values = "canceled", {"status": "canceled", "finished_at": now, "eta_s": None}
             line = "canceled: its worker was lost after the cancel request"
-        elif job.attempts >= settings.job_max_attempts:
-            message = lost_message(job.attempts, settings)
+        elif attempts_since_retry(job) >= settings.job_max_attempts:
+            message = lost_message(job.attempts, settings, job.id)
             kind, values = "failed", {"status": "failed", "finished_at": now, "eta_s": None, "error": message}
             line = f"failed: {message}"
         else:

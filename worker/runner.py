@@ -8,7 +8,9 @@ Meanwhile the current stage, progress, ETA and a heartbeat go to the row, and st
 ends, progress and errors to ``<data_dir>/jobs/<job_id>/job.log``. The row ends in a final status.
 Stages are resumable (``_SUCCESS`` per stage, ``last.ckpt`` inside training stages, finished
 shards of a gallery), so running the same job again after a crash continues where the crashed
-run stopped; running a finished or canceled job again does nothing.
+run stopped (temp files a killed attempt left behind are removed first); running a finished or
+canceled job again does nothing. A full disk fails the job at once with a message naming the file
+and ``KT_DATA_DIR`` (retrying can't help until space is freed; then ``POST /v1/jobs/{id}/retry``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from kt_train import pipeline
 from kt_train.config import TrainConfig, parse_config
 from kt_train.errors import ConfigError, KTError
 from kt_train.gallery import DEFAULT_ENCODER, build_gallery
-from kt_train.io import SUCCESS
+from kt_train.io import SUCCESS, is_disk_full
 from service.admin import register_gallery
 from service.db.models import JOB_FINAL_STATUSES, Job, Model, utcnow
 from service.settings import Settings
@@ -252,6 +254,53 @@ def _message(err: BaseException) -> str:
     return text[:MAX_ERROR_CHARS]
 
 
+def disk_full_message(
+    err: BaseException, settings: Settings, job_id: str, where: dict[str, Any]
+) -> str | None:
+    """The job's error for a full disk (``None`` when ``err`` is something else): the file being
+    written (or the stage's directory when the library did not say), where to free space, and how
+    to run the job again."""
+    if not is_disk_full(err):
+        return None
+    target = None
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen and target is None:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.filename:
+            target = str(cur.filename)
+        cur = cur.__cause__ or cur.__context__
+    if target is None:
+        stage, directory = where.get("stage"), where.get("dir")
+        target = f"the {stage} stage's files in {directory}" if stage else "the job's files"
+    return (
+        f"no space left on device while writing {target}; free space in KT_DATA_DIR ({settings.data_dir}), "
+        f"then retry the job (POST /v1/jobs/{job_id}/retry). Nothing partial was kept: files are "
+        "written to a temp name and renamed into place only when complete."
+    )[:MAX_ERROR_CHARS]
+
+
+def remove_stale_temp_files(root: Path, older_than_s: float) -> list[Path]:
+    """Delete the temp files of atomic writes (``.<name>.<random>.tmp[.<suffix>]``) under ``root``
+    that were not touched for ``older_than_s``: what an attempt killed mid-write left behind. The
+    age guard spares a write still in flight (an attempt taken for lost that has not noticed yet)."""
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    cutoff = time.time() - older_than_s
+    for path in root.rglob(".*"):
+        name = path.name
+        if not (name.endswith(".tmp") or ".tmp." in name):
+            continue
+        try:
+            if path.is_file() and not path.is_symlink() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed.append(path)
+        except OSError:  # gone meanwhile, or not ours to remove: leave it
+            continue
+    return removed
+
+
 def _wire(name: str, res: dict[str, Any], inputs: dict[str, Any]) -> None:
     """Feed a stage's outputs to the next stages (as ``kt_train.pipeline.run_pipeline`` does)."""
     if name == "finetune_teacher":
@@ -343,15 +392,25 @@ def run_job(
     joblog.write(
         f"attempt {job.attempts} of {job.kind} job started on {socket.gethostname()} (queue {job.queue})"
     )
+    where: dict[str, Any] = {}  # the stage running now and its directory (for error messages)
     try:
+        if job.attempts > 1:
+            stale_temps = remove_stale_temp_files(
+                job_run_dir(settings, job_id), heartbeat_interval_s(settings)
+            )
+            if stale_temps:
+                joblog.write(f"removed {len(stale_temps)} temp file(s) an earlier attempt left unfinished")
         beat = Heartbeat(session_factory, job_id, heartbeat_interval_s(settings), attempt=job.attempts)
         with beat, joblog.capture():
             if job.kind == "build_gallery":
+                where.update(stage="build_gallery", dir=gallery_dir(settings, job_id))
                 _run_build_gallery(
                     session_factory, job, settings, joblog, progress_interval_s, log_interval_s
                 )
             else:
-                _run_stages(session_factory, job, settings, joblog, progress_interval_s, log_interval_s)
+                _run_stages(
+                    session_factory, job, settings, joblog, progress_interval_s, log_interval_s, where
+                )
         log.info("job %s succeeded", job_id)
         joblog.write("job succeeded")
         return "succeeded"
@@ -364,8 +423,13 @@ def run_job(
     except Cancelled:
         return _finish(session_factory, job_id, "canceled", joblog)
     except KTError as err:
-        return _finish(session_factory, job_id, "failed", joblog, error=_message(err))
+        message = disk_full_message(err, settings, job_id, where) or _message(err)
+        return _finish(session_factory, job_id, "failed", joblog, error=message)
     except Exception as err:
+        if full := disk_full_message(err, settings, job_id, where):
+            log.error("job %s: %s", job_id, full)
+            joblog.write(f"disk full on attempt {job.attempts}:\n{traceback.format_exc()}")
+            return _finish(session_factory, job_id, "failed", joblog, error=full)
         log.exception("job %s: unexpected error", job_id)
         joblog.write(f"unexpected error on attempt {job.attempts}:\n{traceback.format_exc()}")
         if can_retry:
@@ -384,6 +448,7 @@ def _run_stages(
     joblog: JobLog,
     progress_interval_s: float,
     log_interval_s: float,
+    where: dict[str, Any] | None = None,
 ) -> None:
     """A ``pipeline`` or ``curate`` job: the stages of its training config, one after the other."""
     job_id = job.id
@@ -404,6 +469,8 @@ def _run_stages(
     results: dict[str, dict[str, Any]] = {}
     for name in cfg.stages:
         resumed = (out_root / name / SUCCESS).is_file()
+        if where is not None:
+            where.update(stage=name, dir=out_root / name)
         joblog.write(f"stage {name}: " + ("done by an earlier attempt, reusing it" if resumed else "started"))
         reporter.begin_stage(name)
         t0 = time.perf_counter()

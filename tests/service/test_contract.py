@@ -108,6 +108,11 @@ class World:
             assert response.status_code == 202, response.text
             return str(response.json()["id"])
 
+    def new_failed_job(self) -> str:
+        job_id = self.new_job()
+        self.db(statement=update(Job).where(Job.id == job_id).values(status="failed", error="boom"))
+        return job_id
+
 
 def job_body(dataset_id: str, **extra: Any) -> dict[str, Any]:
     return {
@@ -334,6 +339,17 @@ ROUTES: list[Route] = [
         ok=lambda w: Request(f"/v1/jobs/{w.new_job()}/cancel"),
         unknown=lambda w: Request(f"/v1/jobs/{UNKNOWN_ID}/cancel"),
         conflict=(lambda w: Request(f"/v1/jobs/{w.ids['finished_job']}/cancel"),),
+    ),
+    Route(
+        "POST",
+        "/v1/jobs/{job_id}/retry",
+        ok=lambda w: Request(f"/v1/jobs/{w.new_failed_job()}/retry"),
+        ok_status=202,
+        unknown=lambda w: Request(f"/v1/jobs/{UNKNOWN_ID}/retry"),
+        conflict=(
+            lambda w: Request(f"/v1/jobs/{w.ids['finished_job']}/retry"),  # succeeded
+            lambda w: Request(f"/v1/jobs/{w.ids['job']}/retry"),  # queued
+        ),
     ),
     Route(
         "GET",

@@ -1,4 +1,5 @@
-"""``/v1/jobs``: train a model for a dataset (202 + a queued job), follow it, cancel it, read its log.
+"""``/v1/jobs``: train a model for a dataset (202 + a queued job), follow it, cancel it, retry it,
+read its log.
 
 The service builds the worker's full training config from the validated request (real paths to
 the tenant's datasets and the gallery), commits the job row, then enqueues ``kt.run_job``.
@@ -34,6 +35,11 @@ from service.schemas import JobCreate, JobPublic, JobsPublic
 from service.settings import Settings
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+# ``jobs.params`` key noting the attempts made before a retry (``worker.liveness.ATTEMPTS_BEFORE_RETRY``;
+# not imported from there, so that the API does not depend on the worker package).
+ATTEMPTS_BEFORE_RETRY = "attempts_before_retry"
+RETRYABLE_STATUSES = ("failed", "canceled")
 
 # Stages of a training job, in order (``evaluate`` only with a test dataset).
 PIPELINE_STAGES = ("finetune_teacher", "curate", "distill", "finetune_student", "export", "evaluate")
@@ -118,9 +124,15 @@ def submit_job(
         enqueue_job(settings, job.id, job.queue)
     except Exception as err:
         job.status, job.finished_at = "failed", utcnow()
-        job.error = f"could not be queued: {type(err).__name__}: {err}"[:4000]
+        job.error = (
+            f"could not be queued: {type(err).__name__}: {err}"[:3000]
+            + f"; retry it with POST /v1/jobs/{job.id}/retry once the queue is back"
+        )
         session.commit()
-        raise Unavailable("The job queue is unreachable; try again later.") from err
+        raise Unavailable(
+            f"The job queue is unreachable; job {job.id!r} was saved as failed: retry it with "
+            f"POST /v1/jobs/{job.id}/retry in a moment."
+        ) from err
     return job
 
 
@@ -237,6 +249,63 @@ def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobPu
     )
     session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
     session.commit()
+    session.refresh(job)
+    return job_public(job, _model_ids(session, [job.id]).get(job.id))
+
+
+@router.post(
+    "/{job_id}/retry",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    responses={404: {}, 409: {}, 503: {}},
+)
+def retry_job(job_id: str, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep) -> JobPublic:
+    """Run a failed or canceled job again: it goes back to its queue and resumes where it stopped
+    (stages it finished are kept, training continues from its last checkpoint), with a fresh
+    allowance of attempts. 409 for a job that is queued, running or succeeded."""
+    job = owned_job(session, tenant, job_id)
+    if job.status not in RETRYABLE_STATUSES:
+        raise Conflict(
+            f"Job {job_id!r} is {job.status}; only failed or canceled jobs can be retried"
+            + (" (poll it with `GET /v1/jobs/{id}`)." if job.status in ("queued", "running") else ".")
+        )
+    params = dict(job.params or {})
+    params[ATTEMPTS_BEFORE_RETRY] = job.attempts
+    params["retries"] = int(params.get("retries") or 0) + 1
+    # conditional: two concurrent retries of one job queue it once
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == job.status)
+        .values(
+            status="queued",
+            error=None,
+            cancel_requested=False,
+            finished_at=None,
+            eta_s=None,
+            heartbeat_at=None,
+            params=params,
+        )
+    )
+    session.commit()
+    if done.rowcount != 1:  # type: ignore[attr-defined]
+        raise Conflict(
+            f"Job {job_id!r} changed meanwhile (retried already?); `GET /v1/jobs/{job_id}` shows it."
+        )
+    try:
+        enqueue_job(settings, job.id, job.queue)
+    except Exception as err:
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == "queued")
+            .values(
+                status="failed",
+                finished_at=utcnow(),
+                error=f"could not be queued: {type(err).__name__}: {err}"[:3000]
+                + f"; retry it with POST /v1/jobs/{job.id}/retry once the queue is back",
+            )
+        )
+        session.commit()
+        raise Unavailable(f"The job queue is unreachable; retry job {job.id!r} in a moment.") from err
     session.refresh(job)
     return job_public(job, _model_ids(session, [job.id]).get(job.id))
 
