@@ -86,6 +86,18 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds between two looks of a worker's reaper for lost jobs (0: no reaper in this worker).",
     )
+    rate_limit_per_min: float = Field(
+        default=600.0,
+        ge=0,
+        description="Requests a minute each API key may make on average (a token bucket per key, per API "
+        "process: with N processes the effective limit is N times this); past it, 429 with `Retry-After`. "
+        "0 turns the limit off. /healthz, /readyz and /metrics are never limited.",
+    )
+    rate_limit_burst: int = Field(
+        default=100,
+        ge=1,
+        description="Requests an API key may make at once, above its per-minute average (the bucket's size).",
+    )
     api_host: str = Field(default="127.0.0.1", description="Interface the API server binds to.")
     api_port: int = Field(default=8000, ge=1, le=65535, description="Port the API server listens on.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(

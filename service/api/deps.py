@@ -4,6 +4,8 @@
 ``CurrentTenant`` is on every authenticated request's path, so its common case costs no database
 round trip: keys that authenticated in the last ``API_KEY_CACHE_TTL_S`` seconds are served from
 the app's ``ApiKeyCache`` (see ``service.security``; a revocation takes effect within that TTL).
+It also applies the per-key rate limit (``service.ratelimit``: 429 with ``Retry-After``), so every
+authenticated route is limited and the unauthenticated ones (/healthz, /readyz, /metrics) are not.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from starlette.concurrency import run_in_threadpool
 
 from service.db.models import ApiKey, Tenant, utcnow
 from service.db.session import make_session_factory
-from service.security import ApiKeyCache, api_key_matches, api_key_prefix
+from service.ratelimit import RateLimiter
+from service.security import ApiKeyCache, api_key_matches, api_key_prefix, hash_api_key
 from service.settings import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer kt_...`")
@@ -101,6 +104,32 @@ def api_key_cache(app: FastAPI) -> ApiKeyCache[TenantSnapshot]:
     return cache
 
 
+def rate_limiter(app: FastAPI) -> RateLimiter:
+    """The app's per-key rate limiter (created on first use from its settings; one per process)."""
+    limiter: RateLimiter | None = getattr(app.state, "rate_limiter", None)
+    if limiter is None:
+        settings: Settings = app.state.settings
+        limiter = RateLimiter(settings.rate_limit_per_min, settings.rate_limit_burst)
+        app.state.rate_limiter = limiter
+    return limiter
+
+
+def check_rate_limit(app: FastAPI, key: str) -> None:
+    """Count one request of ``key``; 429 with ``Retry-After`` (seconds) when its bucket is empty."""
+    limiter = rate_limiter(app)
+    if not limiter.enabled:
+        return
+    decision = limiter.hit(hash_api_key(key))
+    if not decision.allowed:
+        wait = decision.retry_after_header
+        raise HTTPException(
+            status_code=status.HTTP_429_TOO_MANY_REQUESTS,
+            detail=f"Too many requests with this API key: the limit is {limiter.describe()}. "
+            f"Retry in {wait} s (the Retry-After header), and poll less often.",
+            headers={"Retry-After": wait},
+        )
+
+
 def lookup_tenant(session_factory: Any, key: str) -> TenantSnapshot:
     """The database half of authentication: the tenant owning ``key``; 401 when the key is
     malformed, unknown or revoked. Also records ``last_used_at`` (at most once a minute)."""
@@ -131,7 +160,8 @@ async def get_current_tenant(
     """The tenant owning the request's API key; 401 when the key is missing, unknown or revoked.
 
     A key seen in the last ``API_KEY_CACHE_TTL_S`` seconds is answered from the cache, on the event
-    loop, with no database access; otherwise the lookup runs in the threadpool, in its own session."""
+    loop, with no database access; otherwise the lookup runs in the threadpool, in its own session.
+    Then the key's rate limit: 429 with ``Retry-After`` once it is spent (see ``check_rate_limit``)."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise _unauthorized("Missing API key: send `Authorization: Bearer <key>`.")
     key = credentials.credentials
@@ -140,6 +170,7 @@ async def get_current_tenant(
     if snapshot is None:
         snapshot = await run_in_threadpool(lookup_tenant, request.app.state.session_factory, key)
         cache.put(key, snapshot)
+    check_rate_limit(request.app, key)
     return snapshot.tenant()
 
 
