@@ -28,7 +28,7 @@ from PIL import Image
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from service import storage
+from service import cleanup, storage
 from service.api.errors import BadRequest, Invalid, TooLarge
 from service.settings import Settings
 
@@ -163,7 +163,10 @@ async def receive_upload(request: Request, settings: Settings) -> ReceivedUpload
             f"The upload ({declared} bytes) is larger than the limit of {limit} bytes ({_size(limit)}); "
             "send a smaller archive or split the dataset."
         )
-    fd, tmp_name = tempfile.mkstemp(prefix="upload-", suffix=".zip", dir=storage.tmp_dir(settings.data_dir))
+    # named after this process, so that a sweep can tell a dead process's leftover (service.cleanup)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=cleanup.upload_prefix(), suffix=".zip", dir=storage.tmp_dir(settings.data_dir)
+    )
     os.close(fd)
     dest = Path(tmp_name)
     receiver = _FormReceiver(dest, limit)
