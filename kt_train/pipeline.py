@@ -272,11 +272,11 @@ def finetune_teacher(
     ft = cfg.finetune_teacher
 
     def ce_step(opt: OptimConfig):
-        def step(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        def step(batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
             x, y = _views(batch, device), batch[1].to(device)
             logits = teacher(x)
             loss = F.cross_entropy(logits, y, label_smoothing=opt.label_smoothing)
-            return loss, {"acc": float((logits.argmax(-1) == y).float().mean())}
+            return loss, {"acc": (logits.argmax(-1) == y).float().mean().detach()}
 
         return step
 
@@ -434,15 +434,15 @@ def distill(
     def x_cl(batch: Any) -> torch.Tensor:
         return _views(batch, device, channels_last=True)
 
-    def step(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def step(batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         x = _views(batch, device, channels_last=cfg.channels_last)
         loss = targets(batch, forward(x))
-        metrics = {"kd": float(loss.detach())}
+        metrics = {"kd": loss.detach()}
         if labeled_iter is not None:
             xl, yl = next(labeled_iter)
             ce = F.cross_entropy(forward(xl.to(device)), yl.to(device))
             loss = loss + dc.ce_weight * ce
-            metrics["ce"] = float(ce.detach())
+            metrics["ce"] = ce.detach()
         return loss, metrics
 
     loop = _fit(
@@ -575,7 +575,7 @@ def distill_task_agnostic(
     )
     loss_fn = cosine_feature_loss if dc.feature_loss == "cosine" else contrastive_feature_loss
 
-    def step(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def step(batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         x = _views(batch, device)
         with torch.no_grad():
             target = backbone(x.contiguous(memory_format=torch.channels_last))
@@ -643,11 +643,11 @@ def finetune_student(
     )
     size = cfg.data.view_size or student.data_config.input_size
 
-    def step(batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def step(batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         x, y = _views(batch, device), batch[1].to(device)
         logits = student(x)
         loss = F.cross_entropy(logits, y, label_smoothing=fs.label_smoothing)
-        return loss, {"acc": float((logits.argmax(-1) == y).float().mean())}
+        return loss, {"acc": (logits.argmax(-1) == y).float().mean().detach()}
 
     def finetune_mode() -> None:
         student.train()

@@ -241,7 +241,7 @@ def train_loop(
     task: str,
     modules: dict[str, nn.Module],
     groups: list[dict[str, Any]],
-    step_fn: Callable[[Any], tuple[torch.Tensor, dict[str, float]]],
+    step_fn: Callable[[Any], tuple[torch.Tensor, dict[str, Any]]],
     dataset: Dataset,
     batch_size: int,
     steps: int,
@@ -257,6 +257,7 @@ def train_loop(
     log_every: int = 10,
     autocast_dtype: torch.dtype | None = None,
     data_parallel: bool = False,
+    sync_every: int | None = None,
 ) -> LoopResult:
     """Run ``steps`` optimizer steps of ``step_fn`` over seeded batches of ``dataset``.
 
@@ -314,6 +315,10 @@ def train_loop(
     step, t0, wait, seen = start, time.perf_counter(), 0.0, 0
     t_first = t0
     running: dict[str, float] = {}
+    running_t: dict[str, torch.Tensor] = {}
+    # Host syncs (reading the loss): every step on CPU, where they cost nothing; every log_every
+    # steps, checkpoint and last step on an accelerator.
+    sync_every = sync_every or (1 if device_type == "cpu" else log_every)
     t_data = last_save = time.perf_counter()
     # Creating the iterator draws the loader's base seed from the global RNG; undo that draw so a
     # resumed run continues the augmentation stream of the interrupted one exactly (rng in last.ckpt).
@@ -326,8 +331,6 @@ def train_loop(
             g["lr"] = lr_at(step, steps, lr, warmup_steps) * g.get("lr_scale", 1.0)
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss, metrics = step_fn(batch)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"{task}: loss is {loss.item()} at step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -336,15 +339,24 @@ def train_loop(
         seen += batch_size
         if seen == batch_size:
             t_first = time.perf_counter()
-        metrics = {"loss": float(loss.detach()), **metrics}
-        for k, v in metrics.items():
-            running[k] = 0.9 * running.get(k, v) + 0.1 * v
+        # Running means stay on the device; reading them forces a host sync, which on a GPU stalls
+        # the queue of kernels, so that happens every log_every steps (every step on CPU, where it
+        # costs nothing). A NaN anywhere turns the running loss NaN, so no bad step goes unseen.
+        for k, v in {"loss": loss.detach(), **metrics}.items():
+            v = v.float() if isinstance(v, torch.Tensor) else torch.tensor(float(v), device=loss.device)
+            running_t[k] = v if k not in running_t else running_t[k] * 0.9 + v * 0.1
+        due = step % every == 0 and (checkpoint_every is not None or time.perf_counter() - last_save >= 30)
+        if step % sync_every == 0 or step % log_every == 0 or step == steps or due:
+            running = {k: float(v) for k, v in running_t.items()}
+            if not math.isfinite(running["loss"]):
+                raise TrainingError(
+                    f"{task}: the loss became {running['loss']} by step {step}; lower the learning rate"
+                )
         if step % log_every == 0 or step == steps:
             history.append({"step": step, "lr": optimizer.param_groups[0]["lr"], **running})
         reporter.update(task, step, running)
-        # Default cadence: every epoch, but not more often than every 30 s (tiny labeled sets
-        # have epochs of a step or two); an explicit checkpoint_every is honored exactly.
-        due = step % every == 0 and (checkpoint_every is not None or time.perf_counter() - last_save >= 30)
+        # Checkpoint cadence (``due`` above): every epoch, but not more often than every 30 s (tiny
+        # labeled sets have epochs of a step or two); an explicit checkpoint_every is honored exactly.
         if (due or step == steps) and is_main:
             save(step)
             last_save = time.perf_counter()

@@ -260,3 +260,39 @@ def test_kt_train_killed_mid_distill_resumes(
     assert torch.load(ckpt, weights_only=False)["step"] == steps
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"finetune_teacher", "distill"}
+
+
+@pytest.mark.parametrize(("sync_every", "raised_by"), [(1, 4), (4, 4), (6, 5)])
+def test_non_finite_loss_stops_the_loop_at_the_next_sync_and_is_never_checkpointed(
+    tmp_path: Path, sync_every: int, raised_by: int
+) -> None:
+    """On an accelerator the loss is read every few steps (no host sync per step); a NaN at step 4
+    is still caught, at the latest at the next sync point or before a checkpoint is written."""
+    from kt_train.errors import TrainingError
+
+    model = nn.Linear(4, 2)
+    count = {"n": 0}
+
+    def step(batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        count["n"] += 1
+        loss = nn.functional.cross_entropy(model(batch[0]), batch[1])
+        return (loss * float("nan") if count["n"] == 4 else loss), {"acc": torch.tensor(0.5)}
+
+    with pytest.raises(TrainingError, match=rf"by step {raised_by}; lower the learning rate"):
+        train_loop(
+            task="t",
+            modules={"m": model},
+            groups=[{"params": list(model.parameters())}],
+            step_fn=step,
+            dataset=_Indexed(40),
+            batch_size=4,
+            steps=10,
+            lr=0.05,
+            warmup_steps=0,
+            seed=1,
+            ckpt_path=tmp_path / "c.ckpt",
+            checkpoint_every=5,
+            log_every=100,
+            sync_every=sync_every,
+        )
+    assert not (tmp_path / "c.ckpt").exists()  # the step-5 checkpoint would have held NaN weights
