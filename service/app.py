@@ -3,28 +3,102 @@
 Run it with ``uvicorn --factory service.app:create_app`` (settings from ``KT_*`` variables).
 ``create_app(settings)`` builds an independent app (own engine, own metrics registry), which is
 what the tests use.
+
+Startup never dies of a database that is down (a supervisor would restart the process in a loop):
+the app starts anyway, answers 503 on everything but ``/healthz`` and ``/metrics`` (``/readyz``
+says why), and migrates in the background as soon as the database answers. At startup and then
+every ``service.cleanup.SWEEP_INTERVAL_S`` it removes what killed uploads left behind.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import install_error_handlers
+from service import cleanup
+from service.api.errors import DATABASE_RETRY_AFTER_S, install_error_handlers
 from service.api.routes import api_router, health
+from service.api.routes.health import check_database
 from service.db.session import init_db, make_engine, make_session_factory
 from service.settings import Settings, get_settings
 
 API_PREFIX = "/v1"
 log = logging.getLogger("service")
+MIGRATE_RETRY_S = 2.0
+# answered while the schema is not migrated yet (everything else waits for the database)
+UNGATED_PATHS = frozenset({"/healthz", "/metrics"})
+
+
+class SchemaState:
+    """Whether the database schema is known to be migrated; until then, why not."""
+
+    def __init__(self, ready: bool) -> None:
+        self.ready = ready
+        self.problem = ""
+
+
+class SchemaGate:
+    """503 for every request but ``UNGATED_PATHS`` while the schema is not migrated (the database
+    was unreachable at startup). Costs one attribute read per request once it is."""
+
+    def __init__(self, app: ASGIApp, state: SchemaState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.state.ready or scope["type"] != "http" or scope["path"] in UNGATED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        why = f"not migrated yet: {self.state.problem or 'waiting for the database'}"
+        detail = (
+            f"The service is not ready: database {why}. It migrates as soon as the database answers; "
+            "try again in a few seconds."
+        )
+        content: dict[str, Any] = {"detail": detail}
+        if scope["path"] == "/readyz":
+            content = {"status": "unavailable", "detail": detail, "failed": {"database": why}}
+        response = JSONResponse(
+            status_code=503, content=content, headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)}
+        )
+        await response(scope, receive, send)
+
+
+def _migrate_when_reachable(url: str, state: SchemaState, stop: threading.Event) -> None:
+    """Retry ``init_db`` every ``MIGRATE_RETRY_S`` until it works (background thread)."""
+    while not stop.wait(MIGRATE_RETRY_S):
+        try:
+            init_db(url)
+        except (OperationalError, InterfaceError) as err:
+            state.problem = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            continue
+        except Exception as err:  # a broken migration: say so on /readyz, keep the process up
+            log.exception("migrating the database failed")
+            state.problem = f"migration failed: {type(err).__name__}: {err}"[:300]
+            continue
+        state.ready = True
+        log.info("database reachable again: schema migrated, serving requests")
+        return
+
+
+def _sweep_periodically(data_dir: Path, stop: threading.Event) -> None:
+    while True:
+        try:
+            cleanup.sweep(data_dir)
+        except Exception:  # never let housekeeping take the API down
+            log.exception("cleanup of leftover uploads failed")
+        if stop.wait(cleanup.SWEEP_INTERVAL_S):
+            return
 
 
 class MetricsMiddleware:
@@ -75,18 +149,48 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     """A new application. ``migrate`` runs ``alembic upgrade head`` at startup (off when the
     schema is managed separately, or to serve ``/readyz`` while the database is down)."""
     settings = settings or get_settings()
-    connect_args: dict[str, Any] = {}
-    if make_url(settings.database_url).get_backend_name() == "postgresql":
-        connect_args["connect_timeout"] = 5  # readiness checks must not hang on a dead server
-    engine = make_engine(settings.database_url, connect_args=connect_args)
+    # PostgreSQL: connect timeout, keepalives and a gate after failures (service.db.session)
+    engine = make_engine(settings.database_url)
+    schema = SchemaState(ready=not migrate)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        stop = threading.Event()
+        threads = [
+            threading.Thread(
+                target=_sweep_periodically,
+                args=(settings.data_dir, stop),
+                name="kt-cleanup",
+                daemon=True,
+            )
+        ]
         if migrate:
-            init_db(settings.database_url)
-        yield
-        engine.dispose()
+            problem = check_database(engine)
+            if problem is None:
+                try:
+                    init_db(settings.database_url)
+                    schema.ready = True
+                except (OperationalError, InterfaceError) as err:  # it went away meanwhile
+                    problem = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            if problem is not None:
+                log.warning("database unreachable at startup (%s): answering 503 until it is back", problem)
+                schema.problem = problem
+                threads.append(
+                    threading.Thread(
+                        target=_migrate_when_reachable,
+                        args=(settings.database_url, schema, stop),
+                        name="kt-migrate",
+                        daemon=True,
+                    )
+                )
+        for thread in threads:
+            thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            engine.dispose()
 
     app = FastAPI(
         title="vfm-kt",
@@ -100,7 +204,9 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.state.metrics_registry = CollectorRegistry()
+    app.state.schema = schema
     install_error_handlers(app)
+    app.add_middleware(SchemaGate, state=schema)
     app.add_middleware(MetricsMiddleware, registry=app.state.metrics_registry)
     app.include_router(health.router)
     app.include_router(api_router, prefix=API_PREFIX)

@@ -1,18 +1,30 @@
 """Errors a user can cause, and the handlers that turn them into JSON ``{"detail": "..."}``.
 
 Code anywhere in the service raises a ``UserError`` subclass with a message that says what to fix;
-the API answers with the subclass's status code and that message.
+the API answers with the subclass's status code and that message. A database that can't be reached
+(connection refused or lost, timeouts, the pool exhausted) answers 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("service")
+
+DATABASE_UNAVAILABLE = (
+    "The database is unreachable right now; try again in a few seconds (GET /readyz answers 200 once "
+    "the service is ready again)."
+)
+DATABASE_RETRY_AFTER_S = 5
 
 
 class UserError(Exception):
@@ -107,7 +119,21 @@ def _http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=exc.status_code, content={"detail": detail}, headers=exc.headers)
 
 
+def _database_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Database connection errors (``OperationalError``: refused, dropped, timed out, server
+    shutting down; ``InterfaceError``; the pool's timeout): 503, never a 500 with a traceback."""
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    log.warning("%s %s: database unavailable: %s", request.method, request.url.path, first_line)
+    return JSONResponse(
+        status_code=503,
+        content={"detail": DATABASE_UNAVAILABLE},
+        headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(UserError, _user_error_handler)
+    for error in (OperationalError, InterfaceError, PoolTimeoutError):
+        app.add_exception_handler(error, _database_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)

@@ -4,10 +4,19 @@
 worker process can share the file, foreign keys switched on since SQLite leaves them off) and
 PostgreSQL (production; ``pool_pre_ping`` so connections dropped by the server are replaced).
 The schema is owned by Alembic: ``init_db`` runs ``alembic upgrade head``, never ``create_all``.
+
+A PostgreSQL server that is down must cost a request little: connecting gives up after
+``connect_timeout`` (2 s, libpq's minimum), TCP keepalives and ``tcp_user_timeout`` drop
+connections to a peer that vanished, and a ``ConnectGate`` per engine makes the connection
+attempts that follow a failure fail at once (an ``OperationalError``) for ``GATE_COOLDOWN_S``, then
+lets one attempt through at a time until one succeeds. The API answers these errors with 503
+(``service.api.errors``).
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -34,6 +43,55 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+# libpq parameters for PostgreSQL connections (a caller's connect_args override them)
+POSTGRES_CONNECT_ARGS: dict[str, Any] = {
+    "connect_timeout": 2,  # seconds; libpq's minimum
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,  # ms: sent data unacknowledged this long means the peer is gone
+}
+GATE_COOLDOWN_S = 1.0
+
+
+class ConnectGate:
+    """A circuit breaker on new connections. After an attempt fails, attempts fail at once for
+    ``cooldown_s``; then one attempt at a time goes through (the others fail at once) until one
+    succeeds. While the server is down, a request costs no more than one failed attempt per
+    cooldown, instead of every request waiting out ``connect_timeout``."""
+
+    def __init__(self, cooldown_s: float = GATE_COOLDOWN_S) -> None:
+        self.cooldown_s = cooldown_s
+        self._lock = threading.Lock()
+        self._closed_until = 0.0  # monotonic time; 0: healthy
+        self._probing = False
+        self.last_error = ""
+
+    def do_connect(self, dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        """The engine's ``do_connect`` hook: connect, unless the gate says not now."""
+        with self._lock:
+            now = time.monotonic()
+            if self._closed_until:
+                if now < self._closed_until or self._probing:
+                    raise dialect.loaded_dbapi.OperationalError(
+                        f"database unreachable ({self.last_error}); not trying again for "
+                        f"{max(0.0, self._closed_until - now):.1f} s"
+                    )
+                self._probing = True
+        try:
+            connection = dialect.connect(*cargs, **cparams)
+        except Exception as err:
+            with self._lock:
+                self._probing = False
+                self._closed_until = time.monotonic() + self.cooldown_s
+                self.last_error = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise
+        with self._lock:
+            self._probing, self._closed_until = False, 0.0
+        return connection
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for ``url`` with the per-backend settings the service relies on."""
     parsed = make_url(url)
@@ -45,7 +103,11 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
-    return create_engine(url, **kwargs)
+    if parsed.get_backend_name() == "postgresql":
+        kwargs["connect_args"] = {**POSTGRES_CONNECT_ARGS, **kwargs.get("connect_args", {})}
+    engine = create_engine(url, **kwargs)
+    event.listen(engine, "do_connect", ConnectGate().do_connect)
+    return engine
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
