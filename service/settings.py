@@ -65,6 +65,17 @@ class Settings(BaseSettings):
         gt=0,
         description="Largest image accepted, in pixels (width × height); PIL's decompression-bomb default.",
     )
+    max_classes: int = Field(
+        default=10_000,
+        gt=0,
+        description="Most classes (folders, or labels in labels.csv) accepted in one dataset upload.",
+    )
+    max_compression_ratio: int = Field(
+        default=100,
+        gt=1,
+        description="An archive entry of 1 MiB or more that expands more than this many times its "
+        "compressed size is refused as a zip bomb (images barely compress).",
+    )
     default_queue: Literal["cpu", "gpu"] = Field(
         default="cpu",
         description="Celery queue of jobs whose request names no device (`device: cuda` always goes to "

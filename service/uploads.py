@@ -13,19 +13,24 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
+import lzma
 import os
 import re
 import shutil
 import stat
 import tempfile
+import unicodedata
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, cast
 
-from PIL import Image
-from python_multipart.multipart import MultipartParser, parse_options_header
+from PIL import Image, UnidentifiedImageError
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import Request
 
 from service import cleanup, storage
@@ -33,14 +38,27 @@ from service.api.errors import BadRequest, Invalid, TooLarge
 from service.settings import Settings
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+# what PIL may decode an upload as, whatever its name (never e.g. EPS, which runs Ghostscript)
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "DIB", "GIF", "WEBP", "TIFF")
+ARCHIVES = frozenset({".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".zst"})
+IGNORED_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini"})  # lower case
 LABELS_FILE = "labels.csv"
-MAX_RATIO = 100  # uncompressed/compressed size of one entry above which it is treated as a zip bomb
+MAX_LABELS_BYTES = 32 * 1024 * 1024
 RATIO_MIN_BYTES = 1024 * 1024  # entries smaller than this can't bomb, whatever their ratio
+NAME_MAX = 255  # bytes in one file name (Linux, macOS, Windows)
+MAX_LABEL_CHARS = 200
 MAX_FIELD_BYTES = 4096  # text form fields (`name`)
 MULTIPART_OVERHEAD = 1024 * 1024  # body bytes allowed beyond the file itself (headers, boundaries)
 SHOWN = 5  # how many offending entries an error message lists
 COPY_CHUNK = 1024 * 1024
 _DRIVE = re.compile(r"^[A-Za-z]:")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_METHODS = {zipfile.ZIP_STORED: "store", zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2",
+            zipfile.ZIP_LZMA: "lzma"}  # fmt: skip
+# what reading a damaged entry raises: bad CRC or header, broken deflate/bzip2/lzma stream, cut short
+_READ_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError, ValueError)
+_SPECIAL = {stat.S_IFIFO: "a named pipe", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+            stat.S_IFSOCK: "a socket"}  # fmt: skip
 
 
 def _size(n: int) -> str:
@@ -49,6 +67,10 @@ def _size(n: int) -> str:
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024  # type: ignore[assignment]
     return f"{n} B"
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _listing(items: list[str]) -> str:
@@ -179,6 +201,18 @@ async def receive_upload(request: Request, settings: Settings) -> ReceivedUpload
                 raise TooLarge(f"The request body is larger than the upload limit of {limit} bytes.")
             parser.write(chunk)
         parser.finalize()
+        if parser.state != MultipartState.END:
+            raise BadRequest(
+                "The multipart body ended before its closing boundary (the upload was cut off); "
+                "send the whole request again, e.g. `curl -F file=@dataset.zip ...`."
+            )
+    except MultipartParseError as err:
+        receiver.close()
+        dest.unlink(missing_ok=True)
+        raise BadRequest(
+            f"The multipart body is malformed ({err}); send the dataset as multipart/form-data, "
+            "e.g. `curl -F file=@dataset.zip ...`."
+        ) from err
     except BaseException:
         receiver.close()
         dest.unlink(missing_ok=True)
@@ -206,27 +240,42 @@ class IngestedDataset:
 
 
 def _is_ignored(parts: tuple[str, ...]) -> bool:
-    """macOS resource forks, .DS_Store and other hidden files/folders are not part of a dataset."""
-    return parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts)
+    """macOS resource forks (``__MACOSX/``), hidden files and folders (``.DS_Store``,
+    ``.ipynb_checkpoints/``) and Windows thumbnail caches are not part of a dataset."""
+    return any(p == "__MACOSX" or p.startswith(".") for p in parts) or parts[-1].lower() in IGNORED_FILES
+
+
+def _clean_part(part: str) -> str:
+    # NFC: macOS writes decomposed names (``e`` + combining accent), labels.csv and people type
+    # composed ones; both must name the same class and file
+    return unicodedata.normalize("NFC", part)
 
 
 def _check_entry(info: zipfile.ZipInfo) -> tuple[str, ...]:
-    """The entry's path components, after refusing anything that could escape the target dir."""
+    """The entry's path components, after refusing anything that could escape the target dir
+    or is not a plain file or folder."""
     name = info.filename
     if name.startswith(("/", "\\")) or _DRIVE.match(name):
         raise BadRequest(f"Archive entry {name!r} has an absolute path; zip the dataset with relative paths.")
-    parts = tuple(p for p in re.split(r"[/\\]", name) if p not in ("", "."))
+    parts = tuple(_clean_part(p) for p in re.split(r"[/\\]", name) if p not in ("", "."))
     if ".." in parts:
         raise BadRequest(f"Archive entry {name!r} contains '..'; zip the dataset without parent references.")
-    mode = info.external_attr >> 16
-    if stat.S_ISLNK(mode):
+    kind = stat.S_IFMT(info.external_attr >> 16)
+    if kind == stat.S_IFLNK:
         raise BadRequest(
             f"Archive entry {name!r} is a symbolic link; replace links with the files themselves."
+        )
+    if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+        what = _SPECIAL.get(kind, f"file type {kind:#o}")
+        raise BadRequest(
+            f"Archive entry {name!r} is not a regular file ({what}); zip only image files and folders."
         )
     return parts
 
 
 def _check_limits(infos: list[zipfile.ZipInfo], settings: Settings) -> None:
+    """Count, declared total size and compression ratio: all from the central directory, before
+    anything is decompressed."""
     if len(infos) > settings.max_upload_files:
         raise TooLarge(
             f"The archive has {len(infos)} entries, more than the limit of {settings.max_upload_files}; "
@@ -238,22 +287,83 @@ def _check_limits(infos: list[zipfile.ZipInfo], settings: Settings) -> None:
             f"The archive expands to {total} bytes ({_size(total)}), more than the limit of "
             f"{settings.max_upload_bytes} bytes; send fewer or smaller images."
         )
+    ratio = settings.max_compression_ratio
     for info in infos:
-        if info.file_size >= RATIO_MIN_BYTES and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+        if info.file_size >= RATIO_MIN_BYTES and info.file_size > ratio * max(info.compress_size, 1):
             raise TooLarge(
                 f"Archive entry {info.filename!r} expands {info.file_size // max(info.compress_size, 1)}x "
-                f"(more than {MAX_RATIO}x) and looks like a zip bomb; images don't compress like that."
+                f"(more than the limit of {ratio}x) and looks like a zip bomb; images don't compress "
+                "like that: send the real image files."
             )
 
 
+def _check_overlaps(infos: list[zipfile.ZipInfo]) -> None:
+    """Refuse entries whose data overlap: two names for one block of data (what a hard link would
+    be, which zip has not) or the overlapping entries of a crafted zip bomb."""
+    spans = sorted((info for info in infos if not info.is_dir()), key=lambda info: info.header_offset)
+    for info, following in itertools.pairwise(spans):
+        # a local header is at least 30 bytes, followed by the compressed data
+        if following.header_offset < info.header_offset + 30 + info.compress_size:
+            raise BadRequest(
+                f"Archive entries {info.filename!r} and {following.filename!r} share (overlap in) their "
+                "data, as in crafted zip bombs or linked files; re-create the zip with a standard tool "
+                "from real copies of the files."
+            )
+
+
+def _check_readable(info: zipfile.ZipInfo) -> None:
+    if info.flag_bits & 0x1:
+        raise BadRequest(f"Archive entry {info.filename!r} is encrypted; zip the dataset without a password.")
+    if info.compress_type not in _METHODS:
+        raise BadRequest(
+            f"Archive entry {info.filename!r} uses compression method {info.compress_type}, which is "
+            f"not supported; use {', '.join(_METHODS.values())} (deflate is every zip tool's default)."
+        )
+
+
+def _unreadable(info: zipfile.ZipInfo, err: BaseException) -> BadRequest:
+    return BadRequest(
+        f"Archive entry {info.filename!r} is corrupt and can't be read ({type(err).__name__}: {err}); "
+        "re-create the zip (and check that its upload was complete)."
+    )
+
+
 def _safe_label(label: str, where: str) -> str:
-    label = label.strip()
-    if not label or label.startswith(".") or "/" in label or "\\" in label or len(label) > 200:
+    label = _clean_part(label.strip())
+    if (
+        not label
+        or label.startswith(".")
+        or "/" in label
+        or "\\" in label
+        or len(label) > MAX_LABEL_CHARS
+        or len(label.encode()) > NAME_MAX
+        or _CONTROL.search(label)
+    ):
         raise Invalid(
-            f"Label {label!r} ({where}) can't be used as a class name: use 1-200 characters, "
-            "no '/' or '\\', not starting with '.'."
+            f"Label {_short(label, 60)!r} ({where}) can't be used as a class name: use 1-{MAX_LABEL_CHARS} "
+            f"characters (at most {NAME_MAX} bytes in UTF-8), no '/', '\\' or control characters, "
+            "not starting with '.'."
         )
     return label
+
+
+def _read_labels(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> str:
+    if info.file_size > MAX_LABELS_BYTES:
+        raise TooLarge(
+            f"labels.csv is {_size(info.file_size)}, more than the limit of {_size(MAX_LABELS_BYTES)}; "
+            "list only `path,label` for each image."
+        )
+    _check_readable(info)
+    try:
+        raw = zf.read(info)
+    except _READ_ERRORS as err:
+        raise _unreadable(info, err) from err
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise Invalid(
+            f'labels.csv is not UTF-8 text (byte {err.start}); save it as UTF-8 (e.g. "CSV UTF-8" in Excel).'
+        ) from err
 
 
 def _read_layout(
@@ -271,6 +381,14 @@ def _read_layout(
             strip = 1
     rel = {parts[strip:]: info for parts, info in entries.items()}
     by_class: dict[str, list[tuple[zipfile.ZipInfo, str]]] = {}
+    archives = [
+        info.filename for parts, info in rel.items() if PurePosixPath(parts[-1]).suffix.lower() in ARCHIVES
+    ]
+    if archives:
+        raise Invalid(
+            f"The archive contains other archives ({_listing(archives)}); nested archives are not "
+            "unpacked: extract them and zip their images directly."
+        )
     not_images = [
         info.filename
         for parts, info in rel.items()
@@ -282,8 +400,7 @@ def _read_layout(
             f"{', '.join(sorted(IMAGE_SUFFIXES))}. Remove them (or add labels.csv for a flat layout)."
         )
     if (LABELS_FILE,) in rel:
-        labels_info = rel.pop((LABELS_FILE,))
-        text = zf.read(labels_info).decode("utf-8-sig", "replace")
+        text = _read_labels(zf, rel.pop((LABELS_FILE,)))
         reader = csv.DictReader(io.StringIO(text))
         if reader.fieldnames is None or not {"path", "label"} <= {f.strip() for f in reader.fieldnames}:
             raise Invalid("labels.csv must have a header row `path,label`.")
@@ -291,9 +408,13 @@ def _read_layout(
         missing: list[str] = []
         for line, row in enumerate(reader, start=2):
             row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-            path = tuple(p for p in row.get("path", "").split("/") if p not in ("", "."))
+            if not any(row.values()):
+                continue  # a blank line
+            path = tuple(
+                _clean_part(p) for p in re.split(r"[/\\]", row.get("path", "")) if p not in ("", ".")
+            )
             if not path:
-                continue
+                raise Invalid(f"labels.csv line {line} has no path; give each row `path,label`.")
             if path not in rel:
                 missing.append(row["path"])
                 continue
@@ -305,7 +426,10 @@ def _read_layout(
             label = _safe_label(row.get("label", ""), f"labels.csv line {line}")
             by_class.setdefault(label, []).append((rel[path], path[-1]))
         if missing:
-            raise Invalid(f"labels.csv lists images that are not in the archive: {_listing(missing)}.")
+            raise Invalid(
+                f"labels.csv lists images that are not in the archive: {_listing(missing)}; "
+                "remove those rows or add the images."
+            )
         unlisted = sorted(rel[p].filename for p in rel if p not in listed)
         if unlisted:
             raise Invalid(f"Images not listed in labels.csv (add a label for each): {_listing(unlisted)}.")
@@ -317,15 +441,32 @@ def _read_layout(
             f"these entries don't fit: {_listing(deep)}."
         )
     for parts, info in sorted(rel.items()):
-        by_class.setdefault(_safe_label(parts[0], f"folder of {info.filename}"), []).append((info, parts[1]))
-    # empty class folders (explicit directory entries) are classes without images
+        by_class.setdefault(_safe_label(parts[0], f"folder of {_short(info.filename)}"), []).append(
+            (info, parts[1])
+        )
+    # empty class folders (explicit directory entries, or holding only ignored files) are
+    # classes without images
     for parts in dirs:
         if len(parts) == strip + 1 and (strip == 0 or parts[0] in tops):
-            by_class.setdefault(parts[strip], [])
+            by_class.setdefault(_safe_label(parts[strip], f"folder {'/'.join(parts)}/"), [])
     return by_class
 
 
+def _file_name(name: str) -> str:
+    """``name`` as a file name this file system takes: control characters replaced, and cut to
+    fit ``NAME_MAX`` bytes (keeping the suffix) with room for a ``_<n>`` de-duplication suffix."""
+    name = _CONTROL.sub("_", name)
+    budget = NAME_MAX - 16
+    if len(name.encode()) <= budget:
+        return name
+    stem, suffix = os.path.splitext(name)
+    suffix = suffix if len(suffix.encode()) <= 16 else ""
+    stem = stem.encode()[: budget - len(suffix.encode())].decode("utf-8", "ignore")
+    return stem + suffix
+
+
 def _unique(name: str, taken: set[str]) -> str:
+    name = _file_name(name)
     if name not in taken:
         return name
     stem, suffix = os.path.splitext(name)
@@ -337,9 +478,20 @@ def _unique(name: str, taken: set[str]) -> str:
 
 def _copy_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path) -> int:
     """Extract one entry, never writing more than its declared size (headers can lie)."""
+    _check_readable(info)
     written = 0
-    with zf.open(info) as src, open(dest, "wb") as out:
-        while chunk := src.read(COPY_CHUNK):
+    try:
+        src = zf.open(info)
+    except _READ_ERRORS as err:
+        raise _unreadable(info, err) from err
+    with src, open(dest, "wb") as out:
+        while True:
+            try:
+                chunk = src.read(COPY_CHUNK)
+            except _READ_ERRORS as err:  # a bad CRC, a broken stream, data cut short
+                raise _unreadable(info, err) from err
+            if not chunk:
+                break
             written += len(chunk)
             if written > info.file_size:
                 raise TooLarge(
@@ -349,21 +501,43 @@ def _copy_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path) -> int:
     return written
 
 
-def _image_problem(path: Path, max_pixels: int) -> str | None:
-    """Why the image at ``path`` can't be used, or ``None`` when it decodes."""
+def _image_problem(path: Path, max_pixels: int, entry: str) -> str | None:
+    """Why the image at ``path`` (archive entry ``entry``) can't be used, or ``None`` when it decodes.
+    The reason never shows the server's path."""
+    if path.stat().st_size == 0:
+        return "is empty (0 bytes)"
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
             im.verify()
-        with Image.open(path) as im:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
             width, height = im.size
             if width * height > max_pixels:
-                return f"{width}x{height} pixels is more than the limit of {max_pixels}"
+                return f"{width}x{height} pixels is more than the limit of {max_pixels} pixels; downscale it"
             im.load()
     except Image.DecompressionBombError:
-        return f"more than the limit of {max_pixels} pixels"
+        return f"its declared size is more than the limit of {max_pixels} pixels; downscale it"
+    except UnidentifiedImageError:
+        return (
+            "is not a readable image (its content is not "
+            f"{', '.join(IMAGE_FORMATS[:-1])} or {IMAGE_FORMATS[-1]}, whatever its name says)"
+        )
     except Exception as err:  # PIL raises many types for a broken file; each means "can't decode"
-        return f"can't be decoded ({type(err).__name__}: {err})"
+        reason = str(err).replace(str(path), entry)
+        return f"can't be decoded, it may be truncated or corrupt ({type(err).__name__}: {reason})"
     return None
+
+
+_MAGIC = ((b"\x1f\x8b", "a gzip file"), (b"7z\xbc\xaf\x27\x1c", "a 7z archive"), (b"Rar!", "a RAR archive"),
+          (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"%PDF", "a PDF"))  # fmt: skip
+
+
+def _sniff(path: Path) -> str | None:
+    """What a file that is not a zip looks like, when it is something common."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "it is a tar archive"
+    return next((f"it is {what}" for magic, what in _MAGIC if head.startswith(magic)), None)
 
 
 def ingest_zip(archive: Path, dest: Path, settings: Settings) -> IngestedDataset:
@@ -374,8 +548,10 @@ def ingest_zip(archive: Path, dest: Path, settings: Settings) -> IngestedDataset
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
     try:
         zf = zipfile.ZipFile(archive)
-    except zipfile.BadZipFile as err:
-        raise BadRequest(f"The upload is not a valid zip archive ({err}); send a .zip file.") from err
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as err:
+        raise BadRequest(
+            f"The upload is not a valid zip archive ({_sniff(archive) or err}); send a .zip file."
+        ) from err
     staging = dest.parent / f".staging-{dest.name}"
     with zf:
         infos = zf.infolist()
@@ -384,12 +560,26 @@ def ingest_zip(archive: Path, dest: Path, settings: Settings) -> IngestedDataset
         dirs: set[tuple[str, ...]] = set()
         for info in infos:
             parts = _check_entry(info)
-            if not parts or _is_ignored(parts):
+            if not parts:
+                continue
+            if _is_ignored(parts):
+                # the folder around an ignored file (``c/.DS_Store``) was still a folder of the dataset
+                keep = next(i for i, p in enumerate(parts) if _is_ignored(parts[: i + 1]))
+                if keep:
+                    dirs.add(parts[:keep])
                 continue
             if info.is_dir():
                 dirs.add(parts)
+            elif parts in entries:
+                first = entries[parts].filename
+                how = "" if first == info.filename else " (they differ only in separators or Unicode form)"
+                raise BadRequest(
+                    f"Archive entries {first!r} and {info.filename!r} name the same file{how}; a dataset "
+                    "can't hold two files at one path: re-create the zip."
+                )
             else:
                 entries[parts] = info
+        _check_overlaps(infos)
         by_class = _read_layout(zf, entries, dirs)
         empty = sorted(c for c, items in by_class.items() if not items)
         if empty:
@@ -402,6 +592,11 @@ def ingest_zip(archive: Path, dest: Path, settings: Settings) -> IngestedDataset
                 f"Found {len(by_class)} class ({found}); a dataset needs at least 2 classes, "
                 "one folder (or labels.csv label) per class."
             )
+        if len(by_class) > settings.max_classes:
+            raise Invalid(
+                f"Found {len(by_class)} classes, more than the limit of {settings.max_classes} classes; "
+                "check the layout (one folder per class, `<class>/<image>`) or split the dataset."
+            )
         staging.mkdir(parents=True, exist_ok=False)
         try:
             total = 0
@@ -409,13 +604,13 @@ def ingest_zip(archive: Path, dest: Path, settings: Settings) -> IngestedDataset
             files: dict[str, list[str]] = {}
             for label, items in sorted(by_class.items()):
                 class_dir = staging / "images" / label
-                class_dir.mkdir(parents=True)
-                taken: set[str] = set()
+                class_dir.mkdir(parents=True, exist_ok=True)
+                taken = set(files.get(label, ()))
                 for info, file_name in items:
                     target = _unique(file_name, taken)
                     taken.add(target)
                     total += _copy_entry(zf, info, class_dir / target)
-                    problem = _image_problem(class_dir / target, settings.max_image_pixels)
+                    problem = _image_problem(class_dir / target, settings.max_image_pixels, info.filename)
                     if problem:
                         bad.append(f"{info.filename} ({problem})")
                     files.setdefault(label, []).append(target)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import PurePath
 from typing import Annotated, Any
 
@@ -43,6 +44,15 @@ _UPLOAD_BODY: dict[str, Any] = {
 }
 
 
+def name_from_filename(filename: str | None) -> str:
+    """A dataset name from the uploaded file's name: its last component (either separator; the
+    client's directories, ``..`` included, mean nothing here), without the suffix or control
+    characters, cut to the 200 characters a name may have."""
+    last = re.split(r"[/\\]", filename or "")[-1]
+    stem = PurePath(last).stem if last not in ("", ".", "..") else ""
+    return re.sub(r"[\x00-\x1f\x7f]", "", stem).strip()[:200]
+
+
 def _get_owned(session: SessionDep, tenant: Tenant, dataset_id: str) -> Dataset:
     dataset = session.get(Dataset, dataset_id)
     if dataset is None or dataset.tenant_id != tenant.id:
@@ -63,7 +73,7 @@ async def create_dataset(
     """Upload a zip of labeled images; it is validated, every image decoded, and stored."""
     upload = await receive_upload(request, settings)
     try:
-        name = upload.name or (PurePath(upload.filename).stem if upload.filename else "") or "dataset"
+        name = upload.name or name_from_filename(upload.filename) or "dataset"
         if len(name) > 200:
             raise Invalid("`name` is longer than 200 characters; choose a shorter dataset name.")
         dataset_id = new_id()
