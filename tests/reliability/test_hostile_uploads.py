@@ -40,6 +40,8 @@ LIMITS = Limits(
     max_compression_ratio=100,
 )
 CASES = corpus(LIMITS, MARK)
+# PIL warns (in the server's thread) about the images over the pixel limit that the corpus sends
+pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
 
 @dataclass
