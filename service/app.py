@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import cleanup
 from service.api.errors import DATABASE_RETRY_AFTER_S, install_error_handlers
+from service.api.openapi import install_openapi
 from service.api.routes import api_router, health
 from service.api.routes.health import check_database
 from service.db.session import init_db, make_engine, make_session_factory
@@ -206,6 +207,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     app.state.metrics_registry = CollectorRegistry()
     app.state.schema = schema
     install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(SchemaGate, state=schema)
     app.add_middleware(MetricsMiddleware, registry=app.state.metrics_registry)
     app.include_router(health.router)

@@ -43,6 +43,9 @@ _ID = Field(min_length=1, max_length=32, description="A resource id (32 hex char
 
 ExportFormat = Literal["safetensors", "onnx", "torchscript"]
 IndexKind = Literal["auto", "flat", "hnsw", "ivf_flat", "ivf_pq"]
+# Largest `offset` a listing accepts: past it there is nothing to list, and a bigger number would
+# overflow the database's integer (a 500 instead of an empty page).
+MAX_OFFSET = 2**31 - 1
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]{1,2})?)$"
 _DEVICE = Field(
     None,

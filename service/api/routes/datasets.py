@@ -14,7 +14,7 @@ from service import storage
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep
 from service.api.errors import Conflict, Invalid, NotFound
 from service.db.models import Dataset, Job, Tenant, new_id, utcnow
-from service.schemas import DatasetPublic, DatasetsPublic
+from service.schemas import MAX_OFFSET, DatasetPublic, DatasetsPublic
 from service.uploads import ingest_zip, receive_upload
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
@@ -106,7 +106,7 @@ def list_datasets(
     session: SessionDep,
     tenant: CurrentTenant,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> DatasetsPublic:
     """The tenant's datasets, newest first."""
     count = session.scalar(select(func.count()).select_from(Dataset).where(Dataset.tenant_id == tenant.id))

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 
 from service.api.deps import CurrentTenant, SessionDep
 from service.db.models import Gallery
-from service.schemas import GalleriesPublic, GalleryPublic
+from service.schemas import MAX_OFFSET, GalleriesPublic, GalleryPublic
 
 router = APIRouter(prefix="/galleries", tags=["galleries"])
 
@@ -19,7 +19,7 @@ def list_galleries(
     session: SessionDep,
     _tenant: CurrentTenant,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> GalleriesPublic:
     """The galleries every tenant can curate from, by name."""
     count = session.scalar(select(func.count()).select_from(Gallery))

@@ -31,7 +31,7 @@ from service.db.models import (
     utcnow,
 )
 from service.queue import enqueue_job, queue_for
-from service.schemas import JobCreate, JobPublic, JobsPublic
+from service.schemas import MAX_OFFSET, JobCreate, JobPublic, JobsPublic
 from service.settings import Settings
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -207,7 +207,7 @@ def list_jobs(
     session: SessionDep,
     tenant: CurrentTenant,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     status_: Annotated[
         str | None, Query(alias="status", pattern="^(" + "|".join(JOB_STATUSES) + ")$")
     ] = None,

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from service.api.deps import CurrentTenant, SessionDep
 from service.api.errors import NotFound
 from service.db.models import Model, Tenant
-from service.schemas import ExportFormat, ModelPublic, ModelsPublic
+from service.schemas import MAX_OFFSET, ExportFormat, ModelPublic, ModelsPublic
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -39,7 +39,7 @@ def list_models(
     session: SessionDep,
     tenant: CurrentTenant,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> ModelsPublic:
     """The tenant's models, newest first."""
     where = Model.tenant_id == tenant.id

@@ -16,7 +16,13 @@ from service.api.deps import CurrentTenant, SessionDep, SettingsDep
 from service.api.errors import Conflict, NotFound
 from service.api.routes.jobs import dataset_images, get_gallery, job_dir, owned_dataset, submit_job
 from service.db.models import Job, Tenant, TransferSet, new_id
-from service.schemas import ManifestFormat, TransferSetCreate, TransferSetPublic, TransferSetsPublic
+from service.schemas import (
+    MAX_OFFSET,
+    ManifestFormat,
+    TransferSetCreate,
+    TransferSetPublic,
+    TransferSetsPublic,
+)
 from service.settings import Settings
 
 router = APIRouter(prefix="/transfer-sets", tags=["transfer sets"])
@@ -127,7 +133,7 @@ def list_transfer_sets(
     tenant: CurrentTenant,
     settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> TransferSetsPublic:
     """The tenant's transfer sets, newest first."""
     where = TransferSet.tenant_id == tenant.id
