@@ -116,6 +116,8 @@ def _http_error_handler(request: Request, exc: Exception) -> JSONResponse:
         detail = (
             f"{request.method} is not allowed on {request.url.path}; use one of the methods listed at /docs."
         )
+    elif exc.status_code == 400 and detail == "There was an error parsing the body":  # FastAPI's own
+        detail = "The body could not be read; send UTF-8 JSON with `Content-Type: application/json`."
     return JSONResponse(status_code=exc.status_code, content={"detail": detail}, headers=exc.headers)
 
 

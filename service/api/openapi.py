@@ -53,8 +53,8 @@ _TOO_MANY: dict[str, Any] = {
 }
 
 
-def _error_content() -> dict[str, Any]:
-    return {JSON: {"schema": {"$ref": f"#/components/schemas/{ERROR_DETAIL}"}}}
+def _error_content(component: str) -> dict[str, Any]:
+    return {JSON: {"schema": {"$ref": f"#/components/schemas/{component}"}}}
 
 
 def fix_openapi(schema: dict[str, Any]) -> dict[str, Any]:
@@ -80,9 +80,11 @@ def fix_openapi(schema: dict[str, Any]) -> dict[str, Any]:
                 if bearer and "security" not in operation:
                     operation["security"] = [{bearer[0]: []}]
             for code, response in responses.items():
-                if code[0] in "45" and code != "422":
+                if code == "422":  # FastAPI's, or a route's own 422 (``{"detail"}`` fits it too)
+                    response["content"] = _error_content("HTTPValidationError")
+                elif code[0] in "45":
                     response.setdefault("description", "Error")
-                    response["content"] = _error_content()
+                    response["content"] = _error_content(ERROR_DETAIL)
     return schema
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import schemathesis
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
@@ -132,3 +133,37 @@ def test_api_conforms_to_its_schema(api_schema: Any, api_key: str) -> None:
     assert len(positive) == len(operations) and all(n >= 1 for n in positive.values()), SENT
     assert sum(n >= min(10, EXAMPLES) for n in positive.values()) >= 15, SENT
     print(f"fuzz: {sum(SENT.values())} requests over {len(operations)} operations, 0 failures")
+
+
+def test_schema_documents_auth_rate_limit_and_error_bodies(fuzz_app: tuple[Any, str]) -> None:
+    app, _ = fuzz_app
+    spec = app.openapi()
+    operations = [
+        (path, op) for path, ops in spec["paths"].items() if path.startswith("/v1/") for op in ops.values()
+    ]
+    assert len(operations) >= 20
+    for path, op in operations:
+        responses = op["responses"]
+        assert {"401", "429"} <= set(responses), path
+        assert "Retry-After" in responses["429"]["headers"], path
+        assert op["security"], path
+        for code, response in responses.items():
+            if code[0] in "45":
+                schema_ref = response["content"]["application/json"]["schema"]["$ref"]
+                assert schema_ref.endswith("/HTTPValidationError" if code == "422" else "/ErrorDetail"), (
+                    path,
+                    code,
+                )
+    assert spec["components"]["schemas"]["HTTPValidationError"]["properties"]["detail"]["type"] == "string"
+
+
+def test_an_unparsable_body_is_a_400_that_says_what_to_send(fuzz_app: tuple[Any, str]) -> None:
+    app, key = fuzz_app
+    with TestClient(app) as client:
+        response = client.post(
+            "/v1/jobs",
+            content=b"\xff\xfe\x00",
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
+    assert response.status_code == 400
+    assert "send UTF-8 JSON" in response.json()["detail"]
