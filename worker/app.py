@@ -32,6 +32,9 @@ def make_celery(settings: Settings) -> Celery:
         # tasks are idempotent (the row + resumable stages): ack after the run, redeliver on a crash
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # the broker going away (a Redis restart) must not stop a running job: its row holds its
+        # state, and a restarted Redis without persistence has lost the message to redeliver anyway
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_prefetch_multiplier=1,
         task_serializer="json",
         result_serializer="json",

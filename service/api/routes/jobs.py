@@ -267,7 +267,7 @@ def retry_job(job_id: str, session: SessionDep, tenant: CurrentTenant, settings:
     if job.status not in RETRYABLE_STATUSES:
         raise Conflict(
             f"Job {job_id!r} is {job.status}; only failed or canceled jobs can be retried"
-            + (" (poll it with `GET /v1/jobs/{id}`)." if job.status in ("queued", "running") else ".")
+            + (f" (poll it with `GET /v1/jobs/{job_id}`)." if job.status in ("queued", "running") else ".")
         )
     params = dict(job.params or {})
     params[ATTEMPTS_BEFORE_RETRY] = job.attempts
