@@ -8,15 +8,15 @@ The schema is owned by Alembic: ``init_db`` runs ``alembic upgrade head``, never
 A PostgreSQL server that is down must cost a request little: connecting gives up after
 ``connect_timeout`` (2 s, libpq's minimum), TCP keepalives and ``tcp_user_timeout`` drop
 connections to a peer that vanished, and a ``ConnectGate`` per engine makes the connection
-attempts that follow a failure fail at once (an ``OperationalError``) for ``GATE_COOLDOWN_S``, then
-lets one attempt through at a time until one succeeds. The API answers these errors with 503
-(``service.api.errors``).
+attempts that follow a failure fail at once (an ``OperationalError``) while a background thread
+probes the server every ``GATE_COOLDOWN_S`` until it answers. The API answers these errors with
+503 (``service.api.errors``).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-import time
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -25,6 +25,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
 
 # Repository root: alembic.ini and migrations/ live beside the `service` package.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -56,40 +58,63 @@ GATE_COOLDOWN_S = 1.0
 
 
 class ConnectGate:
-    """A circuit breaker on new connections. After an attempt fails, attempts fail at once for
-    ``cooldown_s``; then one attempt at a time goes through (the others fail at once) until one
-    succeeds. While the server is down, a request costs no more than one failed attempt per
-    cooldown, instead of every request waiting out ``connect_timeout``."""
+    """A circuit breaker on new connections. The first failed attempt closes the gate: from then on
+    attempts fail at once, and a background thread tries to connect every ``cooldown_s`` until it
+    succeeds and opens the gate again. While the server is down, requests fail in no time instead
+    of each waiting out ``connect_timeout``; only the request that found it down waited."""
 
     def __init__(self, cooldown_s: float = GATE_COOLDOWN_S) -> None:
         self.cooldown_s = cooldown_s
         self._lock = threading.Lock()
-        self._closed_until = 0.0  # monotonic time; 0: healthy
-        self._probing = False
+        self._down = False
+        self._stop = threading.Event()
         self.last_error = ""
 
+    @property
+    def down(self) -> bool:
+        return self._down
+
     def do_connect(self, dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
-        """The engine's ``do_connect`` hook: connect, unless the gate says not now."""
-        with self._lock:
-            now = time.monotonic()
-            if self._closed_until:
-                if now < self._closed_until or self._probing:
-                    raise dialect.loaded_dbapi.OperationalError(
-                        f"database unreachable ({self.last_error}); not trying again for "
-                        f"{max(0.0, self._closed_until - now):.1f} s"
-                    )
-                self._probing = True
+        """The engine's ``do_connect`` hook: connect, unless the gate is closed."""
+        if self._down:
+            raise dialect.loaded_dbapi.OperationalError(
+                f"database unreachable ({self.last_error}); trying again in the background"
+            )
         try:
-            connection = dialect.connect(*cargs, **cparams)
+            return dialect.connect(*cargs, **cparams)
         except Exception as err:
-            with self._lock:
-                self._probing = False
-                self._closed_until = time.monotonic() + self.cooldown_s
-                self.last_error = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            self._close(err, dialect, cargs, cparams)
             raise
+
+    def stop(self, *_: Any) -> None:
+        """Stop probing (the engine was disposed)."""
+        self._stop.set()
+
+    @staticmethod
+    def _reason(err: BaseException) -> str:
+        return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+    def _close(self, err: BaseException, dialect: Any, cargs: Any, cparams: Any) -> None:
         with self._lock:
-            self._probing, self._closed_until = False, 0.0
-        return connection
+            self.last_error = self._reason(err)
+            if self._down:
+                return
+            self._down = True
+        log.warning("database unreachable (%s): failing requests at once until it answers", self.last_error)
+        threading.Thread(
+            target=self._probe, args=(dialect, cargs, cparams), name="kt-db-probe", daemon=True
+        ).start()
+
+    def _probe(self, dialect: Any, cargs: Any, cparams: Any) -> None:
+        while not self._stop.wait(self.cooldown_s):
+            try:
+                dialect.connect(*cargs, **cparams).close()
+            except Exception as err:
+                self.last_error = self._reason(err)
+                continue
+            self._down = False
+            log.info("database reachable again")
+            return
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -106,7 +131,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if parsed.get_backend_name() == "postgresql":
         kwargs["connect_args"] = {**POSTGRES_CONNECT_ARGS, **kwargs.get("connect_args", {})}
     engine = create_engine(url, **kwargs)
-    event.listen(engine, "do_connect", ConnectGate().do_connect)
+    gate = ConnectGate()
+    event.listen(engine, "do_connect", gate.do_connect)
+    event.listen(engine, "engine_disposed", gate.stop)
     return engine
 
 
