@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 ORPHAN_AGE_S = 24 * 3600.0
 SWEEP_INTERVAL_S = 600.0
 # a staging directory must predate the sweep by this much (file times are coarser than the clock)
-GRACE_S = 2.0
+GRACE_S = 0.5
 UPLOAD_PATTERN = re.compile(r"^upload~(?P<host>[^~]+)~(?P<pid>\d+)~(?P<start>\d+)~")
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -137,9 +138,25 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return engine
 
 
+class ServiceSession(Session):
+    """A ``Session`` whose ``close`` survives a connection the server dropped: the ROLLBACK that
+    closing sends fails on a dead connection, and an error there (after the work is done, often
+    after the response is sent) must not turn into a 500 or a broken keep-alive connection. The
+    connection is invalidated instead (the pool replaces it)."""
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except DBAPIError as err:
+            if not err.connection_invalidated:
+                raise
+            log.warning("session closed on a dropped database connection: %s", str(err).splitlines()[0][:200])
+            self.invalidate()
+
+
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     """The session factory for ``engine``. Objects stay readable after commit (API responses)."""
-    return sessionmaker(bind=engine, autoflush=False, expire_on_commit=False)
+    return sessionmaker(bind=engine, autoflush=False, expire_on_commit=False, class_=ServiceSession)
 
 
 @lru_cache

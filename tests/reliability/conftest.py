@@ -263,9 +263,8 @@ class PgProxy:
         assert how in ("refuse", "blackhole"), how
         with self._lock:
             self.mode = how
-        if how == "refuse" and self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        if how == "refuse":
+            self._close_listener()
         self._drop_all()
 
     def restore(self) -> None:
@@ -275,10 +274,17 @@ class PgProxy:
         if self._listener is None:
             self.start()
 
-    def close(self) -> None:
+    def _close_listener(self) -> None:
         if self._listener is not None:
+            # shutdown first: close() alone does not wake the thread blocked in accept(), and the
+            # socket would go on accepting connections
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
             self._listener = None
+
+    def close(self) -> None:
+        self._close_listener()
         self._drop_all()
 
 
