@@ -57,4 +57,13 @@ def enqueue_job(settings: Settings, job_id: str, queue: str = DEFAULT_QUEUE) -> 
     if queue not in QUEUES:
         raise ValueError(f"unknown queue {queue!r}; the workers listen on {QUEUES}")
     client = celery_client(settings.broker_url, settings.result_backend)
-    client.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, retry=True, retry_policy=PUBLISH_RETRY_POLICY)
+    # ignore_result: nobody reads a task's result (the job row has it), and a Redis result backend
+    # would otherwise be subscribed to before publishing, retrying for ~20 s when Redis is down
+    client.send_task(
+        RUN_JOB_TASK,
+        args=[job_id],
+        queue=queue,
+        retry=True,
+        retry_policy=PUBLISH_RETRY_POLICY,
+        ignore_result=True,
+    )

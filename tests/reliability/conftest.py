@@ -386,6 +386,36 @@ def start_worker(env: dict[str, str], log: Path, name: str, prefix: list[str] | 
     return proc
 
 
+# --- a full disk ----------------------------------------------------------------------------
+
+FULL_FS_SIZE = "1m"
+FILLER_KIB = 900  # leaves ~120 KiB: room for config.yaml, not for the ~430 KiB model
+
+
+def unshare_prefix(mount_point: Path) -> list[str]:
+    """Run the worker in its own user and mount namespaces, where ``mount_point`` is a small tmpfs
+    that a filler file has almost filled. Needs no root: unprivileged user namespaces suffice."""
+    script = (
+        f'mount -t tmpfs -o size={FULL_FS_SIZE} kt-full "$0" && '
+        f'head -c {FILLER_KIB * 1024} /dev/zero > "$0/filler" && exec "$@"'
+    )
+    return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, str(mount_point)]
+
+
+def check_namespaces_work(tmp_path: Path) -> None:
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    cmd = [*unshare_prefix(probe), "sh", "-c", 'head -c 200000 /dev/zero > "$0/x"', str(probe)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    if result.returncode == 0 or "No space left on device" not in result.stderr:
+        pytest.fail(
+            "this test fills a tmpfs mounted in a private mount namespace (unshare --user --mount) and "
+            f"could not: exit {result.returncode}, {result.stderr.strip()!r}. It needs unprivileged user "
+            "namespaces (sysctl kernel.unprivileged_userns_clone=1 / user.max_user_namespaces > 0) or root.",
+            pytrace=False,
+        )
+
+
 # --- data and configs ------------------------------------------------------------------------
 
 
