@@ -113,19 +113,42 @@ class _Conn(asyncio.Protocol):
             self.on_done(self, -1.0, None, "")  # an idle connection went away: just forget it
 
 
+def _request_bytes(url: str, headers: dict[str, str]) -> tuple[str, int, bytes]:
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"an http:// URL is needed, got {url!r}")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    lines = [f"GET {path} HTTP/1.1", f"Host: {parts.netloc}", *(f"{k}: {v}" for k, v in headers.items())]
+    return parts.hostname, parts.port or 80, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
 class OpenLoop:
-    def __init__(self, url: str, headers: dict[str, str], pool: int) -> None:
-        parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"an http:// URL is needed, got {url!r}")
-        self.host, self.port = parts.hostname, parts.port or 80
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        lines = [f"GET {path} HTTP/1.1", f"Host: {parts.netloc}", *(f"{k}: {v}" for k, v in headers.items())]
-        self.request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    """``variants``: other (url, headers) pairs on the same host, sent in turn (request i is
+    ``variants[i % len(variants)]``), e.g. one API key per simulated client. ``fifo``: send each
+    request on the connection idle the longest (every connection of the pool stays in use, as
+    with many clients polling), instead of the most recently used one (as few as the rate needs)."""
+
+    def __init__(
+        self,
+        url: str,
+        headers: dict[str, str],
+        pool: int,
+        variants: list[tuple[str, dict[str, str]]] | None = None,
+        fifo: bool = False,
+    ) -> None:
+        self.host, self.port, request = _request_bytes(url, headers)
+        self.requests = [request]
+        if variants:
+            built = [_request_bytes(u, h) for u, h in variants]
+            if any((host, port) != (self.host, self.port) for host, port, _ in built):
+                raise ValueError("every variant must be on the same host and port as the url")
+            self.requests = [req for _, _, req in built]
+        self.fired = 0
+        self.fifo = fifo
         self.pool = pool
         self.loop = asyncio.get_running_loop()
         self.conns: set[_Conn] = set()
-        self.idle: list[_Conn] = []  # LIFO: the most recently used connection first
+        self.idle: collections.deque[_Conn] = collections.deque()  # most recently used at the right
         self.backlog: collections.deque[float] = collections.deque()
         self.connecting = 0
         self.latencies: list[float] = []
@@ -171,9 +194,14 @@ class OpenLoop:
         elif self.backlog and len(self.conns) + self.connecting < self.pool:
             self.loop.create_task(self.connect())
 
+    def _next_request(self) -> bytes:
+        request = self.requests[self.fired % len(self.requests)]
+        self.fired += 1
+        return request
+
     def _release(self, conn: _Conn) -> None:
         if self.backlog:
-            conn.send(self.request, self.backlog.popleft())
+            conn.send(self._next_request(), self.backlog.popleft())
         else:
             conn.idle_since = time.perf_counter()
             self.idle.append(conn)
@@ -181,9 +209,9 @@ class OpenLoop:
     def fire(self, at: float) -> None:
         now = time.perf_counter()
         while self.idle:
-            conn = self.idle.pop()
+            conn = self.idle.popleft() if self.fifo else self.idle.pop()
             if not conn.closed and now - conn.idle_since < IDLE_REUSE_S:
-                conn.send(self.request, at)
+                conn.send(self._next_request(), at)
                 return
             conn.close()
             self.conns.discard(conn)
@@ -231,16 +259,26 @@ class OpenLoop:
 
 
 def open_loop(
-    url: str, headers: dict[str, str], rate: float, duration: float, pool: int = 50, drain_s: float = 10.0
+    url: str,
+    headers: dict[str, str],
+    rate: float,
+    duration: float,
+    pool: int = 50,
+    drain_s: float = 10.0,
+    variants: list[tuple[str, dict[str, str]]] | None = None,
+    fifo: bool = False,
+    warm_conns: int = 8,
 ) -> dict[str, Any]:
     """GET ``url`` at ``rate``/s for ``duration`` s, open loop (see the module docstring); returns
     sent / ok / errors / rps (responses per second of the run) / p50 / p90 / p99 / max (ms) and
-    the event loop used. Requests unanswered ``drain_s`` after the last one was due are errors."""
+    the event loop used. Requests unanswered ``drain_s`` after the last one was due are errors.
+    ``variants``, ``fifo``: see ``OpenLoop``; ``warm_conns`` connections are opened before the start."""
     loop, name = new_event_loop()
     try:
 
         async def main() -> dict[str, Any]:
-            return await OpenLoop(url, headers, pool).run(rate, duration, min(pool, 8), drain_s)
+            gen = OpenLoop(url, headers, pool, variants=variants, fifo=fifo)
+            return await gen.run(rate, duration, min(pool, warm_conns), drain_s)
 
         result = loop.run_until_complete(main())
     finally:

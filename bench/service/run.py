@@ -15,7 +15,13 @@ measured is the API.
 3. upload: a ~200 MB zip of incompressible (random-noise PNG) images, streamed as a multipart
    generator body, while a thread polls the API process tree's VmRSS every 50 ms.
 
-python bench/service/run.py                       # the full run; writes bench/results/service.{json,md}
+4. with ``--mixed``: the mixed load of ``mixed.py`` (its own API process, the default rate limit,
+   two Celery workers): 200 status pollers + 5 uploaders + 2 running jobs, reported under ``mixed``.
+
+The standard phases run with ``KT_RATE_LIMIT_PER_MIN`` set far above their one key's 200 req/s,
+so the limiter is on the request path (its cost measured) without limiting.
+
+python bench/service/run.py --mixed               # the full run; writes bench/results/service.{json,md}
 python bench/service/run.py --workers 2           # two uvicorn processes (production runs one)
 python bench/service/run.py --upload-mb 5 --duration 3 --out /tmp/smoke   # a smoke test
 """
@@ -52,6 +58,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import open_loop
+from mixed import MixedConfig, run_mixed
 
 REPO = Path(__file__).resolve().parents[2]
 BARS = {"status_p99_ms": 50.0, "status_rps": 200.0, "upload_rss_growth_mb": 100.0, "submit_ms": 100.0}
@@ -77,6 +84,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results directory")
     p.add_argument("--name", default="service", help="results file stem")
     p.add_argument("--note", default="", help="a free-text paragraph appended to the .md")
+    p.add_argument("--mixed", action="store_true", help="also run the mixed load (mixed.py)")
+    p.add_argument("--mixed-duration", type=float, default=60.0, help="mixed load seconds")
+    p.add_argument("--mixed-pollers", type=int, default=200, help="mixed load: status pollers (one key each)")
+    p.add_argument("--mixed-uploaders", type=int, default=5, help="mixed load: concurrent uploaders")
+    p.add_argument("--mixed-upload-mb", type=float, default=4.0, help="mixed load: size of each upload, MB")
+    p.add_argument("--mixed-workers", type=int, default=2, help="mixed load: Celery worker processes")
+    p.add_argument("--mixed-worker-nice", type=int, default=0, help="mixed load: nice of the Celery workers")
+    p.add_argument("--mixed-api-workers", type=int, default=1, help="mixed load: uvicorn --workers")
+    p.add_argument("--mixed-jobs", type=int, default=12, help="mixed load: training jobs queued at the start")
+    p.add_argument(
+        "--mixed-steps",
+        default="30,400,30",
+        help="mixed load: finetune_teacher,distill,finetune_student steps",
+    )
     return p.parse_args()
 
 
@@ -379,6 +400,55 @@ def verdicts(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
             f"p50 {r['submit_p50_ms']:.1f} ms, max {r['submit_max_ms']:.1f} ms",
             r["submit_p50_ms"] < BARS["submit_ms"],
         ),
+    ] + ([mixed_verdict(r["mixed"])] if "mixed" in r else [])
+
+
+def mixed_verdict(m: dict[str, Any]) -> tuple[str, str, str, bool]:
+    return (
+        f"mixed load: {m['pollers']} pollers + {m['uploaders']} uploads + {m['celery_workers']} running jobs",
+        f"0 errors, status p99 < {BARS['status_p99_ms']:g} ms, jobs finish",
+        f"{m['errors']} errors, p99 {m['status_p99_ms']:.1f} ms, {m['jobs_finished']} jobs finished",
+        m["errors"] == 0 and m["status_p99_ms"] < BARS["status_p99_ms"] and m["jobs_finished"] > 0,
+    )
+
+
+def mixed_markdown(m: dict[str, Any]) -> list[str]:
+    s = m["status"]
+    return [
+        "",
+        f"## Mixed load ({m['duration_s']:g} s, `bench/service/mixed.py`)",
+        "",
+        f"Its own uvicorn API ({m['api_workers']} process(es); rate limit {m['rate_limit']}), {m['celery_workers']} "
+        f"Celery worker processes (solo pool, 1 torch thread each, nice {m['worker_nice']}), the same PostgreSQL "
+        "and Redis; all on this machine. "
+        f"{m['pollers']} pollers, each with its own API key and keep-alive connection, poll job status "
+        f"({s['sent']} GETs in all, open loop); {m['uploaders']} uploaders each upload a {m['upload_mb']:.1f} MB zip "
+        f"again and again (and delete it); {m['jobs']} training jobs ({m['job_models']}, steps "
+        f"{m['job_steps']['finetune_teacher']}/{m['job_steps']['distill']}/{m['job_steps']['finetune_student']}) "
+        "are queued at the start and run two at a time.",
+        "",
+        "| metric | value |",
+        "|---|---:|",
+        f"| errors (polls, uploads, deletes, job watch, failed jobs) | {m['errors']} |",
+        f"| status polling: achieved req/s | {m['status_rps']:.1f} |",
+        f"| status polling: p50 / p90 / p99 / max, ms | {m['status_p50_ms']:.1f} / {s['p90_ms']:.1f} / "
+        f"{m['status_p99_ms']:.1f} / {s['max_ms']:.1f} |",
+        f"| status polling: errors | {s['errors']} of {s['sent']} |",
+        f"| uploads done ({m['uploaders']} at a time, {m['upload_mb']:.1f} MB each) | {m['uploads_done']} |",
+        f"| upload MB/s, all uploaders together | {m['upload_mb_s']:.1f} |",
+        f"| upload time p50 / p99, s | {m['upload_s_p50']} / {m['upload_s_p99']} |",
+        f"| jobs finished (succeeded) / failed in the window | {m['jobs_finished']} / {m['jobs_failed']} |",
+        f"| jobs running when sampled (every second): min / mean | {m['jobs_running_min']} / "
+        f"{m['jobs_running_mean']:.2f} |",
+        f"| jobs at the end | {', '.join(f'{k} {v}' for k, v in sorted(m['jobs_by_status_at_end'].items()))} |",
+        f"| API / workers alive after | {m['api_alive_after']} / {m['workers_alive_after']} of {m['celery_workers']} |",
+        "",
+        f"CPU during the window, cores (of {os.cpu_count()}; the machine was {m['machine_busy_cores']:.2f} busy): "
+        + ", ".join(f"{k.removeprefix('other: ')} {v:.2f}" for k, v in m["cpu_cores"].items())
+        + ".",
+        "",
+        f"Load average before / after the window: {' / '.join(f'{x:.2f}' for x in m['loadavg_before'])} → "
+        f"{' / '.join(f'{x:.2f}' for x in m['loadavg_after'])} (1 / 5 / 15 min).",
     ]
 
 
@@ -430,6 +500,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"Else running during the status phase (processes alive at its end; cores): {others}; load average before it "
         f"{' / '.join(f'{x:.2f}' for x in s['loadavg_before'])} (1 / 5 / 15 min).",
     ]
+    if "mixed" in r:
+        lines += mixed_markdown(r["mixed"])
     if r.get("note"):
         lines += ["", r["note"]]
     lines.append("")
@@ -487,6 +559,8 @@ def main() -> None:
             KT_DATA_DIR=str(data_dir),
             KT_MAX_UPLOAD_BYTES=str(max(2 * 1024**3, 2 * big_zip.stat().st_size)),
         )
+        mixed_env = dict(env)  # the mixed phase: the default rate limit
+        env["KT_RATE_LIMIT_PER_MIN"] = str(1_000_000)  # one key at 200 req/s: on the path, never limiting
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         cmd = [
@@ -554,6 +628,51 @@ def main() -> None:
             if api.poll() is not None:
                 raise SystemExit(f"the API exited {api.returncode}:\n{log.read_text()[-4000:]}")
 
+        mixed: dict[str, Any] | None = None
+        if args.mixed:
+            cfg = MixedConfig(
+                duration=args.mixed_duration,
+                pollers=args.mixed_pollers,
+                uploaders=args.mixed_uploaders,
+                upload_mb=args.mixed_upload_mb,
+                jobs=args.mixed_jobs,
+                workers=args.mixed_workers,
+                worker_nice=args.mixed_worker_nice,
+                api_workers=args.mixed_api_workers,
+                steps=tuple(int(x) for x in args.mixed_steps.split(",")),  # type: ignore[arg-type]
+            )
+            # the standard phase's jobs (no worker ran them) must not reach the mixed phase's workers:
+            # their tasks leave the broker, their rows are canceled
+            import redis
+            from sqlalchemy import update
+
+            from service.db.models import Job
+
+            redis.Redis.from_url(args.redis_url).flushdb()
+            engine = make_engine(db_url)
+            try:
+                with make_session_factory(engine)() as session:
+                    session.execute(update(Job).where(Job.status == "queued").values(status="canceled"))
+                    session.commit()
+            finally:
+                engine.dispose()
+            print(f"mixed load: generating data, {1 + cfg.pollers + cfg.uploaders} keys ...", flush=True)
+            train_zip, mixed_zip = tmp / "train.zip", tmp / "mixed.zip"
+            write_zip(train_zip, 0, 32, seed=3, min_images=32)
+            write_zip(mixed_zip, int(cfg.upload_mb * MB), 256, seed=4)
+            engine = make_engine(db_url)
+            try:
+                with make_session_factory(engine)() as session:
+                    keys = [
+                        create_tenant_key(session, "bench") for _ in range(1 + cfg.pollers + cfg.uploaders)
+                    ]
+            finally:
+                engine.dispose()
+            mixed = run_mixed(
+                cfg, tmp=tmp, env=mixed_env, port=free_port(), keys=keys, train_zip=train_zip,
+                upload_zip=mixed_zip, wait_ready=wait_ready,
+            )  # fmt: skip
+
         upload_mb = big_zip.stat().st_size / MB
         result: dict[str, Any] = {
             "status_p50_ms": round(status["p50_ms"], 2),
@@ -590,6 +709,8 @@ def main() -> None:
                 "rss_samples": sampler.samples,
             },
         }
+    if mixed is not None:
+        result["mixed"] = mixed
     result["duration_s"] = round(time.monotonic() - started, 1)
     result["bars"] = [
         {"bar": name, "target": target, "measured": measured, "pass": ok}
