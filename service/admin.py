@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from service.db.models import ApiKey, Gallery, Tenant, utcnow
 from service.db.session import init_db, make_engine, make_session_factory
-from service.security import generate_api_key
+from service.security import API_KEY_CACHE_TTL_S, generate_api_key
 from service.settings import get_settings
 
 
@@ -135,7 +135,10 @@ def revoke_key_command(
         except LookupError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(1) from err
-    typer.echo(f"revoked {count} key(s) with prefix {prefix}")
+    typer.echo(
+        f"revoked {count} key(s) with prefix {prefix}; the API refuses them within "
+        f"{API_KEY_CACHE_TTL_S:g} s (each API process trusts a key it has seen for that long)"
+    )
 
 
 @cli.command("register-gallery")
