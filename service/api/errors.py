@@ -8,6 +8,7 @@ the API answers with the subclass's status code and that message. A database tha
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -93,6 +94,18 @@ def _readable(err: dict[str, Any]) -> str:
     return f"{where}: {err.get('msg', 'invalid')}"
 
 
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN or Infinity: a rejected input that held one (``1e400``, ``NaN``) is echoed
+    back as its string, instead of failing to encode (a 500)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _validation_error_handler(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
@@ -100,7 +113,7 @@ def _validation_error_handler(_request: Request, exc: Exception) -> JSONResponse
     # FastAPI's list of errors stays available under "errors" for programs; "detail" is for people
     return JSONResponse(
         status_code=422,
-        content={"detail": f"Invalid request: {readable}", "errors": jsonable_encoder(errors)},
+        content={"detail": f"Invalid request: {readable}", "errors": _finite(jsonable_encoder(errors))},
     )
 
 

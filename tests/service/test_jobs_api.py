@@ -392,3 +392,18 @@ def test_default_queue_setting_routes_jobs_that_name_no_device(
     assert (plain["queue"], on_cpu["queue"]) == ("gpu", "cpu")
     assert plain["id"] in queued_job_ids(broker, "gpu") and on_cpu["id"] in queued_job_ids(broker, "cpu")
     assert ts["job_id"] in queued_job_ids(broker, "gpu")
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_non_finite_numbers_are_a_422_not_a_500(japi: Api, tenant: dict[str, Any], number: str) -> None:
+    """Python's JSON parser takes NaN / Infinity / 1e400; the 422 echoes the input back, which must
+    still encode (JSON has no NaN)."""
+    import json
+
+    body = json.dumps(job_body(tenant["dataset"]["id"])).replace(
+        '"dataset_id"', f'"lr": {{"distill": {number}}}, "dataset_id"'
+    )
+    with japi.client(tenant["key"]) as client:
+        response = client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert "lr.distill" in response.json()["detail"]
