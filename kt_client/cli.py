@@ -2,6 +2,8 @@
 
 - library (``kt_train.cli``): ``kt train``, ``kt config``, ``kt demo``, ``kt gallery …``, ``kt curate``
 - service: ``kt serve`` (API + worker on the embedded default, or KT_* settings), ``kt admin …``
+- client of a running service (``kt_client.remote``): ``kt login``, ``kt logout``, ``kt datasets …``,
+  ``kt transfer-sets …``, ``kt jobs …``, ``kt models …``, ``kt galleries …``
 
 ``kt_train`` has no web, queue or database imports, and ``service`` never imports torch; this module
 is where the two meet, so it is the console script.
@@ -11,12 +13,15 @@ from __future__ import annotations
 
 import typer
 
+from kt_client.remote import EXIT_CODES_HELP, add_remote_commands
 from kt_train.cli import app as train_app
 
 app = typer.Typer(
     name="kt",
     help=(train_app.info.help or "")
-    + " Service: `kt serve` runs the API and a worker; `kt admin` manages keys and galleries.",
+    + " Service: `kt serve` runs the API and a worker; `kt admin` manages keys and galleries."
+    + " Client: `kt login`, then `kt datasets`, `kt transfer-sets`, `kt jobs`, `kt models` talk to it.",
+    epilog=EXIT_CODES_HELP,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -43,6 +48,7 @@ def _admin() -> typer.Typer:
 
 
 app.add_typer(_admin(), name="admin", help="Service administration: API keys, galleries.")
+add_remote_commands(app)
 
 
 if __name__ == "__main__":  # pragma: no cover

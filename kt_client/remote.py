@@ -1,0 +1,544 @@
+"""The ``kt`` commands that talk to a running service over HTTP (through ``kt_client.Client``).
+
+    kt login --url http://127.0.0.1:8000 --key kt_...
+    kt datasets upload data/train            # a folder of class folders, or a .zip
+    kt jobs submit DATASET_ID --teacher timm:vit_small_patch14_dinov2.lvd142m --student timm:resnet18
+    kt jobs watch JOB_ID
+    kt models download MODEL_ID --format onnx -o model.onnx
+
+Every command takes ``--json`` (machine-readable output on stdout; progress goes to stderr).
+httpx and the client are imported inside the commands, so ``kt --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from kt_client.client import Client
+
+EXIT_OK = 0
+EXIT_API_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_JOB_FAILED = 4
+
+EXIT_CODES_HELP = (
+    "\b\nExit codes: 0 ok; 1 the server refused the request (its message on stderr); 2 usage error; "
+    "3 cannot reach the server; 4 `kt jobs watch`: the job failed or was canceled."
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the server's JSON on stdout (for scripts).")]
+
+
+def _stderr(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+@contextlib.contextmanager
+def _client() -> Iterator[Client]:
+    """A ``Client`` from KT_API_URL/KT_API_KEY or the saved login; errors become exit codes."""
+    from kt_client.client import Client
+    from kt_client.errors import APIError, ServerUnreachable
+
+    try:
+        with Client() as client:
+            yield client
+    except APIError as err:
+        _stderr(f"Error: {err.detail} (HTTP {err.status_code})")
+        raise typer.Exit(EXIT_API_ERROR) from err
+    except ServerUnreachable as err:
+        _stderr(f"Error: {err}")
+        raise typer.Exit(EXIT_UNREACHABLE) from err
+    except (FileNotFoundError, NotADirectoryError, ValueError) as err:
+        _stderr(f"Error: {err}")
+        raise typer.Exit(EXIT_USAGE) from err
+
+
+def _print_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str], title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(_cell(row.get(col)) for col in columns))
+    _console().print(table)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def _show(obj: dict[str, Any], as_json: bool, title: str) -> None:
+    if as_json:
+        _print_json(obj)
+        return
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in obj.items():
+        table.add_row(key, _cell(value))
+    _console().print(table)
+
+
+# --- login
+
+
+def login(
+    url: Annotated[str, typer.Option("--url", help="The service's base URL, e.g. http://127.0.0.1:8000.")],
+    key: Annotated[str, typer.Option("--key", help="An API key (`kt admin create-key --tenant NAME`).")],
+    verify: Annotated[bool, typer.Option(help="Check the key against the server before saving it.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Save the service URL and API key (to ~/.config/vfm-kt/credentials.json, mode 0600;
+    KT_CONFIG_DIR moves it). KT_API_URL / KT_API_KEY override the saved login."""
+    from kt_client import config
+
+    url = url.rstrip("/")
+    if verify:
+        from kt_client.client import Client
+        from kt_client.errors import APIError, ServerUnreachable
+
+        try:
+            with Client(url, key, max_retries=1) as client:
+                client.datasets.list(limit=1)
+        except APIError as err:
+            _stderr(f"Error: {err.detail} (HTTP {err.status_code}); nothing saved")
+            raise typer.Exit(EXIT_API_ERROR) from err
+        except ServerUnreachable as err:
+            _stderr(f"Error: {err}; nothing saved")
+            raise typer.Exit(EXIT_UNREACHABLE) from err
+    path = config.save(url, key)
+    if as_json:
+        _print_json({"url": url, "credentials": str(path)})
+    else:
+        typer.echo(f"Logged in to {url}; saved to {path}")
+
+
+def logout(as_json: JsonOpt = False) -> None:
+    """Forget the saved login."""
+    from kt_client import config
+
+    removed = config.forget()
+    if as_json:
+        _print_json({"removed": removed, "credentials": str(config.credentials_path())})
+    else:
+        typer.echo(f"Removed {config.credentials_path()}" if removed else "Not logged in")
+
+
+# --- datasets
+
+datasets_app = typer.Typer(
+    help="Labeled datasets on the server: upload, list, show, delete.", no_args_is_help=True
+)
+
+
+@datasets_app.command("upload")
+def datasets_upload(
+    path: Annotated[Path, typer.Argument(help="A folder of class folders of images, or a .zip of one.")],
+    name: Annotated[str | None, typer.Option(help="Dataset name (default: the file name).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Upload a labeled dataset (a folder is zipped on the fly), with a progress bar."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    if not path.exists():
+        _stderr(f"Error: {path} does not exist; pass a folder of class folders or a .zip")
+        raise typer.Exit(EXIT_USAGE)
+    with (
+        _client() as client,
+        Progress(
+            "[bold]upload",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=_console(stderr=True),
+            transient=as_json,
+        ) as bar,
+    ):
+        task = bar.add_task("upload", total=None)
+
+        def progress(sent: int, total: int) -> None:
+            bar.update(task, completed=sent, total=total)
+
+        dataset = client.datasets.upload(path, name=name, progress=progress)
+    if as_json:
+        _print_json(dataset)
+    else:
+        counts = ", ".join(f"{k}: {v}" for k, v in dataset["class_counts"].items())
+        typer.echo(f"Dataset {dataset['id']} ({dataset['name']}): {dataset['num_images']} images; {counts}")
+
+
+@datasets_app.command("list")
+def datasets_list(as_json: JsonOpt = False) -> None:
+    """Your datasets, newest first."""
+    with _client() as client:
+        rows = client.datasets.list()
+    if as_json:
+        _print_json(rows)
+    else:
+        _table(rows, ["id", "name", "num_images", "classes", "created_at"], "datasets")
+
+
+@datasets_app.command("show")
+def datasets_show(dataset_id: str, as_json: JsonOpt = False) -> None:
+    """One dataset: classes and per-class counts."""
+    with _client() as client:
+        _show(client.datasets.get(dataset_id), as_json, f"dataset {dataset_id}")
+
+
+@datasets_app.command("delete")
+def datasets_delete(dataset_id: str, as_json: JsonOpt = False) -> None:
+    """Delete a dataset and its files."""
+    with _client() as client:
+        client.datasets.delete(dataset_id)
+    if as_json:
+        _print_json({"deleted": dataset_id})
+    else:
+        typer.echo(f"Deleted dataset {dataset_id}")
+
+
+# --- transfer sets
+
+transfer_sets_app = typer.Typer(
+    help="Transfer sets curated on the server from a gallery: create, show, download.", no_args_is_help=True
+)
+
+
+@transfer_sets_app.command("create")
+def transfer_sets_create(
+    dataset_id: str,
+    gallery_id: Annotated[str, typer.Option("--gallery", help="Gallery id (`kt galleries list`).")],
+    size: Annotated[int, typer.Option(help="Items in the transfer set.")] = 5000,
+    method: Annotated[str, typer.Option(help="Curation method, e.g. query_balanced.")] = "query_balanced",
+    watch: Annotated[bool, typer.Option("--watch", help="Follow the curation job until it ends.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Curate a transfer set for a dataset from a gallery (a job on the server)."""
+    with _client() as client:
+        ts = client.transfer_sets.create(dataset_id, gallery_id, size=size, method=method)
+        if watch and ts.get("job_id"):
+            job = _watch(client, ts["job_id"], poll_s=1.0, timeout=None, quiet=as_json)
+            ts = client.transfer_sets.get(ts["id"])
+            if job["status"] != "succeeded":
+                _stderr(f"Error: curation job {job['id']} {job['status']}: {job.get('error')}")
+                raise typer.Exit(EXIT_JOB_FAILED)
+    if as_json:
+        _print_json(ts)
+    else:
+        typer.echo(f"Transfer set {ts['id']} ({ts['status']}); job {ts.get('job_id')}")
+
+
+@transfer_sets_app.command("show")
+def transfer_sets_show(transfer_set_id: str, as_json: JsonOpt = False) -> None:
+    """A transfer set: status, parameters, summary (per-class counts, scores)."""
+    with _client() as client:
+        _show(client.transfer_sets.get(transfer_set_id), as_json, f"transfer set {transfer_set_id}")
+
+
+@transfer_sets_app.command("download")
+def transfer_sets_download(
+    transfer_set_id: str,
+    format: Annotated[
+        str, typer.Option(help="jsonl, csv or parquet (the manifest), or html (the report).")
+    ] = "jsonl",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="File or folder to write.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Download a ready transfer set's manifest or HTML report."""
+    with _client() as client:
+        if format == "html":
+            path = client.transfer_sets.report(transfer_set_id, output)
+        else:
+            path = client.transfer_sets.manifest(transfer_set_id, format, output)
+    _saved(path, as_json)
+
+
+def _saved(path: Path, as_json: bool) -> None:
+    if as_json:
+        _print_json({"path": str(path.resolve()), "bytes": path.stat().st_size})
+    else:
+        typer.echo(f"Saved {path} ({path.stat().st_size} bytes)")
+
+
+# --- jobs
+
+jobs_app = typer.Typer(
+    help="Training jobs: submit, list, show, watch, cancel, retry, logs.", no_args_is_help=True
+)
+
+
+@jobs_app.command("submit")
+def jobs_submit(
+    dataset_id: Annotated[str | None, typer.Argument(help="The labeled dataset to train on.")] = None,
+    body: Annotated[
+        Path | None,
+        typer.Option("--body", help="A JSON file with the whole request (options below override it)."),
+    ] = None,
+    test_dataset: Annotated[
+        str | None, typer.Option("--test-dataset", help="Dataset id to evaluate on.")
+    ] = None,
+    gallery: Annotated[
+        str | None, typer.Option("--gallery", help="Gallery id to curate a transfer set from.")
+    ] = None,
+    transfer_set_size: Annotated[int | None, typer.Option(help="Transfer set size (with --gallery).")] = None,
+    teacher: Annotated[
+        str | None, typer.Option(help="Teacher: timm:<name>[@tag] or open_clip:<arch>[@tag].")
+    ] = None,
+    student: Annotated[str | None, typer.Option(help="Student: timm:<name>.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input side of both models.")] = None,
+    steps: Annotated[
+        str | None, typer.Option(help="finetune_teacher,distill,finetune_student steps, e.g. 100,300,100.")
+    ] = None,
+    export: Annotated[str | None, typer.Option(help="Export formats, e.g. safetensors,onnx.")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, or auto (the server's default queue).")
+    ] = None,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Follow the job until it ends (like `kt jobs watch`).")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Queue a training job: finetune the teacher, (curate,) distill, finetune the student, export."""
+    request: dict[str, Any] = {}
+    if body is not None:
+        try:
+            request = json.loads(body.read_text())
+        except (OSError, ValueError) as err:
+            _stderr(f"Error: cannot read --body {body}: {err}")
+            raise typer.Exit(EXIT_USAGE) from err
+        if not isinstance(request, dict):
+            _stderr(f"Error: --body {body} must hold a JSON object")
+            raise typer.Exit(EXIT_USAGE)
+    options: dict[str, Any] = {
+        "dataset_id": dataset_id,
+        "test_dataset_id": test_dataset,
+        "gallery_id": gallery,
+        "transfer_set_size": transfer_set_size,
+        "teacher": teacher,
+        "student": student,
+        "image_size": image_size,
+        "device": device,
+    }
+    request.update({k: v for k, v in options.items() if v is not None})
+    if steps is not None:
+        parts = steps.split(",")
+        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+            _stderr(
+                "Error: --steps takes three comma-separated numbers: finetune_teacher,distill,finetune_student"
+            )
+            raise typer.Exit(EXIT_USAGE)
+        request["steps"] = dict(
+            zip(("finetune_teacher", "distill", "finetune_student"), map(int, parts), strict=True)
+        )
+    if export is not None:
+        request["export_formats"] = [f.strip() for f in export.split(",") if f.strip()]
+    if "dataset_id" not in request:
+        _stderr("Error: give a DATASET_ID (or a --body file with dataset_id)")
+        raise typer.Exit(EXIT_USAGE)
+    with _client() as client:
+        job = client.jobs.submit(request)
+        if not as_json:
+            typer.echo(f"Job {job['id']} queued ({job['queue']} queue)")
+        if watch:
+            job = _watch(client, job["id"], poll_s=1.0, timeout=None, quiet=as_json)
+    if as_json:
+        _print_json(job)
+    if watch:
+        _finish(job, as_json)
+
+
+@jobs_app.command("list")
+def jobs_list(
+    status: Annotated[
+        str | None, typer.Option(help="Only jobs with this status (queued, running, ...).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Your jobs, newest first."""
+    with _client() as client:
+        rows = client.jobs.list(status=status)
+    if as_json:
+        _print_json(rows)
+    else:
+        _table(rows, ["id", "kind", "status", "stage", "progress", "model_id", "created_at"], "jobs")
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str, as_json: JsonOpt = False) -> None:
+    """A job: status, stage, progress, timings, metrics, error."""
+    with _client() as client:
+        _show(client.jobs.get(job_id), as_json, f"job {job_id}")
+
+
+def _watch(
+    client: Client, job_id: str, *, poll_s: float, timeout: float | None, quiet: bool
+) -> dict[str, Any]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        TextColumn("{task.fields[stage]}"),
+        TextColumn("ETA {task.fields[eta]}"),
+        TimeElapsedColumn(),
+        console=_console(stderr=True),
+        transient=quiet,
+    ) as bar:
+        task = bar.add_task(f"job {job_id}", total=1.0, stage="", eta="?")
+
+        def update(job: dict[str, Any]) -> None:
+            eta = job.get("eta_s")
+            done = 1.0 if job["status"] == "succeeded" else float(job.get("progress") or 0.0)
+            bar.update(
+                task,
+                completed=done,
+                stage=f"{job['status']}: {job.get('stage') or '-'}",
+                eta=f"{eta:.0f}s" if isinstance(eta, int | float) else "?",
+            )
+
+        return client.jobs.wait(job_id, poll_s=poll_s, timeout=timeout, callback=update)
+
+
+def _finish(job: dict[str, Any], as_json: bool) -> None:
+    if job["status"] == "succeeded":
+        if not as_json:
+            typer.echo(f"Job {job['id']} succeeded; model {job.get('model_id')}")
+        return
+    _stderr(f"Job {job['id']} {job['status']}: {job.get('error') or '(no error message)'}")
+    raise typer.Exit(EXIT_JOB_FAILED)
+
+
+@jobs_app.command("watch")
+def jobs_watch(
+    job_id: str,
+    poll: Annotated[float, typer.Option(help="Seconds between polls.")] = 1.0,
+    timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds (exit 1).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Follow a job (stage and progress bar) until it ends: exit 0 succeeded, 4 failed or canceled."""
+    with _client() as client:
+        try:
+            job = _watch(client, job_id, poll_s=poll, timeout=timeout, quiet=as_json)
+        except TimeoutError as err:
+            _stderr(f"Error: {err}")
+            raise typer.Exit(EXIT_API_ERROR) from err
+    if as_json:
+        _print_json(job)
+    _finish(job, as_json)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, as_json: JsonOpt = False) -> None:
+    """Cancel a queued or running job."""
+    with _client() as client:
+        job = client.jobs.cancel(job_id)
+    _print_json(job) if as_json else typer.echo(f"Job {job_id}: {job['status']} (cancel requested)")
+
+
+@jobs_app.command("retry")
+def jobs_retry(job_id: str, as_json: JsonOpt = False) -> None:
+    """Run a failed or canceled job again (it resumes where it stopped)."""
+    with _client() as client:
+        job = client.jobs.retry(job_id)
+    _print_json(job) if as_json else typer.echo(f"Job {job_id}: {job['status']}")
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str, as_json: JsonOpt = False) -> None:
+    """The job's log (its last megabyte)."""
+    with _client() as client:
+        text = client.jobs.logs(job_id)
+    if as_json:
+        _print_json({"job_id": job_id, "log": text})
+    else:
+        sys.stdout.write(text)
+
+
+# --- models and galleries
+
+models_app = typer.Typer(help="Trained models: list, show the card, download.", no_args_is_help=True)
+
+
+@models_app.command("list")
+def models_list(as_json: JsonOpt = False) -> None:
+    """Your models, newest first."""
+    with _client() as client:
+        rows = client.models.list()
+    if as_json:
+        _print_json(rows)
+    else:
+        _table(rows, ["id", "job_id", "formats", "created_at"], "models")
+
+
+@models_app.command("show")
+def models_show(model_id: str, as_json: JsonOpt = False) -> None:
+    """The model card (classes, preprocessing, metrics, lineage) and downloadable formats."""
+    with _client() as client:
+        _show(client.models.get(model_id), as_json, f"model {model_id}")
+
+
+@models_app.command("download")
+def models_download(
+    model_id: str,
+    format: Annotated[str, typer.Option(help="safetensors, onnx or torchscript.")] = "safetensors",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="File or folder to write.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Download one exported format of a model."""
+    with _client() as client:
+        path = client.models.download(model_id, format, output)
+    _saved(path, as_json)
+
+
+galleries_app = typer.Typer(help="Galleries (unlabeled image indexes) on the server.", no_args_is_help=True)
+
+
+@galleries_app.command("list")
+def galleries_list(as_json: JsonOpt = False) -> None:
+    """The galleries transfer sets can be curated from."""
+    with _client() as client:
+        rows = client.galleries.list()
+    if as_json:
+        _print_json(rows)
+    else:
+        _table(rows, ["id", "name", "size", "encoder", "index_kind", "created_at"], "galleries")
+
+
+def add_remote_commands(app: typer.Typer) -> None:
+    app.command("login")(login)
+    app.command("logout")(logout)
+    app.add_typer(datasets_app, name="datasets")
+    app.add_typer(transfer_sets_app, name="transfer-sets")
+    app.add_typer(jobs_app, name="jobs")
+    app.add_typer(models_app, name="models")
+    app.add_typer(galleries_app, name="galleries")
