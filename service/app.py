@@ -34,6 +34,7 @@ from service.api.routes import api_router, health
 from service.api.routes.health import check_database
 from service.db.session import init_db, make_engine, make_session_factory
 from service.settings import Settings, get_settings
+from service.ui import install_ui
 
 API_PREFIX = "/v1"
 log = logging.getLogger("service")
@@ -229,4 +230,5 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     app.add_middleware(MetricsMiddleware, registry=app.state.metrics_registry)
     app.include_router(health.router)
     app.include_router(api_router, prefix=API_PREFIX)
+    install_ui(app)  # the web pages under /ui
     return app

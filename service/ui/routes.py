@@ -1,0 +1,602 @@
+"""``/ui``: server-rendered pages over the same tables and files as the JSON API.
+
+Jobs (live status), a job (stage timeline, loss and accuracy curves, test metrics with per-class
+accuracy and the confusion matrix), transfer sets (the curation report ``kt_train`` wrote, served
+as is), models (the card, download buttons) and datasets (per-class counts, thumbnails). Every
+page is the tenant's own: an id of another tenant is a 404 page, a missing login a redirect.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, FastAPI, Form, HTTPException, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service import storage
+from service.api.deps import SessionDep, SettingsDep
+from service.api.routes.jobs import PIPELINE_STAGES, job_dir
+from service.api.routes.models import EXPORT_FORMATS
+from service.api.routes.transfer_sets import _sync as sync_transfer_set
+from service.api.routes.transfer_sets import curate_dir
+from service.db.models import JOB_FINAL_STATUSES, Dataset, Job, Model, Tenant, TransferSet
+from service.schemas import ExportFormat
+from service.settings import Settings
+from service.ui.auth import (
+    COOKIE_MAX_AGE_S,
+    COOKIE_NAME,
+    COOKIE_PATH,
+    LoginRequired,
+    PageNotFound,
+    TooManyRequests,
+    UiTenant,
+    authenticate,
+    login_url,
+    safe_next,
+)
+from service.ui.charts import Chart, line_chart
+
+HERE = Path(__file__).parent
+templates = Jinja2Templates(directory=str(HERE / "templates"))
+router = APIRouter(prefix="/ui", include_in_schema=False)
+
+TRAINING_STAGES = ("finetune_teacher", "distill", "finetune_student")
+THUMBS_PER_CLASS = 8
+THUMB_PX = 96
+LIST_LIMIT = 200
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# Pages: own scripts and styles inline only, images from here or data: URIs, frames from here.
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self' 'unsafe-inline'; frame-src 'self'; frame-ancestors 'self'; form-action 'self'"
+)
+# The curation report is self-contained (data: images, inline CSS/JS): it may load nothing else.
+REPORT_CSP = (
+    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+    "frame-ancestors 'self'"
+)
+HEADERS = {
+    "Content-Security-Policy": PAGE_CSP,
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "same-origin",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def _page(
+    request: Request, template: str, status_code: int = 200, tenant: Tenant | None = None, **ctx: Any
+) -> HTMLResponse:
+    return templates.TemplateResponse(
+        request,
+        template,
+        {"tenant": tenant, **ctx},
+        status_code=status_code,
+        headers=HEADERS,
+    )
+
+
+# --------------------------------------------------------------------------- login
+
+
+@router.get("", response_class=RedirectResponse)
+@router.get("/", response_class=RedirectResponse)
+def home() -> RedirectResponse:
+    return RedirectResponse("/ui/jobs", status_code=303)
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_form(request: Request, next: str = "", message: str = "") -> HTMLResponse:
+    return _page(request, "login.html", next=safe_next(next), error=message[:300])
+
+
+@router.post("/login", response_class=HTMLResponse)
+async def login(
+    request: Request, api_key: Annotated[str, Form(max_length=200)], next: Annotated[str, Form()] = ""
+) -> Response:
+    key = api_key.strip()
+    try:
+        await authenticate(request, key)
+    except HTTPException as err:
+        return _page(
+            request, "login.html", status_code=err.status_code, next=safe_next(next), error=err.detail
+        )
+    response = RedirectResponse(safe_next(next), status_code=303)
+    response.set_cookie(
+        COOKIE_NAME,
+        key,
+        max_age=COOKIE_MAX_AGE_S,
+        path=COOKIE_PATH,
+        secure=True,
+        httponly=True,
+        samesite="strict",
+    )
+    return response
+
+
+@router.post("/logout", response_class=RedirectResponse)
+def logout() -> RedirectResponse:
+    response = RedirectResponse("/ui/login", status_code=303)
+    response.delete_cookie(COOKIE_NAME, path=COOKIE_PATH, secure=True, httponly=True, samesite="strict")
+    return response
+
+
+@router.get("/static/style.css")
+def stylesheet() -> FileResponse:
+    return FileResponse(HERE / "static" / "style.css", media_type="text/css")
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def _owned(session: Session, model: Any, tenant: Tenant, item_id: str) -> Any:
+    row = session.get(model, item_id) if len(item_id) <= 64 else None
+    if row is None or row.tenant_id != tenant.id:
+        raise PageNotFound(item_id)
+    return row
+
+
+def _jobs(session: Session, tenant: Tenant) -> list[Job]:
+    return list(
+        session.scalars(
+            select(Job)
+            .where(Job.tenant_id == tenant.id)
+            .order_by(Job.created_at.desc(), Job.id)
+            .limit(LIST_LIMIT)
+        ).all()
+    )
+
+
+def _pct(progress: float | None) -> int:
+    return max(0, min(100, round((progress or 0.0) * 100)))
+
+
+@router.get("/jobs", response_class=HTMLResponse)
+def jobs_page(request: Request, session: SessionDep, tenant: UiTenant) -> HTMLResponse:
+    jobs = _jobs(session, tenant)
+    live = any(j.status not in JOB_FINAL_STATUSES for j in jobs)
+    return _page(request, "jobs.html", tenant=tenant, jobs=jobs, pct=_pct, live=live, section="jobs")
+
+
+@router.get("/jobs/rows", response_class=HTMLResponse)
+def jobs_rows(request: Request, session: SessionDep, tenant: UiTenant) -> HTMLResponse:
+    """The table body of the jobs page (what its script polls every 2 s)."""
+    jobs = _jobs(session, tenant)
+    response = _page(request, "_job_rows.html", tenant=tenant, jobs=jobs, pct=_pct)
+    response.headers["X-Jobs-Live"] = "1" if any(j.status not in JOB_FINAL_STATUSES for j in jobs) else "0"
+    return response
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _stage_names(job: Job) -> list[str]:
+    if job.kind == "build_gallery":
+        return ["build_gallery"]
+    config = (job.params or {}).get("config") or {}
+    stages = config.get("stages") if isinstance(config, dict) else None
+    if isinstance(stages, list) and all(isinstance(s, str) for s in stages):
+        return stages
+    return list(PIPELINE_STAGES)
+
+
+def _timeline(job: Job) -> list[dict[str, Any]]:
+    timings = job.stage_timings or {}
+    out = []
+    for name in _stage_names(job):
+        if name in timings:
+            state = "done"
+        elif job.stage == name and job.status == "running":
+            state = "running"
+        elif job.stage == name and job.status in ("failed", "canceled"):
+            state = job.status
+        else:
+            state = "pending"
+        seconds = timings.get(name)
+        out.append(
+            {"name": name, "state": state, "seconds": seconds if isinstance(seconds, int | float) else None}
+        )
+    return out
+
+
+def _curves(settings: Settings, job: Job) -> list[dict[str, Any]]:
+    """Per training stage: a loss chart and an accuracy chart, one series per training loop."""
+    out = []
+    for stage in TRAINING_STAGES:
+        history = _read_json(job_dir(settings, job.id) / "run" / stage / "history.json")
+        if not isinstance(history, dict) or not history:
+            continue
+        charts: list[Chart] = []
+        for metric, label, scale in (("loss", "loss", 1.0), ("acc", "train accuracy %", 100.0)):
+            series = {
+                loop: [
+                    (row["step"], row[metric] * scale)
+                    for row in rows
+                    if isinstance(row, dict)
+                    and isinstance(row.get("step"), int | float)
+                    and isinstance(row.get(metric), int | float)
+                ]
+                for loop, rows in history.items()
+                if isinstance(rows, list)
+            }
+            if any(series.values()):
+                charts.append(line_chart(f"{stage}: {label}", series, y_label=label))
+        val = (job.metrics or {}).get(f"{stage}_val")
+        scalars = (
+            {k: v for k, v in val.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            if isinstance(val, dict)
+            else {}
+        )
+        out.append({"stage": stage, "charts": charts, "val": scalars})
+    return out
+
+
+def _shade(count: int, row_total: int) -> str:
+    share = count / row_total if row_total else 0.0
+    return f"rgba(37, 99, 235, {0.08 + 0.8 * share:.2f})" if count else "transparent"
+
+
+def _test_metrics(job: Job) -> list[dict[str, Any]]:
+    test = (job.metrics or {}).get("test")
+    if not isinstance(test, dict):
+        return []
+    out = []
+    for role in ("student", "teacher"):
+        m = test.get(role)
+        if not isinstance(m, dict):
+            continue
+        classes = [str(c) for c in m.get("classes") or []]
+        confusion = m.get("confusion") or []
+        rows = []
+        for i, cls in enumerate(classes):
+            counts = confusion[i] if i < len(confusion) else []
+            total = sum(counts)
+            rows.append(
+                {
+                    "cls": cls,
+                    "cells": [{"n": n, "bg": _shade(n, total), "diag": i == j} for j, n in enumerate(counts)],
+                    "n": total,
+                    "acc": (m.get("per_class") or {}).get(cls),
+                }
+            )
+        out.append({"role": role, "top1": m.get("top1"), "n": m.get("n"), "classes": classes, "rows": rows})
+    return out
+
+
+@router.get("/jobs/{job_id}", response_class=HTMLResponse)
+def job_page(
+    request: Request, job_id: str, session: SessionDep, settings: SettingsDep, tenant: UiTenant
+) -> HTMLResponse:
+    job: Job = _owned(session, Job, tenant, job_id)
+    models = session.scalars(select(Model).where(Model.job_id == job.id)).all()
+    transfer_sets = session.scalars(
+        select(TransferSet).where(TransferSet.job_id == job.id, TransferSet.tenant_id == tenant.id)
+    ).all()
+    request_params = (job.params or {}).get("request") or {}
+    datasets = []
+    for key in ("dataset_id", "test_dataset_id"):
+        ds_id = request_params.get(key) if isinstance(request_params, dict) else None
+        ds = session.get(Dataset, ds_id) if isinstance(ds_id, str) else None
+        if ds is not None and ds.tenant_id == tenant.id:
+            datasets.append((key.replace("_id", "").replace("_", " "), ds))
+    has_report = not transfer_sets and (curate_dir(settings, job.id) / "report.html").is_file()
+    return _page(
+        request,
+        "job.html",
+        tenant=tenant,
+        section="jobs",
+        job=job,
+        pct=_pct,
+        live=job.status not in JOB_FINAL_STATUSES,
+        timeline=_timeline(job),
+        curves=_curves(settings, job),
+        tests=_test_metrics(job),
+        models=models,
+        transfer_sets=transfer_sets,
+        datasets=datasets,
+        has_report=has_report,
+    )
+
+
+@router.get("/jobs/{job_id}/status.json")
+def job_status(job_id: str, session: SessionDep, tenant: UiTenant) -> dict[str, Any]:
+    """What the job page's script polls every 2 s while the job runs."""
+    job: Job = _owned(session, Job, tenant, job_id)
+    return {
+        "status": job.status,
+        "stage": job.stage,
+        "progress": job.progress,
+        "eta_s": job.eta_s,
+        "final": job.status in JOB_FINAL_STATUSES,
+    }
+
+
+def _report_response(path: Path) -> Response:
+    if not path.is_file():
+        raise PageNotFound(str(path.name))
+    return FileResponse(
+        path,
+        media_type="text/html; charset=utf-8",
+        headers={"Content-Security-Policy": REPORT_CSP, "Cache-Control": "private, no-cache"},
+    )
+
+
+@router.get("/jobs/{job_id}/transfer-set", response_class=HTMLResponse)
+def job_transfer_set_page(
+    request: Request, job_id: str, session: SessionDep, settings: SettingsDep, tenant: UiTenant
+) -> HTMLResponse:
+    """The transfer set a pipeline job curated in its own ``curate`` stage."""
+    job: Job = _owned(session, Job, tenant, job_id)
+    summary = _read_json(curate_dir(settings, job.id) / "summary.json") or {}
+    if not (curate_dir(settings, job.id) / "report.html").is_file():
+        raise PageNotFound(job_id)
+    return _page(
+        request,
+        "transfer_set.html",
+        tenant=tenant,
+        section="transfer_sets",
+        title=f"Transfer set of job {job.id[:8]}",
+        ts=None,
+        job=job,
+        summary=summary if isinstance(summary, dict) else {},
+        report_url=f"/ui/jobs/{job.id}/transfer-set/report",
+    )
+
+
+@router.get("/jobs/{job_id}/transfer-set/report", response_class=HTMLResponse)
+def job_transfer_set_report(
+    job_id: str, session: SessionDep, settings: SettingsDep, tenant: UiTenant
+) -> Response:
+    job: Job = _owned(session, Job, tenant, job_id)
+    return _report_response(curate_dir(settings, job.id) / "report.html")
+
+
+# --------------------------------------------------------------------------- transfer sets
+
+
+@router.get("/transfer-sets", response_class=HTMLResponse)
+def transfer_sets_page(
+    request: Request, session: SessionDep, settings: SettingsDep, tenant: UiTenant
+) -> HTMLResponse:
+    rows = session.scalars(
+        select(TransferSet)
+        .where(TransferSet.tenant_id == tenant.id)
+        .order_by(TransferSet.created_at.desc(), TransferSet.id)
+        .limit(LIST_LIMIT)
+    ).all()
+    rows = [sync_transfer_set(session, settings, ts) for ts in rows]
+    return _page(request, "transfer_sets.html", tenant=tenant, section="transfer_sets", transfer_sets=rows)
+
+
+@router.get("/transfer-sets/{transfer_set_id}", response_class=HTMLResponse)
+def transfer_set_page(
+    request: Request, transfer_set_id: str, session: SessionDep, settings: SettingsDep, tenant: UiTenant
+) -> HTMLResponse:
+    ts: TransferSet = sync_transfer_set(
+        session, settings, _owned(session, TransferSet, tenant, transfer_set_id)
+    )
+    has_report = (
+        ts.status == "ready" and ts.job_id and (curate_dir(settings, ts.job_id) / "report.html").is_file()
+    )
+    return _page(
+        request,
+        "transfer_set.html",
+        tenant=tenant,
+        section="transfer_sets",
+        title=f"Transfer set {ts.id[:8]}",
+        ts=ts,
+        job=None,
+        summary=ts.summary or {},
+        report_url=f"/ui/transfer-sets/{ts.id}/report" if has_report else None,
+    )
+
+
+@router.get("/transfer-sets/{transfer_set_id}/report", response_class=HTMLResponse)
+def transfer_set_report(
+    transfer_set_id: str, session: SessionDep, settings: SettingsDep, tenant: UiTenant
+) -> Response:
+    ts: TransferSet = sync_transfer_set(
+        session, settings, _owned(session, TransferSet, tenant, transfer_set_id)
+    )
+    if ts.status != "ready" or ts.job_id is None:
+        raise PageNotFound(transfer_set_id)
+    return _report_response(curate_dir(settings, ts.job_id) / "report.html")
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _formats(model: Model) -> list[str]:
+    return [fmt for fmt in EXPORT_FORMATS if (model.files or {}).get(fmt)]
+
+
+@router.get("/models", response_class=HTMLResponse)
+def models_page(request: Request, session: SessionDep, tenant: UiTenant) -> HTMLResponse:
+    rows = session.scalars(
+        select(Model)
+        .where(Model.tenant_id == tenant.id)
+        .order_by(Model.created_at.desc(), Model.id)
+        .limit(LIST_LIMIT)
+    ).all()
+    return _page(request, "models.html", tenant=tenant, section="models", models=rows, formats=_formats)
+
+
+def _card_items(card: dict[str, Any]) -> list[tuple[str, str]]:
+    """The card's fields, nested values as indented JSON."""
+    out = []
+    for key, value in card.items():
+        if key in ("classes", "metrics"):
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, indent=2, sort_keys=True, default=str)
+        out.append((key, text))
+    return out
+
+
+def _flat_metrics(metrics: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    if isinstance(metrics, dict):
+        for k, v in metrics.items():
+            if k in ("confusion", "classes", "per_class"):
+                continue
+            out.extend(_flat_metrics(v, f"{prefix}{k}."))
+    elif isinstance(metrics, int | float) and not isinstance(metrics, bool):
+        out.append((prefix.rstrip("."), metrics))
+    return out
+
+
+@router.get("/models/{model_id}", response_class=HTMLResponse)
+def model_page(request: Request, model_id: str, session: SessionDep, tenant: UiTenant) -> HTMLResponse:
+    model: Model = _owned(session, Model, tenant, model_id)
+    card = model.card or {}
+    job = session.get(Job, model.job_id) if model.job_id else None
+    return _page(
+        request,
+        "model.html",
+        tenant=tenant,
+        section="models",
+        model=model,
+        card_items=_card_items(card),
+        classes=[str(c) for c in card.get("classes") or []],
+        metrics=_flat_metrics(card.get("metrics") or {}),
+        formats=_formats(model),
+        job=job if job is not None and job.tenant_id == tenant.id else None,
+    )
+
+
+@router.get("/models/{model_id}/download")
+def model_download(
+    model_id: str,
+    session: SessionDep,
+    tenant: UiTenant,
+    format: Annotated[ExportFormat, Query()] = "safetensors",
+) -> FileResponse:
+    """The download buttons' target: ``GET /v1/models/{id}/download`` with the cookie's key."""
+    model: Model = _owned(session, Model, tenant, model_id)
+    stored = (model.files or {}).get(format)
+    path = Path(stored) if stored else None
+    if path is None or not path.is_file():
+        raise PageNotFound(model_id)
+    return FileResponse(
+        path, media_type="application/octet-stream", filename=f"model-{model_id}{path.suffix or '.' + format}"
+    )
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _images_dir(settings: Settings, ds: Dataset) -> Path:
+    return storage.dataset_dir(settings.data_dir, ds.tenant_id, ds.id) / "images"
+
+
+def _class_files(folder: Path, limit: int) -> list[str]:
+    if not folder.is_dir():
+        return []
+    names = sorted(
+        p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
+    return names[:limit]
+
+
+@router.get("/datasets", response_class=HTMLResponse)
+def datasets_page(request: Request, session: SessionDep, tenant: UiTenant) -> HTMLResponse:
+    rows = session.scalars(
+        select(Dataset)
+        .where(Dataset.tenant_id == tenant.id)
+        .order_by(Dataset.created_at.desc(), Dataset.id)
+        .limit(LIST_LIMIT)
+    ).all()
+    return _page(request, "datasets.html", tenant=tenant, section="datasets", datasets=rows)
+
+
+@router.get("/datasets/{dataset_id}", response_class=HTMLResponse)
+def dataset_page(
+    request: Request, dataset_id: str, session: SessionDep, settings: SettingsDep, tenant: UiTenant
+) -> HTMLResponse:
+    ds: Dataset = _owned(session, Dataset, tenant, dataset_id)
+    counts = {str(k): int(v) for k, v in (ds.class_counts or {}).items()}
+    classes = [str(c) for c in ds.classes or []] or sorted(counts)
+    top = max(counts.values(), default=0)
+    images = _images_dir(settings, ds)
+    rows = [
+        {
+            "cls": cls,
+            "n": counts.get(cls, 0),
+            "bar": round(100 * counts.get(cls, 0) / top) if top else 0,
+            "thumbs": _class_files(images / cls, THUMBS_PER_CLASS) if ds.status == "ready" else [],
+        }
+        for cls in classes
+    ]
+    return _page(request, "dataset.html", tenant=tenant, section="datasets", ds=ds, rows=rows)
+
+
+@router.get("/datasets/{dataset_id}/thumbs/{cls}/{name}")
+def dataset_thumb(
+    dataset_id: str, cls: str, name: str, session: SessionDep, settings: SettingsDep, tenant: UiTenant
+) -> Response:
+    """A JPEG thumbnail (at most ``THUMB_PX`` px) of one image of the tenant's dataset."""
+    ds: Dataset = _owned(session, Dataset, tenant, dataset_id)
+    if cls not in (ds.classes or []) or "/" in name or "\\" in name or name.startswith("."):
+        raise PageNotFound(name)
+    root = _images_dir(settings, ds).resolve()
+    path = (root / cls / name).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise PageNotFound(name)
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (THUMB_PX, THUMB_PX))
+            img = img.convert("RGB")
+            img.thumbnail((THUMB_PX, THUMB_PX))
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=80)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise PageNotFound(name) from err
+    return Response(
+        buf.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"}
+    )
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+def _not_found(request: Request, _exc: Exception) -> Response:
+    return _page(
+        request,
+        "error.html",
+        status_code=404,
+        title="Not found",
+        message="No such page, or it is not yours. The lists in the menu show what you have.",
+    )
+
+
+def _login_required(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, LoginRequired)
+    response = RedirectResponse(login_url(exc.next_path), status_code=303)
+    if exc.message:
+        response.delete_cookie(COOKIE_NAME, path=COOKIE_PATH, secure=True, httponly=True, samesite="strict")
+    return response
+
+
+def _too_many(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, TooManyRequests)
+    response = _page(request, "error.html", status_code=429, title="Too many requests", message=str(exc))
+    response.headers["Retry-After"] = exc.retry_after
+    return response
+
+
+def install_ui(app: FastAPI) -> None:
+    """Serve the pages under ``/ui`` (and their error pages: 404, the login redirect, 429)."""
+    app.include_router(router)
+    app.add_exception_handler(PageNotFound, _not_found)
+    app.add_exception_handler(LoginRequired, _login_required)
+    app.add_exception_handler(TooManyRequests, _too_many)
