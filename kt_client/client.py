@@ -162,12 +162,14 @@ class _Base:
         timeout: float = 120.0,
         max_retries: int = 4,
         max_retry_wait_s: float = 30.0,
+        connect_retries: int = 2,
     ) -> None:
         creds = resolve(base_url, api_key)
         self.base_url = creds.url
         self.api_key = creds.api_key
         self.max_retries = max_retries
         self.max_retry_wait_s = max_retry_wait_s
+        self.connect_retries = connect_retries
         self._timeout = httpx.Timeout(timeout, connect=10.0)
         self._headers = {"User-Agent": "kt-client"}
         if self.api_key:
@@ -177,12 +179,13 @@ class _Base:
         return path if path.startswith(("/v1/", "/readyz", "/healthz")) else API_PREFIX + path
 
     def _wait_s(self, resp: httpx.Response | None, attempt: int) -> float | None:
-        """Seconds to wait before retrying, or None to give up. ``resp`` None: a connection error."""
-        if attempt >= self.max_retries:
-            return None
+        """Seconds to wait before retrying, or None to give up. ``resp`` None: a connection error
+        (retried ``connect_retries`` times, with a short backoff: a server that is down answers fast)."""
         if resp is None:
+            if attempt >= self.connect_retries:
+                return None
             return min(self.max_retry_wait_s, 0.5 * 2**attempt) * (0.5 + random.random() / 2)
-        if resp.status_code == 429:
+        if resp.status_code == 429 and attempt < self.max_retries:
             return min(self.max_retry_wait_s, _retry_after(resp, 1.0))
         return None
 
@@ -208,10 +211,16 @@ class Client(_Base):
         timeout: float = 120.0,
         max_retries: int = 4,
         max_retry_wait_s: float = 30.0,
+        connect_retries: int = 2,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         super().__init__(
-            base_url, api_key, timeout=timeout, max_retries=max_retries, max_retry_wait_s=max_retry_wait_s
+            base_url,
+            api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            max_retry_wait_s=max_retry_wait_s,
+            connect_retries=connect_retries,
         )
         self._http = httpx.Client(
             base_url=self.base_url, headers=self._headers, timeout=self._timeout, transport=transport
@@ -443,10 +452,16 @@ class AsyncClient(_Base):
         timeout: float = 120.0,
         max_retries: int = 4,
         max_retry_wait_s: float = 30.0,
+        connect_retries: int = 2,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         super().__init__(
-            base_url, api_key, timeout=timeout, max_retries=max_retries, max_retry_wait_s=max_retry_wait_s
+            base_url,
+            api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            max_retry_wait_s=max_retry_wait_s,
+            connect_retries=connect_retries,
         )
         self._http = httpx.AsyncClient(
             base_url=self.base_url, headers=self._headers, timeout=self._timeout, transport=transport
