@@ -6,7 +6,7 @@
 1. makes a small synthetic 4-class labeled set (a zip), a test set (a zip) and an unlabeled folder;
 2. builds a gallery from the folder (``kt gallery build``, a subprocess) and registers it;
 3. starts ``python -m service.serve`` on a free port (data dir ``<out>/data``) and creates an API key;
-4. uploads both zips, curates a transfer set (downloads its manifest and report), runs a training
+4. uploads both zips (through ``kt_client.Client``), curates a transfer set (downloads its manifest and report), runs a training
    job with a progress bar, downloads the model (safetensors, onnx), prints a summary and stops
    the server. Exit 0 when the job succeeded, 1 (with its error) when it did not.
 
@@ -197,39 +197,22 @@ def local_session(data_dir: Path) -> Any:
 
 
 class Demo:
-    def __init__(self, url: str, api_key: str, out_dir: Path, poll_s: float = 1.0) -> None:
-        import httpx
+    """The HTTP flow, through ``kt_client.Client`` (errors raise ``kt_client.APIError`` with the
+    server's message)."""
 
-        self.client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120)
+    def __init__(self, url: str, api_key: str, out_dir: Path, poll_s: float = 1.0) -> None:
+        from kt_client import Client
+
+        self.client = Client(url, api_key, timeout=120)
         self.out_dir = out_dir
         self.poll_s = poll_s
 
-    def check(self, resp: Any) -> Any:
-        if resp.status_code >= 400:
-            raise RuntimeError(f"{resp.request.method} {resp.request.url} -> {resp.status_code}: {resp.text}")
-        return resp
-
     def upload(self, zip_path: Path, name: str) -> dict[str, Any]:
-        with open(zip_path, "rb") as fh:
-            resp = self.client.post(
-                "/v1/datasets", files={"file": (zip_path.name, fh, "application/zip")}, data={"name": name}
-            )
-        return dict(self.check(resp).json())
-
-    def download(self, path: str, dest: Path, **params: Any) -> Path:
-        with self.client.stream("GET", path, params=params) as resp:
-            if resp.status_code >= 400:
-                resp.read()
-            self.check(resp)
-            with open(dest, "wb") as fh:
-                for chunk in resp.iter_bytes():
-                    fh.write(chunk)
-        return dest
+        return self.client.datasets.upload(zip_path, name=name)
 
     def poll_job(self, job_id: str, label: str, timeout: float) -> dict[str, Any]:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        deadline = time.monotonic() + timeout
         with Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -240,36 +223,26 @@ class Demo:
             transient=False,
         ) as bar:
             task = bar.add_task(label, total=1.0, stage="queued", eta="?")
-            while True:
-                job = dict(self.check(self.client.get(f"/v1/jobs/{job_id}")).json())
+
+            def update(job: dict[str, Any]) -> None:
                 eta = job.get("eta_s")
                 bar.update(
                     task,
-                    completed=float(job.get("progress") or 0.0),
+                    completed=1.0 if job["status"] == "succeeded" else float(job.get("progress") or 0.0),
                     stage=job.get("stage") or job["status"],
                     eta=f"{eta:.0f}s" if isinstance(eta, int | float) else "?",
                 )
-                if job["status"] in TERMINAL:
-                    if job["status"] == "succeeded":
-                        bar.update(task, completed=1.0)
-                    return job
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"job {job_id} not finished after {timeout:g} s (status {job['status']})"
-                    )
-                time.sleep(self.poll_s)
+
+            return self.client.jobs.wait(job_id, poll_s=self.poll_s, timeout=timeout, callback=update)
 
     def curate(self, dataset_id: str, gallery_id: str, size: int, timeout: float) -> dict[str, Any]:
-        body = {"dataset_id": dataset_id, "gallery_id": gallery_id, "size": size, "method": "query_balanced"}
-        ts = dict(self.check(self.client.post("/v1/transfer-sets", json=body)).json())
+        ts = self.client.transfer_sets.create(dataset_id, gallery_id, size=size, method="query_balanced")
         job = self.poll_job(ts["job_id"], "curate", timeout)
-        ts = dict(self.check(self.client.get(f"/v1/transfer-sets/{ts['id']}")).json())
+        ts = self.client.transfer_sets.get(ts["id"])
         if job["status"] != "succeeded" or ts["status"] != "ready":
             raise RuntimeError(f"transfer set {ts['id']} {ts['status']}: {job.get('error')}")
-        self.download(
-            f"/v1/transfer-sets/{ts['id']}/manifest", self.out_dir / "manifest.jsonl", format="jsonl"
-        )
-        self.download(f"/v1/transfer-sets/{ts['id']}/report", self.out_dir / "report.html")
+        self.client.transfer_sets.manifest(ts["id"], "jsonl", self.out_dir / "manifest.jsonl")
+        self.client.transfer_sets.report(ts["id"], self.out_dir / "report.html")
         return ts
 
 
@@ -375,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
 
         t = time.monotonic()
         body = job_request(args, train["id"], test["id"], gallery_id)
-        job = dict(demo.check(demo.client.post("/v1/jobs", json=body)).json())
+        job = demo.client.jobs.submit(body)
         print(f"[demo] job {job['id']}: {args.teacher} -> {args.student}", flush=True)
         job = demo.poll_job(job["id"], "train", args.timeout)
         times["job"] = time.monotonic() - t
@@ -384,10 +357,8 @@ def run(args: argparse.Namespace) -> int:
             return 1
         files = {}
         for fmt in ("safetensors", "onnx"):
-            files[fmt] = demo.download(
-                f"/v1/models/{job['model_id']}/download", out / f"model.{fmt}", format=fmt
-            )
-        model = dict(demo.check(demo.client.get(f"/v1/models/{job['model_id']}")).json())
+            files[fmt] = demo.client.models.download(job["model_id"], fmt, out / f"model.{fmt}")
+        model = demo.client.models.get(job["model_id"])
         (out / "model_card.json").write_text(json.dumps(model["card"], indent=2, default=str))
         (out / "job.json").write_text(json.dumps(job, indent=2, default=str))
 
@@ -445,10 +416,19 @@ def print_summary(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kt_client import APIError, KTError
+
     args = parse_args(argv)
     try:
         return run(args)
-    except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as err:
+    except APIError as err:
+        print(
+            f"[demo] error: {err.method} {err.url} -> {err.status_code}: {err.detail}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
+    except (RuntimeError, TimeoutError, KTError, subprocess.CalledProcessError) as err:
         print(f"[demo] error: {err}", file=sys.stderr, flush=True)
         return 1
 
