@@ -400,16 +400,30 @@ def verdicts(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
             f"p50 {r['submit_p50_ms']:.1f} ms, max {r['submit_max_ms']:.1f} ms",
             r["submit_p50_ms"] < BARS["submit_ms"],
         ),
-    ] + ([mixed_verdict(r["mixed"])] if "mixed" in r else [])
+    ] + (mixed_verdicts(r["mixed"]) if "mixed" in r else [])
 
 
-def mixed_verdict(m: dict[str, Any]) -> tuple[str, str, str, bool]:
-    return (
-        f"mixed load: {m['pollers']} pollers + {m['uploaders']} uploads + {m['celery_workers']} running jobs",
-        f"0 errors, status p99 < {BARS['status_p99_ms']:g} ms, jobs finish",
-        f"{m['errors']} errors, p99 {m['status_p99_ms']:.1f} ms, {m['jobs_finished']} jobs finished",
-        m["errors"] == 0 and m["status_p99_ms"] < BARS["status_p99_ms"] and m["jobs_finished"] > 0,
-    )
+def mixed_verdicts(m: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    return [
+        (
+            f"mixed load: {m['pollers']} pollers + {m['uploaders']} uploaders + {m['celery_workers']} running jobs, "
+            f"{m['duration_s']:g} s",
+            "0 errors, jobs finish, API and workers alive",
+            f"{m['errors']} errors, {m['jobs_finished']} jobs finished, {m['jobs_failed']} failed, "
+            f"workers alive {m['workers_alive_after']} of {m['celery_workers']}",
+            m["errors"] == 0
+            and m["jobs_finished"] > 0
+            and m["api_alive_after"]
+            and m["workers_alive_after"] == m["celery_workers"],
+        ),
+        (
+            "mixed load: status polling p99 (§4's bar is for the API alone)",
+            f"< {BARS['status_p99_ms']:g} ms",
+            f"p99 {m['status_p99_ms']:.1f} ms, p50 {m['status_p50_ms']:.1f} ms; machine "
+            f"{m['machine_busy_cores']:.2f} of {os.cpu_count()} cores busy",
+            m["status_p99_ms"] < BARS["status_p99_ms"],
+        ),
+    ]
 
 
 def mixed_markdown(m: dict[str, Any]) -> list[str]:
