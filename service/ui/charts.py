@@ -41,7 +41,6 @@ def line_chart(
     *,
     width: int = 420,
     height: int = 220,
-    y_label: str = "",
 ) -> Chart:
     """An SVG chart with one polyline per series (a legend when there are several)."""
     clean = {
@@ -92,8 +91,6 @@ def line_chart(
             f"{_fmt(t)}</text>"
         )
     parts.append(f'<text x="{left + pw}" y="{height - 2}" class="chart-tick" text-anchor="end">step</text>')
-    if y_label:
-        parts.append(f'<text x="4" y="{top - 6}" class="chart-tick">{esc(y_label)}</text>')
     for i, (name, pts) in enumerate(clean.items()):
         color = PALETTE[i % len(PALETTE)]
         d = " ".join(f"{'M' if j == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}" for j, (x, y) in enumerate(pts))

@@ -229,7 +229,7 @@ def _curves(settings: Settings, job: Job) -> list[dict[str, Any]]:
                 if isinstance(rows, list)
             }
             if any(series.values()):
-                charts.append(line_chart(f"{stage}: {label}", series, y_label=label))
+                charts.append(line_chart(f"{stage}: {label}", series))
         val = (job.metrics or {}).get(f"{stage}_val")
         scalars = (
             {k: v for k, v in val.items() if isinstance(v, int | float) and not isinstance(v, bool)}
@@ -553,12 +553,12 @@ def dataset_thumb(
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
-            img.draft("RGB", (THUMB_PX, THUMB_PX))
-            img = img.convert("RGB")
-            img.thumbnail((THUMB_PX, THUMB_PX))
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=80)
+        with Image.open(path) as src:
+            src.draft("RGB", (THUMB_PX, THUMB_PX))  # JPEG: decode at a reduced size
+            thumb = src.convert("RGB")
+        thumb.thumbnail((THUMB_PX, THUMB_PX))
+        buf = io.BytesIO()
+        thumb.save(buf, format="JPEG", quality=80)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise PageNotFound(name) from err
     return Response(

@@ -61,7 +61,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     from worker import runner
 
     root = tmp_path_factory.mktemp("ui_world")
-    data = make_demo_data(root / "demo", per_class=6, test_per_class=4, unlabeled=32, size=32)
+    data = make_demo_data(root / "demo", per_class=6, test_per_class=4, unlabeled=96, size=32)
     settings = Settings(data_dir=root / "data", database_url=f"sqlite:///{root / 'kt.db'}")
     settings.data_dir.mkdir(parents=True)
     init_db(settings.database_url)
@@ -90,7 +90,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             finetune_student__steps=20,
             curate={
                 "gallery": str(gallery_dir),
-                "size": 16,
+                "size": 72,
                 "crops": 1,
                 "dedup_threshold": None,
                 "leakage_threshold": None,

@@ -349,7 +349,21 @@ def test_a_person_walks_through_the_finished_job_in_chromium(world: World) -> No
         assert wait_for(driver, "location.pathname.indexOf('/ui/transfer-sets/') === 0")
         driver.switch_to.frame(driver.find_element(By.ID, "report"))
         assert wait_for(driver, ALL_IMAGES_LOADED), "the transfer-set report's images did not load"
-        assert driver.execute_script("return document.images.length") >= 16
+        assert driver.execute_script("return document.images.length") >= 72
+        # its filters work inside the frame: one class shows only that class's queries and items
+        from selenium.webdriver.support.ui import Select
+
+        summary = json.loads((curate_dir(world.settings, world.job_id) / "summary.json").read_text())
+        cls = world.classes[0]
+        Select(driver.find_element(By.ID, "class-filter")).select_by_value(cls)
+        shown = driver.execute_script(
+            "return Array.from(document.querySelectorAll('#grid .query-row'))"
+            ".filter(function (r) { return !r.hidden; }).map(function (r) { return r.dataset.class; })"
+        )
+        assert shown and set(shown) == {cls}
+        assert driver.find_element(By.ID, "shown-count").text == str(summary["per_class"][cls])
+        Select(driver.find_element(By.ID, "class-filter")).select_by_value("")
+        driver.execute_script("document.getElementById('grid-section').scrollIntoView()")
         driver.switch_to.default_content()
         save_screenshot(driver, "transfer-set")
 
