@@ -46,6 +46,7 @@ HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
+CROSS_SITE = "This form was sent from another site; open this page here and send it again."
 TRAINING_STAGES = ("finetune_teacher", "distill", "finetune_student")
 THUMBS_PER_CLASS = 8
 THUMB_PX = 96
@@ -90,15 +91,40 @@ def home() -> RedirectResponse:
     return RedirectResponse("/ui/jobs", status_code=303)
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]", "testserver"})
+
+
+def _over_https(request: Request) -> bool:
+    """Whether the browser talks https to us (directly or through a TLS-terminating proxy), or to a
+    loopback address, where browsers keep ``Secure`` cookies over plain http too."""
+    forwarded = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    return request.url.scheme == "https" or forwarded == "https" or request.url.hostname in LOOPBACK_HOSTS
+
+
+def _cross_site(request: Request) -> bool:
+    """A form posted from another site (a login CSRF: logging the victim in with the attacker's
+    key); ``SameSite=Strict`` guards the pages, this guards the login and logout forms."""
+    origin = request.headers.get("origin")
+    if not origin or origin == "null":
+        return origin == "null"
+    hosts = {
+        request.headers.get("host", ""),
+        request.headers.get("x-forwarded-host", "").split(",")[0].strip(),
+    }
+    return origin.split("://", 1)[-1].rstrip("/") not in hosts - {""}
+
+
 @router.get("/login", response_class=HTMLResponse)
-def login_form(request: Request, next: str = "", message: str = "") -> HTMLResponse:
-    return _page(request, "login.html", next=safe_next(next), error=message[:300])
+def login_form(request: Request, next: str = "") -> HTMLResponse:
+    return _page(request, "login.html", next=safe_next(next), insecure=not _over_https(request))
 
 
 @router.post("/login", response_class=HTMLResponse)
 async def login(
     request: Request, api_key: Annotated[str, Form(max_length=200)], next: Annotated[str, Form()] = ""
 ) -> Response:
+    if _cross_site(request):
+        return _page(request, "login.html", status_code=403, next="/ui/jobs", error=CROSS_SITE)
     key = api_key.strip()
     try:
         await authenticate(request, key)
@@ -120,7 +146,9 @@ async def login(
 
 
 @router.post("/logout", response_class=RedirectResponse)
-def logout() -> RedirectResponse:
+def logout(request: Request) -> Response:
+    if _cross_site(request):
+        return _page(request, "error.html", status_code=403, title="Forbidden", message=CROSS_SITE)
     response = RedirectResponse("/ui/login", status_code=303)
     response.delete_cookie(COOKIE_NAME, path=COOKIE_PATH, secure=True, httponly=True, samesite="strict")
     return response

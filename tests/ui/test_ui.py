@@ -120,10 +120,33 @@ def test_login_sets_a_secure_httponly_strict_cookie_and_logout_clears_it(
     )
     assert app_client.get("/ui/models", follow_redirects=False).status_code == 303
 
+    # the forms refuse a post from another site (login CSRF); a same-origin post is fine
+    for path, data in (("/ui/login", {"api_key": world.key}), ("/ui/logout", {})):
+        r = app_client.post(
+            path, data=data, headers={"Origin": "https://evil.example"}, follow_redirects=False
+        )
+        assert r.status_code == 403 and "another site" in r.text and "set-cookie" not in r.headers, path
+    ok = app_client.post(
+        "/ui/login",
+        data={"api_key": world.key},
+        headers={"Origin": "https://testserver"},
+        follow_redirects=False,
+    )
+    assert ok.status_code == 303
+
     # after logging in, only a page of this UI is a destination: never another site
     for evil in ("https://evil.example/", "//evil.example/ui/jobs", "/v1/jobs"):
         r = app_client.post("/ui/login", data={"api_key": world.key, "next": evil}, follow_redirects=False)
         assert r.headers["location"] == "/ui/jobs", evil
+
+
+def test_the_login_page_warns_when_the_cookie_cannot_be_kept(world: World) -> None:
+    with TestClient(create_app(world.settings), base_url="http://kt.example.com") as plain:
+        assert 'id="insecure"' in plain.get("/ui/login").text
+        proxied = plain.get("/ui/login", headers={"X-Forwarded-Proto": "https"})
+        assert 'id="insecure"' not in proxied.text
+    with TestClient(create_app(world.settings), base_url="http://127.0.0.1") as loopback:
+        assert 'id="insecure"' not in loopback.get("/ui/login").text
 
 
 def test_a_revoked_key_ends_the_session(world: World, app_client: TestClient) -> None:
