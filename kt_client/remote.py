@@ -77,7 +77,10 @@ def _table(rows: list[dict[str, Any]], columns: list[str], title: str) -> None:
 
     table = Table(title=title)
     for col in columns:
-        table.add_column(col)
+        if col == "id" or col.endswith("_id"):  # ids are copied into the next command: never cut
+            table.add_column(col, no_wrap=True, min_width=32)
+        else:
+            table.add_column(col, no_wrap=True, overflow="ellipsis")
     for row in rows:
         table.add_row(*(_cell(row.get(col)) for col in columns))
     _console().print(table)
@@ -92,7 +95,10 @@ def _cell(value: Any) -> str:
         return ", ".join(str(v) for v in value)
     if isinstance(value, dict):
         return json.dumps(value, default=str)
-    return str(value)
+    text = str(value)
+    if len(text) > 19 and text[10:11] == "T" and text[4:5] == "-":  # an ISO timestamp, to the second
+        return text[:19].replace("T", " ")
+    return text
 
 
 def _show(obj: dict[str, Any], as_json: bool, title: str) -> None:
@@ -205,7 +211,7 @@ def datasets_list(as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json(rows)
     else:
-        _table(rows, ["id", "name", "num_images", "classes", "created_at"], "datasets")
+        _table(rows, ["id", "name", "num_images", "created_at", "classes"], "datasets")
 
 
 @datasets_app.command("show")
@@ -389,7 +395,7 @@ def jobs_list(
     if as_json:
         _print_json(rows)
     else:
-        _table(rows, ["id", "kind", "status", "stage", "progress", "model_id", "created_at"], "jobs")
+        _table(rows, ["id", "status", "stage", "progress", "created_at"], "jobs")
 
 
 @jobs_app.command("show")
@@ -497,7 +503,7 @@ def models_list(as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json(rows)
     else:
-        _table(rows, ["id", "job_id", "formats", "created_at"], "models")
+        _table(rows, ["id", "formats", "created_at"], "models")
 
 
 @models_app.command("show")

@@ -121,6 +121,9 @@ def test_usage_errors_exit_2(kt_env: dict[str, str], tmp_path: Path) -> None:
     assert kt("jobs", "submit").exit_code == 2
     assert kt("datasets", "upload", str(tmp_path / "missing.zip")).exit_code == 2
     assert kt("jobs", "show").exit_code == 2  # click: a missing argument
+    (tmp_path / "bad.json").write_text("{not json")
+    res = kt("jobs", "submit", "ds", "--body", str(tmp_path / "bad.json"))
+    assert res.exit_code == 2 and "cannot read --body" in res.stderr
 
 
 def test_an_unreachable_server_exits_3(kt_env: dict[str, str], monkeypatch: Any) -> None:
@@ -159,14 +162,19 @@ def test_retrying_a_succeeded_job_is_refused_with_exit_1(
 
 
 def test_a_canceled_job_makes_watch_exit_4(
-    kt_env: dict[str, str], datasets: dict[str, dict[str, Any]]
+    kt_env: dict[str, str], datasets: dict[str, dict[str, Any]], tmp_path: Path
 ) -> None:
-    job = kt_json("jobs", "submit", datasets["train"]["id"], "--teacher", "timm:test_vit",
-                  "--student", "timm:test_efficientnet", "--image-size", "32", "--steps", "1,1,1",
-                  "--export", "safetensors", "--device", "cpu")  # fmt: skip
-    assert job["status"] == "queued" and job["request"]["steps"] == {
-        "finetune_teacher": 1, "distill": 1, "finetune_student": 1,
-    }  # fmt: skip
+    body = tmp_path / "job.json"
+    body.write_text(json.dumps({**TINY_JOB, "dataset_id": "overridden", "export_formats": ["onnx"]}))
+    # a --body file, its fields overridden by the options; many distill steps, so that a worker that
+    # picked the job up before the cancel still sees it at its next progress report
+    job = kt_json("jobs", "submit", datasets["train"]["id"], "--body", str(body), "--steps", "1,500,1",
+                  "--export", "safetensors")  # fmt: skip
+    assert job["status"] == "queued" and job["request"]["dataset_id"] == datasets["train"]["id"]
+    assert job["request"]["steps"] == {"finetune_teacher": 1, "distill": 500, "finetune_student": 1}
+    assert (
+        job["request"]["export_formats"] == ["safetensors"] and job["request"]["teacher"] == "timm:test_vit"
+    )
     assert kt_json("jobs", "cancel", job["id"])["cancel_requested"] is True
     res = kt("jobs", "watch", job["id"], "--poll", "0.5", "--json")
     assert res.exit_code == 4
