@@ -497,6 +497,7 @@ def model_page(request: Request, model_id: str, session: SessionDep, tenant: UiT
         metrics=_flat_metrics(card.get("metrics") or {}),
         formats=_formats(model),
         job=job if job is not None and job.tenant_id == tenant.id else None,
+        tests=_test_metrics(job) if job is not None and job.tenant_id == tenant.id else [],
     )
 
 

@@ -209,6 +209,53 @@ def test_jobs_page_shows_the_finished_job_and_its_fragment_polls(
     }
 
 
+def test_running_and_failed_jobs_render_their_state(world: World, app_client: TestClient) -> None:
+    engine = make_engine(world.settings.database_url)
+    with make_session_factory(engine)() as s:
+        running = Job(
+            tenant_id=world.tenant_id,
+            kind="pipeline",
+            status="running",
+            stage="distill",
+            progress=0.4,
+            eta_s=95.0,
+            stage_timings={"finetune_teacher": 12.5, "curate": 3.0},
+        )
+        failed = Job(
+            tenant_id=world.tenant_id,
+            kind="curate",
+            status="failed",
+            stage="curate",
+            progress=0.1,
+            params={"config": {"stages": ["curate"]}},
+            error="curate.gallery: no such gallery <script>",
+        )
+        s.add_all([running, failed])
+        s.commit()
+        running_id, failed_id = running.id, failed.id
+    engine.dispose()
+    login(app_client, world.key)
+    rows = app_client.get("/ui/jobs/rows")
+    assert rows.headers["x-jobs-live"] == "1"
+    assert re.search(rf'data-job="{running_id}" data-status="running">.*?40%.*?95 s', rows.text, re.S)
+    text = app_client.get(f"/ui/jobs/{running_id}").text
+    states = dict(
+        (stage, state) for state, stage in re.findall(r'<li class="(\w+)" data-stage="(\w+)">', text)
+    )
+    assert states == {
+        "finetune_teacher": "done",
+        "curate": "done",
+        "distill": "running",
+        "finetune_student": "pending",
+        "export": "pending",
+        "evaluate": "pending",
+    }
+    assert f"/ui/jobs/{running_id}/status.json" in text and "Training curves" not in text
+    text = app_client.get(f"/ui/jobs/{failed_id}").text
+    assert re.findall(r'<li class="(\w+)" data-stage="(\w+)">', text) == [("failed", "curate")]
+    assert "no such gallery &lt;script&gt;" in text and "status.json" not in text
+
+
 def test_job_page_shows_timeline_curves_and_the_test_metrics(world: World, app_client: TestClient) -> None:
     login(app_client, world.key)
     text = app_client.get(f"/ui/jobs/{world.job_id}").text
@@ -279,6 +326,12 @@ def test_model_card_and_its_downloads(world: World, app_client: TestClient) -> N
     text = app_client.get(f"/ui/models/{world.model_id}").text
     assert re.findall(r'data-format="(\w+)"', text) == ["safetensors", "onnx"]
     assert f'<dd id="model-classes">{", ".join(world.classes)}</dd>' in text
+    assert f'<span class="top1" data-role="student">{world.student_top1:.1f}</span>' in text
+    for cls, acc in world.student_per_class.items():
+        assert re.search(
+            rf'<tr data-class="{cls}"><td>{cls}</td><td class="num">\d+</td><td class="num">{acc:.1f}</td>',
+            text,
+        )
     onnx = app_client.get(f"/ui/models/{world.model_id}/download?format=onnx")
     assert onnx.status_code == 200 and onnx.headers["content-type"] == "application/octet-stream"
     stored = world.settings.data_dir / "jobs" / world.job_id / "run" / "export"
