@@ -20,6 +20,7 @@ WORKDIR /app
 RUN pip install \
       "sqlalchemy>=2" "alembic>=1.16" "pydantic>=2.7" "pydantic-settings>=2.3" "psycopg[binary]>=3.1" \
       "fastapi>=0.115" "uvicorn[standard]>=0.30" "python-multipart>=0.0.9" "prometheus-client>=0.20" \
+      "jinja2>=3.1" \
       "celery[redis]>=5.4" "redis>=5" \
       "pillow>=10" "numpy>=1.26" "pyyaml>=6" "typer>=0.12" "rich>=13"
 COPY pyproject.toml README.md alembic.ini ./
