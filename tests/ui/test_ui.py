@@ -149,6 +149,18 @@ def test_the_login_page_warns_when_the_cookie_cannot_be_kept(world: World) -> No
         assert 'id="insecure"' not in loopback.get("/ui/login").text
 
 
+def test_the_pages_share_the_keys_rate_limit(world: World) -> None:
+    settings = world.settings.model_copy(update={"rate_limit_per_min": 1.0, "rate_limit_burst": 3})
+    with TestClient(create_app(settings), base_url="https://testserver") as client:
+        assert client.get("/ui", follow_redirects=False).headers["location"] == "/ui/jobs"
+        login(client, world.key)  # one request of the key
+        assert client.get("/ui/jobs").status_code == 200
+        assert client.get("/ui/models").status_code == 200
+        limited = client.get("/ui/datasets")
+        assert limited.status_code == 429 and "Too many requests" in limited.text
+        assert int(limited.headers["retry-after"]) >= 1
+
+
 def test_a_revoked_key_ends_the_session(world: World, app_client: TestClient) -> None:
     engine = make_engine(world.settings.database_url)
     with make_session_factory(engine)() as s:
