@@ -118,6 +118,14 @@ def train(
     stages: Annotated[
         str | None, typer.Option(help=f"comma-separated subset of: {', '.join(STAGES)}")
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="torch intra-op threads (default: KT_THREADS, else one per usable core); "
+            "give each of N concurrent runs cores/N",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the pipeline stages of a config: finetune_teacher, distill, finetune_student, export, evaluate.
@@ -126,10 +134,12 @@ def train(
     training stage resumes from its last.ckpt. The resolved config is saved as <out_dir>/config.yaml.
     """
     from .pipeline import run_pipeline
+    from .threads import configure_threads
 
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    configure_threads(threads)
     overrides = list(set_ or [])
     if out_dir:
         overrides.append(f"out_dir={out_dir}")

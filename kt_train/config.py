@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -53,20 +53,32 @@ class OptimConfig(_Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="training augmentation")
 
 
+# An input side in pixels, "auto" (follows the labeled images, kt_train.sizing) or None (the model's).
+ImageSize = Annotated[int, Field(ge=8)] | Literal["auto"] | None
+
+
 class TeacherConfig(_Strict):
     model: str = Field(
         "timm:test_vit", description="model spec timm:<name>[@tag|path] or open_clip:<arch>[@tag|path]"
     )
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra create_model kwargs")
     head: Literal["linear", "mlp"] = Field("linear", description="task head on the pooled features")
-    image_size: int | None = Field(None, ge=8, description="input side in pixels (default: the model's)")
+    image_size: ImageSize = Field(
+        None,
+        description="input side in pixels (default: the model's); auto: follows the labeled images "
+        "(1.5x the student's auto size, see kt_train.sizing)",
+    )
     norm_eval: bool = Field(False, description="keep batch-norm layers in eval mode while finetuning")
 
 
 class StudentConfig(_Strict):
     model: str = Field("timm:resnet10t", description="timm model spec of the student")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model kwargs")
-    image_size: int | None = Field(None, ge=8, description="input side in pixels (default: the model's)")
+    image_size: ImageSize = Field(
+        None,
+        description="input side in pixels (default: the model's); auto: the labeled images' median "
+        "shorter side, rounded to 32 and clamped to 64..224 (see kt_train.sizing)",
+    )
 
 
 class DataConfigSection(_Strict):

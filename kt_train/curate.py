@@ -673,6 +673,21 @@ def curate_transfer_set(
     per_class: dict[str, int] = {}
     for r in rows:
         per_class[r["query_label"]] = per_class.get(r["query_label"], 0) + 1
+    # How full each class's quota got: the equal per-query quotas of its queries against what was
+    # selected for them. Floors (min_score, teacher_min_prob) leave quotas unfilled by design when
+    # the gallery holds too little of a class; the set is then smaller than asked.
+    base_q, extra_q = divmod(cfg.size, nq)
+    quota_of: dict[str, int] = {}
+    for q, lbl in enumerate(labels):
+        quota_of[lbl] = quota_of.get(lbl, 0) + base_q + (1 if q < extra_q else 0)
+    per_class_fill = {
+        lbl: {
+            "quota": quota_of[lbl],
+            "selected": per_class.get(lbl, 0),
+            "fill": round(min(1.0, per_class.get(lbl, 0) / quota_of[lbl]), 4) if quota_of[lbl] else 1.0,
+        }
+        for lbl in sorted(quota_of, key=labels.index)
+    }
     summary = {
         "method": cfg.method,
         "size_requested": cfg.size,
@@ -687,6 +702,7 @@ def curate_transfer_set(
         "duplicates_dropped": sel.dropped_duplicates,
         "teacher_filter_dropped": teacher_dropped,
         "per_class": per_class,
+        "per_class_fill": per_class_fill,
         "config": cfg.model_dump(mode="json"),
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "seconds": round(time.perf_counter() - t_start, 3),

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import sizing
 from .config import DatasetRef, OptimConfig, TrainConfig, dump_config
 from .data import ImageDataset, load_labeled, load_unlabeled
 from .distributed import barrier, init_from_env, is_distributed, local_device, rank, world_size
@@ -168,6 +169,37 @@ def augment_for(opt: OptimConfig, size: int) -> TrainAugment:
 # --------------------------------------------------------------------------- helpers
 
 
+def _side(size: int | str | None) -> int | None:
+    if isinstance(size, str):
+        raise ConfigError(f"image_size {size!r} was not resolved (pipeline.resolve_sizes)")
+    return size
+
+
+def resolve_sizes(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``image_size: auto`` of the teacher and student replaced by the sizes that
+    follow the labeled images (``kt_train.sizing``); the same answer in every stage."""
+    if "auto" not in (cfg.teacher.image_size, cfg.student.image_size):
+        return cfg
+    if cfg.data.train is None:
+        raise ConfigError("image_size: auto needs data.train (the sizes follow the labeled images)")
+    train = open_labeled(cfg.data.train, what="train", seed=cfg.seed, cache=cfg.data.cache_images)
+    sides = []
+    for i in sizing.sample_indices(len(train)):
+        try:
+            img = train.load_image(i)
+        except DatasetError:
+            continue
+        sides.append(min(img.size))
+    teacher, student = sizing.auto_sizes(sides)
+    cfg = cfg.model_copy(deep=True)
+    if cfg.teacher.image_size == "auto":
+        cfg.teacher.image_size = teacher
+    if cfg.student.image_size == "auto":
+        cfg.student.image_size = student
+    log.info("image_size auto: teacher %s, student %s px", cfg.teacher.image_size, cfg.student.image_size)
+    return cfg
+
+
 def _stage_begin(out_dir: str | Path, cfg: TrainConfig) -> Path | None:
     out = Path(out_dir)
     if is_done(out):
@@ -257,6 +289,7 @@ def finetune_teacher(
     cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None
 ) -> Outputs:
     """Task head on the foundation model: a linear probe, then (optionally) a full finetune."""
+    cfg = resolve_sizes(cfg)
     out = _stage_begin(out_dir, cfg)
     if out is None:
         return read_outputs(out_dir)
@@ -265,7 +298,7 @@ def finetune_teacher(
     classes = list(train.classes or [])
     tc = cfg.teacher
     teacher = create_teacher(
-        tc.model, len(classes), head=tc.head, image_size=tc.image_size, model_kwargs=tc.model_kwargs
+        tc.model, len(classes), head=tc.head, image_size=_side(tc.image_size), model_kwargs=tc.model_kwargs
     )
     teacher = _to_device(teacher, device)
     size = cfg.data.view_size or teacher.data_config.input_size
@@ -352,6 +385,7 @@ def distill(
     probabilities on the transfer set, both models seeing the same augmented view."""
     if cfg.distill.method == "task_agnostic":
         return distill_task_agnostic(cfg, inputs, out_dir, reporter)
+    cfg = resolve_sizes(cfg)
     out = _stage_begin(out_dir, cfg)
     if out is None:
         return read_outputs(out_dir)
@@ -367,7 +401,7 @@ def distill(
         create_student(
             cfg.student.model,
             len(classes),
-            image_size=cfg.student.image_size,
+            image_size=_side(cfg.student.image_size),
             model_kwargs=cfg.student.model_kwargs,
         ),
         device,
@@ -496,7 +530,7 @@ def max_distill_batch(cfg: TrainConfig, teacher_checkpoint: str | Path, *, limit
     teacher, ckpt = load_checkpoint(teacher_checkpoint)
     teacher = _freeze(_to_device(teacher, device, channels_last=True))
     student = _to_device(
-        create_student(cfg.student.model, len(ckpt["classes"]), image_size=cfg.student.image_size),
+        create_student(cfg.student.model, len(ckpt["classes"]), image_size=_side(cfg.student.image_size)),
         device,
         channels_last=cfg.channels_last,
     )
@@ -537,6 +571,7 @@ def distill_task_agnostic(
 ) -> Outputs:
     """The baseline: student features, through a projection, regress (cosine) or contrast onto the
     frozen teacher backbone's features on the transfer set; no task knowledge is used."""
+    cfg = resolve_sizes(cfg)
     out = _stage_begin(out_dir, cfg)
     if out is None:
         return read_outputs(out_dir)
@@ -549,14 +584,14 @@ def distill_task_agnostic(
         backbone.head = nn.Identity()
         classes = list(ckpt["classes"])
     else:
-        backbone = create_backbone(tc.model, image_size=tc.image_size, model_kwargs=tc.model_kwargs)
+        backbone = create_backbone(tc.model, image_size=_side(tc.image_size), model_kwargs=tc.model_kwargs)
         classes = _classes(cfg, inputs)
     backbone = _freeze(_to_device(backbone, device, channels_last=True))
     student = _to_device(
         create_student(
             cfg.student.model,
             len(classes),
-            image_size=cfg.student.image_size,
+            image_size=_side(cfg.student.image_size),
             model_kwargs=cfg.student.model_kwargs,
         ),
         device,
@@ -617,6 +652,7 @@ def finetune_student(
     cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None
 ) -> Outputs:
     """Cross-entropy on the labeled images, from the distilled student (or from scratch if none)."""
+    cfg = resolve_sizes(cfg)
     out = _stage_begin(out_dir, cfg)
     if out is None:
         return read_outputs(out_dir)
@@ -632,7 +668,7 @@ def finetune_student(
         student = create_student(
             cfg.student.model,
             len(classes),
-            image_size=cfg.student.image_size,
+            image_size=_side(cfg.student.image_size),
             model_kwargs=cfg.student.model_kwargs,
         )
         lineage["method"] = "scratch"
@@ -678,6 +714,7 @@ def evaluate(
     cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None
 ) -> Outputs:
     """Top-1, per-class accuracy and confusion matrix on data.test for every model given."""
+    cfg = resolve_sizes(cfg)
     out = _stage_begin(out_dir, cfg)
     if out is None:
         return read_outputs(out_dir)
@@ -715,6 +752,7 @@ def export(
     from .export import export_model
     from .specs import ModelSpec
 
+    cfg = resolve_sizes(cfg)
     out = _stage_begin(out_dir, cfg)
     if out is None:
         return read_outputs(out_dir)
@@ -759,6 +797,7 @@ def curate(
     cc = cfg.curate
     if cc.gallery is None:
         return {"skipped": "curate.gallery is not set; distill uses data.transfer"}
+    cfg = resolve_sizes(cfg)
     out = _stage_begin(out_dir, cfg)
     if out is None:
         return read_outputs(out_dir)
@@ -889,6 +928,7 @@ def run_pipeline(cfg: TrainConfig, reporter: Reporter | None = None) -> dict[str
     init_from_env(cfg.device)  # first: joining the group may draw from the global RNG
     torch.manual_seed(cfg.seed)
     main = rank() == 0
+    cfg = resolve_sizes(cfg)
     root = Path(cfg.out_dir)
     root.mkdir(parents=True, exist_ok=True)
     if main:

@@ -36,6 +36,7 @@ from kt_train import pipeline  # noqa: E402
 from kt_train.config import DatasetRef, parse_config, set_key  # noqa: E402
 from kt_train.evaluate import evaluate_model  # noqa: E402
 from kt_train.models import load_checkpoint  # noqa: E402
+from kt_train.recipe import merge, recipe  # noqa: E402
 from kt_train.train import resolve_device  # noqa: E402
 
 ARMS = ("A0", "A1", "A2", "A3", "A4", "A5")
@@ -50,10 +51,30 @@ ARM_TEXT = {
 log = logging.getLogger("bench.quality")
 
 
+def load_spec(config: str | Path, shared: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(base, bench)`` of a benchmark config: the service's default recipe at ``bench.budget``
+    (kt_train/recipe.py) with the file's task keys (models, data, single overrides) merged in."""
+    spec = yaml.safe_load(Path(config).read_text())
+    bench = spec.pop("bench")
+    base = merge(recipe(bench.get("budget", "balanced")), spec)
+    base["teacher"]["model"] = base["teacher"]["model"].replace("${shared}", str(shared))
+    return base, bench
+
+
+def resolved_sizes(base: dict[str, Any], shared: Path, labels_per_class: int = 10) -> tuple[int, int]:
+    """The (teacher, student) input sides ``image_size: auto`` gives on the labeled EuroSAT images."""
+    ref = DatasetRef(
+        path=str(shared / "data/eurosat/eurosat_rgb.zip"),
+        split=str(shared / f"data/eurosat/splits/labeled_{labels_per_class}_per_class.txt"),
+    )
+    cfg = pipeline.resolve_sizes(parse_config({**base, "data": {"train": ref.model_dump()}}))
+    return int(cfg.teacher.image_size or 0), int(cfg.student.image_size or 0)
+
+
 def prepare_splits(
     shared: Path, work: Path, labels_per_class: int, test_limit: int | None, seed: int
 ) -> dict[str, Path]:
-    """Split files of the protocol: labeled, pool - labeled, val_tune (first 1,000 of val), test."""
+    """Split files of the protocol: labeled, pool - labeled, val_tune (100 per class), test."""
     splits = shared / "data/eurosat/splits"
     work.mkdir(parents=True, exist_ok=True)
     read = lambda name: [ln.strip() for ln in (splits / name).read_text().splitlines() if ln.strip()]  # noqa: E731
@@ -66,7 +87,7 @@ def prepare_splits(
     out = {
         "labeled": labeled,
         "unlabeled_target": pool,
-        "val_tune": read("val.txt")[:1000],
+        "val_tune": read("val_tune.txt"),
         "test": test,
     }
     paths = {}
@@ -392,16 +413,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kt_train.train").setLevel(logging.WARNING)
 
     shared = Path(args.shared).resolve()
-    spec = yaml.safe_load(Path(args.config).read_text())
-    bench = spec.pop("bench")
-    base = spec
+    base, bench = load_spec(args.config, shared)
     if args.quick:
         for k, v in bench["quick"].items():
             set_key(base, k, v)
     for ov in args.set:
         k, v = ov.split("=", 1)
         set_key(base, k, yaml.safe_load(v))
-    base["teacher"]["model"] = args.teacher or base["teacher"]["model"].replace("${shared}", str(shared))
+    if args.teacher:
+        base["teacher"]["model"] = args.teacher
     if args.student:
         base["student"]["model"] = args.student
     seeds = args.seeds or ([0] if args.quick else [0, 1])

@@ -45,24 +45,21 @@ METHODS = ("query_balanced", "knn", "class_balanced", "random")
 
 
 def load_base(shared: Path, config: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    spec = yaml.safe_load(config.read_text())
-    bench = spec.pop("bench")
-    spec["teacher"]["model"] = spec["teacher"]["model"].replace("${shared}", str(shared))
-    return spec, bench
+    """The quality benchmark's config (the default recipe + the task), teacher sizes resolved."""
+    base, bench = quality.load_spec(config, shared)
+    base["teacher"]["image_size"], base["student"]["image_size"] = quality.resolved_sizes(
+        base, shared, bench["labels_per_class"]
+    )
+    return base, bench
 
 
 def gallery_sources(shared: Path, work: Path) -> list[Any]:
-    """The A5 gallery: Tiny-ImageNet 50k + CIFAR-10 test + EuroSAT val images after val_tune."""
-    val = [
-        ln.strip() for ln in (shared / "data/eurosat/splits/val.txt").read_text().splitlines() if ln.strip()
-    ]
-    split = work / "eurosat_val_gallery.txt"
-    split.parent.mkdir(parents=True, exist_ok=True)
-    split.write_text("\n".join(val[1000:]) + "\n")
+    """The A5 gallery: Tiny-ImageNet 50k + CIFAR-10 test + the 4,400 EuroSAT images of
+    ``splits/val_gallery.txt`` (val minus val_tune; every class present, labels never used)."""
     return [
         str(shared / "data/gallery/tinyimagenet_50k.zip"),
         str(shared / "data/gallery/cifar10_test.zip"),
-        (str(shared / "data/eurosat/eurosat_rgb.zip"), str(split)),
+        (str(shared / "data/eurosat/eurosat_rgb.zip"), str(shared / "data/eurosat/splits/val_gallery.txt")),
     ]
 
 
@@ -76,7 +73,7 @@ def ensure_gallery(
         gallery_sources(shared, work),
         work / "gallery",
         encoder=base["teacher"]["model"],
-        image_size=base["teacher"]["image_size"],
+        image_size=quality.resolved_sizes(base, shared)[0],
         name="eurosat-a5",
         batch_size=batch_size,
         shard_size=20_000,

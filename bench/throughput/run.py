@@ -164,11 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     commit = git_commit()
 
     shared = Path(args.shared).resolve()
-    spec = yaml.safe_load(Path(args.config).read_text())
-    bench = spec.pop("bench")
-    base: dict[str, Any] = spec
+    base, bench = Q.load_spec(args.config, shared)
     base.pop("curate", None)
-    base["teacher"]["model"] = args.teacher or base["teacher"]["model"].replace("${shared}", str(shared))
+    if args.teacher:
+        base["teacher"]["model"] = args.teacher
     if args.teacher:
         base["teacher"].pop("norm_eval", None)
     if args.teacher_size:
