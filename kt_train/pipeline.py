@@ -604,17 +604,51 @@ def distill_task_agnostic(
         s_dim = student.features(probe).shape[-1]
     projection = nn.Linear(s_dim, t_dim).to(device)
     size = cfg.data.view_size or max(backbone.data_config.input_size, student.data_config.input_size)
-    transfer = with_transform(
-        open_unlabeled(_transfer_ref(cfg, inputs), seed=cfg.seed, cache=cfg.data.cache_images),
-        augment_for(dc, size),
-    )
+    augment = augment_for(dc, size)
+    images = open_unlabeled(_transfer_ref(cfg, inputs), seed=cfg.seed, cache=cfg.data.cache_images)
     loss_fn = cosine_feature_loss if dc.feature_loss == "cosine" else contrastive_feature_loss
+    transfer: Any
+    cache_info: dict[str, Any] | None = None
+    if _use_cache(dc, len(images)):
+        # The same cache as task-oriented distillation, holding the backbone's full feature vector
+        # per view (top-k over all t_dim dimensions: values + their positions, scattered back).
+        from .teacher_cache import CachedViews, module_sha256, open_or_build
 
-    def step(batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-        x = _views(batch, device)
-        with torch.no_grad():
-            target = backbone(x.contiguous(memory_format=torch.channels_last))
-        return loss_fn(projection(student.features(x)), target), {}
+        cache, built = open_or_build(
+            dc.cache.dir or Path(cfg.out_dir) / "teacher_cache",
+            None,
+            lambda: backbone,
+            images,
+            augment,
+            views=dc.cache.views,
+            topk=t_dim,
+            seed=cfg.seed,
+            num_classes=t_dim,
+            teacher_sha256="features:" + module_sha256(backbone),
+            batch_size=dc.cache.batch_size,
+            num_workers=resolve_num_workers(cfg.data.num_workers, device),
+            device=device,
+            autocast_dtype=resolve_precision(cfg.precision, device),
+            reporter=reporter,
+        )
+        del backbone
+        transfer = CachedViews(images, augment, cache, render_size=min(size, student.data_config.input_size))
+        cache_info = {"path": str(cache.path), "built": built, "views": cache.views, "features": t_dim}
+
+        def step(batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+            x = _views(batch, device)
+            vals, idx = batch[1].to(device).float(), batch[2].to(device).long()
+            target = torch.zeros(vals.shape[0], t_dim, device=device).scatter_(1, idx, vals)
+            return loss_fn(projection(student.features(x)), target), {}
+
+    else:
+        transfer = with_transform(images, augment)
+
+        def step(batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+            x = _views(batch, device)
+            with torch.no_grad():
+                target = backbone(x.contiguous(memory_format=torch.channels_last))
+            return loss_fn(projection(student.features(x)), target), {}
 
     loop = _fit(
         cfg,
@@ -642,6 +676,7 @@ def distill_task_agnostic(
             "transfer_set_size": len(transfer),
             "method": "task_agnostic",
             "feature_loss": dc.feature_loss,
+            "teacher_cache": cache_info,
         },
         bad=transfer.bad,
         evaluate=False,

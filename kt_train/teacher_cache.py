@@ -441,9 +441,20 @@ def build_teacher_cache(
     return TeacherCache.open(out)
 
 
+def module_sha256(module: nn.Module) -> str:
+    """A digest of a module's parameters and buffers (names, shapes, dtypes and bytes): the cache
+    key of a teacher that has no checkpoint file (a pretrained backbone built from its spec)."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def open_or_build(
     root: str | Path,
-    teacher_checkpoint: str | Path,
+    teacher_checkpoint: str | Path | None,
     teacher_loader: Any,
     dataset: ImageDataset,
     augment: TrainAugment,
@@ -452,19 +463,29 @@ def open_or_build(
     topk: int,
     seed: int,
     num_classes: int,
+    teacher_sha256: str | None = None,
     **build: Any,
 ) -> tuple[TeacherCache, bool]:
     """The cache for this (teacher, transfer set, augmentation, views, k, seed) under ``root``:
     opened if it exists, else built. ``teacher_loader()`` returns the teacher, called only to build.
-    Returns (cache, built_now)."""
-    key = cache_key(file_sha256(teacher_checkpoint), dataset, augment, views=views, topk=topk, seed=seed)
+    The teacher is identified by its checkpoint's bytes, or by ``teacher_sha256`` when it has no
+    checkpoint file. Returns (cache, built_now)."""
+    if teacher_sha256 is None:
+        if teacher_checkpoint is None:
+            raise ValueError("open_or_build needs the teacher's checkpoint or its teacher_sha256")
+        teacher_sha256 = file_sha256(teacher_checkpoint)
+    key = cache_key(teacher_sha256, dataset, augment, views=views, topk=topk, seed=seed)
     path = Path(root) / key
     with _lock(Path(root) / f"{key}.lock"):
         if (path / "cache.json").exists():
             cache = TeacherCache.open(path)
             log.info("teacher cache: reusing %s (%d images x %d views)", path, cache.num_items, cache.views)
             return cache, False
-        meta = {"key": key, "teacher_checkpoint": str(teacher_checkpoint), "transfer": dataset.name}
+        meta = {
+            "key": key,
+            "teacher_checkpoint": str(teacher_checkpoint or teacher_sha256),
+            "transfer": dataset.name,
+        }
         cache = build_teacher_cache(
             teacher_loader(),
             dataset,

@@ -106,7 +106,7 @@ def test_explicit_sizes_are_kept(tmp_path: Path) -> None:
 
 def test_auto_without_train_data_is_a_clear_error() -> None:
     cfg = parse_config({"student": {"image_size": "auto"}})
-    with pytest.raises(ConfigError, match="data.train"):
+    with pytest.raises(ConfigError, match=r"data\.train"):
         pipeline.resolve_sizes(cfg)
 
 

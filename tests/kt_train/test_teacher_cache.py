@@ -335,3 +335,45 @@ def test_max_distill_batch_runs_real_steps_on_the_device(
     assert (
         pipeline.max_distill_batch(cfg, teacher["checkpoint"], limit=64) == 64
     )  # CPU: no OOM below the limit
+
+
+def test_task_agnostic_cached_features_match_the_live_backbone(
+    teacher: dict[str, Any], demo_data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Task-agnostic distillation replays the backbone's full feature vector per cached view (the
+    top-k over every dimension, scattered back) instead of running the backbone in the loop."""
+    shared = tmp_path / "cache"
+    cfg = parse_config(
+        small_config_dict(
+            demo_data,
+            tmp_path / "a",
+            distill__method="task_agnostic",
+            distill__feature_source="finetuned",
+            distill__cache={"mode": "cached", "views": 2, "dir": str(shared)},
+        )
+    )
+    inputs = {"teacher": teacher["checkpoint"], "classes": teacher["classes"]}
+    res = pipeline.distill(cfg, dict(inputs), tmp_path / "a" / "distill")
+    info = res["lineage"]["teacher_cache"]
+    assert info["built"] is True and info["views"] == 2 and info["features"] == 64  # test_vit's width
+    hist = json.loads((tmp_path / "a" / "distill" / "history.json").read_text())["distill"]
+    assert hist[-1]["step"] == 5 and np.isfinite(hist[-1]["loss"])
+    # the stored vectors are the backbone's features of the stored views
+    cache = teacher_cache.TeacherCache.open(info["path"])
+    backbone, _ = load_checkpoint(teacher["checkpoint"])
+    backbone.head = torch.nn.Identity()
+    backbone.eval()
+    views = CachedViews(_images(demo_data), pipeline.augment_for(cfg.distill, 32), cache)
+    x, vals, idx, _ = views[3]
+    with torch.no_grad():
+        live = backbone(x[None].contiguous(memory_format=torch.channels_last)).float()[0]
+    target = torch.zeros(64).scatter_(0, idx.long(), vals.float())
+    torch.testing.assert_close(target, live, atol=2e-2, rtol=2e-3)
+    # a second run reuses it: the backbone never runs again
+    calls = []
+    real = teacher_cache.build_teacher_cache
+    monkeypatch.setattr(
+        teacher_cache, "build_teacher_cache", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    again = pipeline.distill(cfg.model_copy(update={"seed": 0}), dict(inputs), tmp_path / "b" / "distill")
+    assert again["lineage"]["teacher_cache"]["built"] is False and calls == []
