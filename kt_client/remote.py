@@ -235,7 +235,8 @@ def datasets_delete(dataset_id: str, as_json: JsonOpt = False) -> None:
 # --- transfer sets
 
 transfer_sets_app = typer.Typer(
-    help="Transfer sets curated on the server from a gallery: create, show, download.", no_args_is_help=True
+    help="Transfer sets curated on the server from a gallery: create, list, show, download.",
+    no_args_is_help=True,
 )
 
 
@@ -261,6 +262,17 @@ def transfer_sets_create(
         _print_json(ts)
     else:
         typer.echo(f"Transfer set {ts['id']} ({ts['status']}); job {ts.get('job_id')}")
+
+
+@transfer_sets_app.command("list")
+def transfer_sets_list(as_json: JsonOpt = False) -> None:
+    """Your transfer sets, newest first (a ready one's id is `kt jobs submit --transfer-set`)."""
+    with _client() as client:
+        rows = client.transfer_sets.list()
+    if as_json:
+        _print_json(rows)
+    else:
+        _table(rows, ["id", "status", "size", "dataset_id", "gallery_id", "created_at"], "transfer sets")
 
 
 @transfer_sets_app.command("show")
@@ -302,6 +314,45 @@ jobs_app = typer.Typer(
 )
 
 
+def _recipe_keys() -> str:
+    """The ``recipe.*`` keys of a job request, for ``--set``'s help (from the request schema itself)."""
+    from service.schemas import RecipeOverrides
+
+    sections = []
+    for name, field in RecipeOverrides.model_fields.items():
+        sub = field.annotation
+        assert isinstance(sub, type)
+        sections.append(f"recipe.{name}.{{{', '.join(sub.model_fields)}}}")  # type: ignore[attr-defined]
+    return "; ".join(sections)
+
+
+SET_HELP = (
+    "Set any request field by its dotted path (applied after the other options; repeatable). "
+    'VALUE is JSON (5000, 0.5, true, "cached") or else a string. The recipe\'s knobs '
+    f"(unset: the --budget's): {_recipe_keys()}. E.g. --set recipe.distill.steps=5000."
+)
+
+
+def _set_path(request: dict[str, Any], assignment: str) -> None:
+    """Apply one ``--set a.b.c=value`` to the request."""
+    key, sep, raw = assignment.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(p.isidentifier() for p in parts):
+        _stderr(f"Error: --set {assignment!r} must look like recipe.distill.steps=5000")
+        raise typer.Exit(EXIT_USAGE)
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw
+    node = request
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            _stderr(f"Error: --set {key}: {part!r} is not an object in the request")
+            raise typer.Exit(EXIT_USAGE)
+    node[parts[-1]] = value
+
+
 @jobs_app.command("submit")
 def jobs_submit(
     dataset_id: Annotated[str | None, typer.Argument(help="The labeled dataset to train on.")] = None,
@@ -316,13 +367,49 @@ def jobs_submit(
         str | None, typer.Option("--gallery", help="Gallery id to curate a transfer set from.")
     ] = None,
     transfer_set_size: Annotated[int | None, typer.Option(help="Transfer set size (with --gallery).")] = None,
+    transfer_set: Annotated[
+        str | None,
+        typer.Option(
+            "--transfer-set",
+            help="Distill on this ready transfer set (`kt transfer-sets list`) instead of curating one.",
+        ),
+    ] = None,
     teacher: Annotated[
         str | None, typer.Option(help="Teacher: timm:<name>[@tag] or open_clip:<arch>[@tag].")
     ] = None,
     student: Annotated[str | None, typer.Option(help="Student: timm:<name>.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Input side of both models.")] = None,
+    teacher_image_size: Annotated[int | None, typer.Option(help="Input side of the teacher.")] = None,
+    student_image_size: Annotated[int | None, typer.Option(help="Input side of the student.")] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            help="The recipe: fast, balanced (the server's default) or best; they differ in "
+            "distillation steps and cached views per image."
+        ),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of every random choice (default 0).")] = None,
+    distill_steps: Annotated[
+        int | None, typer.Option(help="Distillation steps (recipe.distill.steps; default: the budget's).")
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(help="Distillation temperature (recipe.distill.temperature; default: the budget's)."),
+    ] = None,
+    no_student_finetune: Annotated[
+        bool,
+        typer.Option(
+            "--no-student-finetune",
+            help="Skip the student finetune stage: the exported model is the distilled student.",
+        ),
+    ] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help=SET_HELP)] = None,
     steps: Annotated[
-        str | None, typer.Option(help="finetune_teacher,distill,finetune_student steps, e.g. 100,300,100.")
+        str | None,
+        typer.Option(
+            help="finetune_teacher,distill,finetune_student steps, e.g. 100,300,100 "
+            "(older form; prefer --distill-steps / --set recipe.*)."
+        ),
     ] = None,
     export: Annotated[str | None, typer.Option(help="Export formats, e.g. safetensors,onnx.")] = None,
     device: Annotated[
@@ -352,9 +439,22 @@ def jobs_submit(
         "teacher": teacher,
         "student": student,
         "image_size": image_size,
+        "teacher_image_size": teacher_image_size,
+        "student_image_size": student_image_size,
+        "transfer_set_id": transfer_set,
+        "budget": budget,
+        "seed": seed,
         "device": device,
     }
     request.update({k: v for k, v in options.items() if v is not None})
+    knobs = {
+        "recipe.distill.steps": distill_steps,
+        "recipe.distill.temperature": temperature,
+        "recipe.finetune_student.enabled": False if no_student_finetune else None,
+    }
+    for key, value in knobs.items():
+        if value is not None:
+            _set_path(request, f"{key}={json.dumps(value)}")
     if steps is not None:
         parts = steps.split(",")
         if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
@@ -367,6 +467,8 @@ def jobs_submit(
         )
     if export is not None:
         request["export_formats"] = [f.strip() for f in export.split(",") if f.strip()]
+    for assignment in set_ or []:
+        _set_path(request, assignment)
     if "dataset_id" not in request:
         _stderr("Error: give a DATASET_ID (or a --body file with dataset_id)")
         raise typer.Exit(EXIT_USAGE)

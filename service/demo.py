@@ -247,8 +247,10 @@ class Demo:
 
 
 def job_request(
-    args: argparse.Namespace, dataset_id: str, test_id: str, gallery_id: str | None
+    args: argparse.Namespace, dataset_id: str, test_id: str, transfer_set_id: str | None
 ) -> dict[str, Any]:
+    """The job: the server's recipe (budget `balanced`) with the demo's step counts, distilling on
+    the transfer set curated just before (or, without one, on the labeled images)."""
     t, d, s = (int(v) for v in args.steps.split(","))
     body: dict[str, Any] = {
         "dataset_id": dataset_id,
@@ -256,12 +258,16 @@ def job_request(
         "teacher": args.teacher,
         "student": args.student,
         "image_size": args.image_size,
-        "steps": {"finetune_teacher": t, "distill": d, "finetune_student": s},
+        "recipe": {
+            # linear probe only: the demo's default models are random-init, so it shows the plumbing
+            "teacher": {"linear_probe_steps": t, "full_finetune_steps": 0},
+            "distill": {"steps": d},
+            "finetune_student": {"steps": s},
+        },
         "export_formats": ["safetensors", "onnx"],
     }
-    if gallery_id is not None:
-        body["gallery_id"] = gallery_id
-        body["transfer_set_size"] = args.transfer_set_size
+    if transfer_set_id is not None:
+        body["transfer_set_id"] = transfer_set_id
     return body
 
 
@@ -347,7 +353,7 @@ def run(args: argparse.Namespace) -> int:
             times["transfer set"] = time.monotonic() - t
 
         t = time.monotonic()
-        body = job_request(args, train["id"], test["id"], gallery_id)
+        body = job_request(args, train["id"], test["id"], ts["id"] if ts is not None else None)
         job = demo.client.jobs.submit(body)
         print(f"[demo] job {job['id']}: {args.teacher} -> {args.student}", flush=True)
         job = demo.poll_job(job["id"], "train", args.timeout)

@@ -85,26 +85,211 @@ class _Request(BaseModel):
 
 
 class StageSteps(_Request):
-    finetune_teacher: int = Field(100, ge=0, le=100_000, description="Teacher linear-probe steps.")
-    distill: int = Field(200, ge=0, le=1_000_000, description="Distillation steps.")
-    finetune_student: int = Field(100, ge=0, le=100_000, description="Student finetuning steps.")
+    """Steps per stage (kept for older clients; `recipe.*` is the preferred way to set them)."""
+
+    finetune_teacher: int | None = Field(
+        None,
+        ge=0,
+        le=100_000,
+        description="Teacher linear-probe steps (= `recipe.teacher.linear_probe_steps`).",
+    )
+    distill: int | None = Field(
+        None, ge=0, le=1_000_000, description="Distillation steps (= `recipe.distill.steps`)."
+    )
+    finetune_student: int | None = Field(
+        None, ge=0, le=100_000, description="Student finetuning steps (= `recipe.finetune_student.steps`)."
+    )
 
 
 class StageBatchSizes(_Request):
-    finetune_teacher: int | None = Field(None, ge=1, le=4096)
-    distill: int | None = Field(None, ge=1, le=4096)
-    finetune_student: int | None = Field(None, ge=1, le=4096)
+    """Batch size per stage (unset: the budget's); `recipe.distill.batch_size` is the preferred way
+    for distillation."""
+
+    finetune_teacher: int | None = Field(None, ge=1, le=4096, description="Teacher linear-probe batch size.")
+    distill: int | None = Field(None, ge=1, le=4096, description="= `recipe.distill.batch_size`.")
+    finetune_student: int | None = Field(None, ge=1, le=4096, description="Student finetuning batch size.")
 
 
 class StageLearningRates(_Request):
-    finetune_teacher: float | None = Field(None, gt=0, le=1)
-    distill: float | None = Field(None, gt=0, le=1)
-    finetune_student: float | None = Field(None, gt=0, le=1)
+    """Peak learning rate per stage (kept for older clients; `recipe.*` is the preferred way)."""
+
+    finetune_teacher: float | None = Field(
+        None, gt=0, le=1, description="= `recipe.teacher.linear_probe_lr`."
+    )
+    distill: float | None = Field(None, gt=0, le=1, description="= `recipe.distill.lr`.")
+    finetune_student: float | None = Field(None, gt=0, le=1, description="= `recipe.finetune_student.lr`.")
+
+
+Budget = Literal["fast", "balanced", "best"]  # kt_train.recipe.BUDGETS
+CacheMode = Literal["auto", "online", "cached"]
+_FROM_BUDGET = " Unset: the budget's."
+
+
+class TeacherRecipe(_Request):
+    """How the teacher is finetuned on the labeled images: a linear probe, then a full finetune."""
+
+    linear_probe_steps: int | None = Field(
+        None, ge=0, le=100_000, description="Steps training the head on frozen features." + _FROM_BUDGET
+    )
+    linear_probe_lr: float | None = Field(
+        None, gt=0, le=1, description="Peak learning rate of the linear probe." + _FROM_BUDGET
+    )
+    full_finetune_steps: int | None = Field(
+        None,
+        ge=0,
+        le=100_000,
+        description="Steps finetuning all layers after the probe (0: linear probe only)." + _FROM_BUDGET,
+    )
+    full_finetune_lr: float | None = Field(
+        None, gt=0, le=1, description="Peak learning rate of the full finetune." + _FROM_BUDGET
+    )
+    layer_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Layer-wise learning-rate decay in the full finetune (ViTs: 0.65-0.75)." + _FROM_BUDGET,
+    )
+    norm_eval: bool | None = Field(
+        None, description="Keep the teacher's batch-norm layers in eval mode while finetuning." + _FROM_BUDGET
+    )
+
+
+class DistillRecipe(_Request):
+    """How the student learns from the teacher on the transfer set."""
+
+    steps: int | None = Field(
+        None,
+        ge=0,
+        le=1_000_000,
+        description="Distillation steps: the knob the budgets turn (where the accuracy comes from)."
+        + _FROM_BUDGET,
+    )
+    lr: float | None = Field(None, gt=0, le=1, description="Peak learning rate." + _FROM_BUDGET)
+    batch_size: int | None = Field(None, ge=1, le=4096, description="Images per step." + _FROM_BUDGET)
+    temperature: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="Softmax temperature of the student-teacher KL term." + _FROM_BUDGET,
+    )
+    ce_weight: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="Weight of a cross-entropy term on labeled batches (0: distillation only)."
+        + _FROM_BUDGET,
+    )
+    cache_views: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Augmented views per transfer image whose teacher outputs are cached." + _FROM_BUDGET,
+    )
+    cache_mode: CacheMode | None = Field(
+        None,
+        description="`cached`: run the teacher once over `cache_views` views per image and replay them; "
+        "`online`: run it on every training view; `auto`: cached when that takes fewer teacher passes."
+        + _FROM_BUDGET,
+    )
+
+
+class CurateRecipe(_Request):
+    """How the transfer set is curated from the gallery (needs `gallery_id`)."""
+
+    size: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Items in the transfer set (= `transfer_set_size`)." + _FROM_BUDGET,
+    )
+    crops: int | None = Field(
+        None, ge=0, le=64, description="Crops per labeled image used as extra queries." + _FROM_BUDGET
+    )
+    min_score: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="Drop items whose cosine to their query is below this." + _FROM_BUDGET,
+    )
+    teacher_filter: bool | None = Field(
+        None,
+        description="Keep an item for a query only if the finetuned teacher predicts the query's class."
+        + _FROM_BUDGET,
+    )
+    teacher_min_prob: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="With `teacher_filter`: the teacher's minimum probability." + _FROM_BUDGET,
+    )
+    teacher_rerank: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="Rank candidates by gallery cosine + this x cosine in the teacher's feature space "
+        "(0: off)." + _FROM_BUDGET,
+    )
+    dedup_threshold: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Drop items with cosine >= this to an item already selected." + _FROM_BUDGET,
+    )
+
+
+class FinetuneStudentRecipe(_Request):
+    """The last training stage: finetune the distilled student on the labeled images."""
+
+    enabled: bool = Field(
+        True, description="`false` drops the stage: the exported model is the distilled student."
+    )
+    steps: int | None = Field(None, ge=0, le=100_000, description="Finetuning steps." + _FROM_BUDGET)
+    lr: float | None = Field(None, gt=0, le=1, description="Peak learning rate." + _FROM_BUDGET)
+
+
+class RecipeOverrides(_Request):
+    """Per-job changes to the budget's recipe; every field unset (null) keeps the budget's value."""
+
+    teacher: TeacherRecipe = Field(
+        default_factory=TeacherRecipe, description="Finetuning the teacher on the labeled images."
+    )
+    distill: DistillRecipe = Field(
+        default_factory=DistillRecipe, description="Distilling the teacher into the student."
+    )
+    curate: CurateRecipe = Field(
+        default_factory=CurateRecipe, description="Curating the transfer set (only with `gallery_id`)."
+    )
+    finetune_student: FinetuneStudentRecipe = Field(
+        default_factory=FinetuneStudentRecipe, description="Finetuning the distilled student."
+    )
+
+
+# (legacy field, its value) -> the `recipe` field that sets the same knob
+_SAME_KNOB: tuple[tuple[str, str], ...] = (
+    ("steps.finetune_teacher", "recipe.teacher.linear_probe_steps"),
+    ("steps.distill", "recipe.distill.steps"),
+    ("steps.finetune_student", "recipe.finetune_student.steps"),
+    ("batch_size.distill", "recipe.distill.batch_size"),
+    ("lr.finetune_teacher", "recipe.teacher.linear_probe_lr"),
+    ("lr.distill", "recipe.distill.lr"),
+    ("lr.finetune_student", "recipe.finetune_student.lr"),
+    ("transfer_set_size", "recipe.curate.size"),
+)
+
+
+def _get(model: BaseModel, dotted: str) -> Any:
+    value: Any = model
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
 
 
 class JobCreate(_Request):
     """Train a small model for a dataset: finetune the teacher, (curate a transfer set,) distill,
-    finetune the student, export, and evaluate on the test dataset when one is given."""
+    finetune the student, export, and evaluate on the test dataset when one is given.
+
+    A job that names only the data and the two models runs the recipe of its `budget` (the one the
+    quality benchmark chose); `recipe.*` changes single knobs of it, `seed` makes it repeatable."""
 
     dataset_id: str = _ID
     test_dataset_id: str | None = Field(None, min_length=1, max_length=32)
@@ -115,7 +300,16 @@ class JobCreate(_Request):
         description="Curate the transfer set from this gallery; "
         "without one the student distills on the labeled images themselves.",
     )
-    transfer_set_size: int | None = Field(None, ge=1, le=1_000_000)
+    transfer_set_size: int | None = Field(
+        None, ge=1, le=1_000_000, description="Items to curate (with `gallery_id`; = `recipe.curate.size`)."
+    )
+    transfer_set_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=32,
+        description="Distill on this ready transfer set of yours (`kt transfer-sets list`) instead of "
+        "curating one: the job has no curate stage. Not with `gallery_id`.",
+    )
     teacher: Annotated[str, AfterValidator(_teacher_spec)] = Field(
         "timm:vit_small_patch14_dinov2.lvd142m",
         max_length=200,
@@ -124,16 +318,89 @@ class JobCreate(_Request):
     student: Annotated[str, AfterValidator(_student_spec)] = Field(
         "timm:resnet18", max_length=200, description="timm:<name>[@tag]"
     )
-    image_size: int | None = Field(None, ge=32, le=1024, description="Input side of both models.")
-    steps: StageSteps = Field(default_factory=StageSteps)
-    batch_size: StageBatchSizes = Field(default_factory=StageBatchSizes)
-    lr: StageLearningRates = Field(default_factory=StageLearningRates)
+    image_size: int | None = Field(
+        None,
+        ge=32,
+        le=1024,
+        description="Input side of both models (unset: the budget's recipe). "
+        "Not with `teacher_image_size` / `student_image_size`.",
+    )
+    teacher_image_size: int | None = Field(
+        None, ge=32, le=1024, description="Input side of the teacher (unset: the budget's recipe)."
+    )
+    student_image_size: int | None = Field(
+        None, ge=32, le=1024, description="Input side of the student (unset: the budget's recipe)."
+    )
+    budget: Budget = Field(
+        "balanced",
+        description="The recipe to run: `fast`, `balanced` or `best` differ in how long the student "
+        "learns from the teacher (distillation steps, cached views per image); `recipe.*` overrides "
+        "single knobs of it.",
+    )
+    recipe: RecipeOverrides = Field(
+        default_factory=RecipeOverrides,
+        description="Per-job changes to the budget's recipe (every field optional).",
+    )
+    seed: int = Field(
+        0, ge=0, le=2**31 - 1, description="Seed of every random choice (data order, views, crops)."
+    )
+    steps: StageSteps = Field(
+        default_factory=StageSteps,
+        description="Older form of `recipe.*.steps` (unset: the budget's); prefer `recipe`.",
+    )
+    batch_size: StageBatchSizes = Field(
+        default_factory=StageBatchSizes, description="Batch size per stage (unset: the budget's)."
+    )
+    lr: StageLearningRates = Field(
+        default_factory=StageLearningRates,
+        description="Older form of `recipe.*.lr` (unset: the budget's); prefer `recipe`.",
+    )
     export_formats: list[ExportFormat] = Field(
         default_factory=lambda: ["safetensors", "onnx", "torchscript"],  # type: ignore[arg-type]
         min_length=1,
         max_length=3,
     )
     device: str | None = _DEVICE
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobCreate:
+        if self.image_size is not None and (
+            self.teacher_image_size is not None or self.student_image_size is not None
+        ):
+            raise ValueError(
+                "`image_size` sets both models' input side; give either it or "
+                "`teacher_image_size` / `student_image_size`, not both"
+            )
+        for legacy, preferred in _SAME_KNOB:
+            old, new = _get(self, legacy), _get(self, preferred)
+            if old is not None and new is not None and old != new:
+                raise ValueError(
+                    f"`{legacy}` ({old}) and `{preferred}` ({new}) set the same knob; give only `{preferred}`"
+                )
+        if self.transfer_set_id is not None and self.gallery_id is not None:
+            raise ValueError(
+                "give either `transfer_set_id` (reuse a curated transfer set) or `gallery_id` "
+                "(curate a new one), not both"
+            )
+        student = self.recipe.finetune_student
+        if not student.enabled:
+            given = [
+                name
+                for name, value in (
+                    ("recipe.finetune_student.steps", student.steps),
+                    ("recipe.finetune_student.lr", student.lr),
+                    ("steps.finetune_student", self.steps.finetune_student),
+                    ("batch_size.finetune_student", self.batch_size.finetune_student),
+                    ("lr.finetune_student", self.lr.finetune_student),
+                )
+                if value is not None
+            ]
+            if given:
+                raise ValueError(
+                    f"`recipe.finetune_student.enabled` is false, so {', '.join(f'`{g}`' for g in given)} "
+                    "would be ignored; remove them or enable the stage"
+                )
+        return self
 
 
 class JobPublic(BaseModel):

@@ -22,6 +22,7 @@ TINY_JOB: dict[str, Any] = {
     "student": "timm:test_efficientnet",
     "image_size": 32,
     "steps": {"finetune_teacher": 3, "distill": 6, "finetune_student": 3},
+    "recipe": {"teacher": {"full_finetune_steps": 0}},  # linear probe only: a few steps in all
     "export_formats": ["safetensors", "onnx"],
     "device": "cpu",
 }

@@ -213,3 +213,79 @@ def test_kt_help_documents_exit_codes_and_does_not_import_httpx() -> None:
         assert f"  {group} " in res.stdout
     code = "import sys, kt_client.cli; assert 'httpx' not in sys.modules, 'httpx imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+
+
+def test_jobs_submit_help_lists_the_recipe_options() -> None:
+    from service.schemas import RecipeOverrides
+
+    res = kt("jobs", "submit", "--help")
+    assert res.exit_code == 0
+    for option in (
+        "--budget",
+        "--seed",
+        "--teacher-image-size",
+        "--student-image-size",
+        "--transfer-set ",
+        "--distill-steps",
+        "--temperature",
+        "--no-student-finetune",
+        "--set",
+    ):
+        assert option in res.stdout, option
+    text = " ".join(res.stdout.split())  # rich wraps the help
+    for section, field in RecipeOverrides.model_fields.items():
+        assert f"recipe.{section}." in text, section
+        for knob in field.annotation.model_fields:  # type: ignore[union-attr]
+            assert knob in text, f"recipe.{section}.{knob}"
+    assert "  list " in kt("transfer-sets", "--help").stdout  # the ids --transfer-set takes
+
+
+def test_jobs_submit_options_build_the_request(monkeypatch: Any, tmp_path: Path) -> None:
+    """The options land in the request body as the API names them (a stand-in client records it)."""
+    import kt_client.client
+
+    sent: list[dict[str, Any]] = []
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.jobs = self
+
+        def __enter__(self) -> Recorder:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def submit(self, body: dict[str, Any]) -> dict[str, Any]:
+            sent.append(body)
+            return {"id": "j1", "queue": "cpu", "request": body}
+
+    monkeypatch.setattr(kt_client.client, "Client", Recorder)
+    (tmp_path / "body.json").write_text(json.dumps({"recipe": {"teacher": {"layer_decay": 0.7}}}))
+    res = kt(
+        "jobs", "submit", "ds1", "--body", str(tmp_path / "body.json"),
+        "--budget", "best", "--seed", "7", "--teacher-image-size", "224", "--student-image-size", "128",
+        "--transfer-set", "ts1", "--distill-steps", "5000", "--temperature", "2.5", "--no-student-finetune",
+        "--set", "recipe.distill.cache_mode=cached", "--set", "recipe.curate.teacher_filter=false",
+        "--set", "recipe.distill.ce_weight=0.5",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    assert sent == [
+        {
+            "dataset_id": "ds1",
+            "budget": "best",
+            "seed": 7,
+            "teacher_image_size": 224,
+            "student_image_size": 128,
+            "transfer_set_id": "ts1",
+            "recipe": {
+                "teacher": {"layer_decay": 0.7},
+                "distill": {"steps": 5000, "temperature": 2.5, "cache_mode": "cached", "ce_weight": 0.5},
+                "finetune_student": {"enabled": False},
+                "curate": {"teacher_filter": False},
+            },
+        }
+    ]
+    for bad in ("recipe.distill.steps", "recipe..steps=1", "dataset_id.x=1"):
+        res = kt("jobs", "submit", "ds1", "--set", bad)
+        assert res.exit_code == 2 and "--set" in res.stderr, (bad, res.stderr)

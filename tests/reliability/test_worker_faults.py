@@ -162,6 +162,7 @@ def job_request(dataset_id: str, distill_steps: int) -> dict[str, Any]:
         "image_size": 32,
         "steps": {"finetune_teacher": 4, "distill": distill_steps, "finetune_student": 2},
         "batch_size": {"finetune_teacher": 8, "distill": 8, "finetune_student": 8},
+        "recipe": {"teacher": {"full_finetune_steps": 0}},  # linear probe only: a few steps in all
         "export_formats": ["safetensors"],
         "device": "cpu",
     }

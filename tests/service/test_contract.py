@@ -307,8 +307,20 @@ ROUTES: list[Route] = [
         ok=lambda w: Request("/v1/jobs", json=job_body(w.ids["dataset"])),
         ok_status=202,
         unknown=lambda w: Request("/v1/jobs", json=job_body(UNKNOWN_ID)),
-        conflict=(lambda w: Request("/v1/jobs", json=job_body(w.ids["pending_dataset"])),),
+        conflict=(
+            lambda w: Request("/v1/jobs", json=job_body(w.ids["pending_dataset"])),
+            lambda w: Request(
+                "/v1/jobs", json=job_body(w.ids["dataset"], transfer_set_id=w.ids["transfer_set"])
+            ),
+        ),
         invalid=(
+            lambda w: Request("/v1/jobs", json=job_body(w.ids["dataset"], budget="huge")),
+            lambda w: Request(
+                "/v1/jobs", json=job_body(w.ids["dataset"], recipe={"distill": {"temperature": 0}})
+            ),
+            lambda w: Request(
+                "/v1/jobs", json=job_body(w.ids["dataset"], image_size=64, teacher_image_size=64)
+            ),
             lambda w: Request("/v1/jobs", json=job_body(w.ids["dataset"], steps={"distill": -1})),
             lambda w: Request("/v1/jobs", json=job_body(w.ids["dataset"], steps={"distill": 10**9})),
             lambda w: Request("/v1/jobs", json=job_body(w.ids["dataset"], image_size=8)),

@@ -141,9 +141,9 @@ def test_submit_job_queues_it_and_sends_a_message(
         str(images)
     )
     assert cfg["data"]["test"]["path"].endswith(f"{tenant['test']['id']}/images")
-    assert cfg["curate"] == {"gallery": "/galleries/tiny", "size": 50}
+    assert (cfg["curate"]["gallery"], cfg["curate"]["size"]) == ("/galleries/tiny", 50)
     assert cfg["stages"][-1] == "evaluate" and "curate" in cfg["stages"]
-    assert cfg["distill"] == {"steps": 3} and cfg["export"] == {"formats": ["safetensors", "onnx"]}
+    assert cfg["distill"]["steps"] == 3 and cfg["export"] == {"formats": ["safetensors", "onnx"]}
     assert cfg["teacher"] == {"model": "timm:test_vit", "image_size": 64}
 
     # the worker's own validation accepts it (kt_train is importable in the test process)
@@ -407,3 +407,251 @@ def test_non_finite_numbers_are_a_422_not_a_500(japi: Api, tenant: dict[str, Any
         response = client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 422, response.text
     assert "lr.distill" in response.json()["detail"]
+
+
+# --- the recipe: a job that names only its data and models runs the budget's recipe
+
+
+def stored_config(api: Api, job_id: str) -> dict[str, Any]:
+    engine = make_engine(api.settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            row = session.get(Job, job_id)
+            assert row is not None
+            return dict(row.params["config"])
+    finally:
+        engine.dispose()
+
+
+def leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": 1}`` for ``{"a": {"b": 1}}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def submit_config(api: Api, key: str, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the job as answered, the training config stored for it)."""
+    with api.client(key) as client:
+        created = client.post("/v1/jobs", json=body)
+    assert created.status_code == 202, created.text
+    job = created.json()
+    return job, stored_config(api, job["id"])
+
+
+def minimal_body(dataset_id: str, **extra: Any) -> dict[str, Any]:
+    return {"dataset_id": dataset_id, "teacher": "timm:test_vit", "student": "timm:resnet10t", **extra}
+
+
+@pytest.mark.parametrize("budget", [None, "fast", "balanced", "best"])
+def test_a_minimal_job_runs_the_recipe_of_its_budget(
+    japi: Api, tenant: dict[str, Any], budget: str | None
+) -> None:
+    from kt_train.config import parse_config
+    from kt_train.recipe import recipe
+
+    extra = {"budget": budget} if budget else {}
+    body = minimal_body(tenant["dataset"]["id"], gallery_id=tenant["gallery_id"], **extra)
+    job, cfg = submit_config(japi, tenant["key"], body)
+    assert job["request"]["budget"] == (budget or "balanced")
+    expected = leaves(recipe(budget or "balanced"))
+    got = leaves(cfg)
+    assert {k: got.get(k) for k in expected} == expected
+    assert cfg["stages"] == ["finetune_teacher", "curate", "distill", "finetune_student", "export"]
+    assert cfg["seed"] == 0 and cfg["curate"]["gallery"] == "/galleries/tiny"
+    parse_config(cfg)  # what the worker will do with it
+
+
+def test_budgets_order_the_distillation_length(japi: Api, tenant: dict[str, Any]) -> None:
+    from kt_train.recipe import BUDGETS, recipe
+
+    assert BUDGETS == ("fast", "balanced", "best")
+    steps = []
+    for budget in BUDGETS:
+        _, cfg = submit_config(japi, tenant["key"], minimal_body(tenant["dataset"]["id"], budget=budget))
+        assert cfg["distill"]["steps"] == recipe(budget)["distill"]["steps"]
+        steps.append(cfg["distill"]["steps"])
+    assert steps[0] < steps[1] < steps[2]
+
+
+def test_per_job_recipe_overrides_land_in_the_config(japi: Api, tenant: dict[str, Any]) -> None:
+    from kt_train.recipe import recipe
+
+    overrides = {
+        "teacher": {
+            "linear_probe_steps": 7,
+            "linear_probe_lr": 0.02,
+            "full_finetune_steps": 11,
+            "full_finetune_lr": 1e-4,
+            "layer_decay": 0.7,
+            "norm_eval": True,
+        },
+        "distill": {
+            "steps": 5000,
+            "lr": 0.001,
+            "batch_size": 16,
+            "temperature": 2.0,
+            "ce_weight": 0.5,
+            "cache_views": 4,
+            "cache_mode": "online",
+        },
+        "curate": {
+            "size": 300,
+            "crops": 2,
+            "min_score": 0.1,
+            "teacher_min_prob": 0.3,
+            "teacher_filter": False,
+            "teacher_rerank": 0.5,
+            "dedup_threshold": 0.9,
+        },
+        "finetune_student": {"steps": 9, "lr": 0.002},
+    }
+    body = minimal_body(tenant["dataset"]["id"], gallery_id=tenant["gallery_id"], budget="fast", seed=1234)
+    job, cfg = submit_config(japi, tenant["key"], {**body, "recipe": overrides})
+    assert job["request"]["recipe"]["distill"]["temperature"] == 2.0 and job["request"]["seed"] == 1234
+    teacher, distill, student = cfg["finetune_teacher"], cfg["distill"], cfg["finetune_student"]
+    assert (teacher["linear_probe"]["steps"], teacher["linear_probe"]["lr"]) == (7, 0.02)
+    assert (teacher["full_finetune"]["steps"], teacher["full_finetune"]["lr"]) == (11, 1e-4)
+    assert teacher["layer_decay"] == 0.7 and cfg["teacher"]["norm_eval"] is True
+    assert {k: distill[k] for k in ("steps", "lr", "batch_size", "temperature", "ce_weight")} == {
+        "steps": 5000,
+        "lr": 0.001,
+        "batch_size": 16,
+        "temperature": 2.0,
+        "ce_weight": 0.5,
+    }
+    assert (distill["cache"]["views"], distill["cache"]["mode"]) == (4, "online")
+    assert {k: cfg["curate"][k] for k in overrides["curate"]} == overrides["curate"]
+    assert (student["steps"], student["lr"]) == (9, 0.002)
+    assert cfg["seed"] == 1234
+    # what was not overridden is still the budget's
+    fast = recipe("fast")
+    assert distill["warmup_steps"] == fast["distill"]["warmup_steps"]
+    assert student["scratch_lr"] == fast["finetune_student"]["scratch_lr"]
+    assert cfg["curate"]["k_per_crop"] == fast["curate"]["k_per_crop"]
+
+
+def test_the_older_fields_still_work_and_agree_with_recipe(japi: Api, tenant: dict[str, Any]) -> None:
+    body = job_body(
+        tenant["dataset"]["id"],
+        lr={"distill": 0.004},
+        batch_size={"finetune_teacher": 8},
+        recipe={"distill": {"steps": 3, "lr": 0.004}},  # the same values as steps/lr: fine
+    )
+    _, cfg = submit_config(japi, tenant["key"], body)
+    assert (cfg["distill"]["steps"], cfg["distill"]["lr"]) == (3, 0.004)
+    assert cfg["finetune_teacher"]["linear_probe"]["steps"] == 2
+    assert cfg["finetune_teacher"]["linear_probe"]["batch_size"] == 8
+    assert cfg["finetune_student"]["steps"] == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "where"),
+    [
+        ({"budget": "huge"}, "budget"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**31}, "seed"),
+        ({"teacher_image_size": 16}, "teacher_image_size"),
+        ({"student_image_size": 4096}, "student_image_size"),
+        ({"image_size": 64, "teacher_image_size": 96}, "teacher_image_size"),
+        ({"recipe": {"distill": {"temperature": 0}}}, "recipe.distill.temperature"),
+        ({"recipe": {"distill": {"cache_mode": "sometimes"}}}, "recipe.distill.cache_mode"),
+        ({"recipe": {"distill": {"cache_views": 0}}}, "recipe.distill.cache_views"),
+        ({"recipe": {"distill": {"stepz": 10}}}, "recipe.distill.stepz"),
+        ({"recipe": {"teacher": {"layer_decay": 1.5}}}, "recipe.teacher.layer_decay"),
+        ({"recipe": {"teacher": {"full_finetune_steps": -1}}}, "recipe.teacher.full_finetune_steps"),
+        ({"recipe": {"curate": {"teacher_min_prob": 2}}}, "recipe.curate.teacher_min_prob"),
+        ({"recipe": {"finetune_student": {"lr": 0}}}, "recipe.finetune_student.lr"),
+        ({"recipe": {"distill": {"steps": 4}}}, "recipe.distill.steps"),  # job_body has steps.distill=3
+        ({"transfer_set_size": 10, "recipe": {"curate": {"size": 20}}}, "recipe.curate.size"),
+        ({"recipe": {"finetune_student": {"enabled": False}}}, "steps.finetune_student"),
+        ({"transfer_set_id": "a" * 32, "gallery_id": "b" * 32}, "transfer_set_id"),
+        ({"recipe": {"curate": {"crops": 2}}}, "recipe.curate.crops"),  # no gallery: nothing to curate
+    ],
+)
+def test_bad_recipe_values_are_422_naming_the_field(
+    japi: Api, tenant: dict[str, Any], change: dict[str, Any], where: str
+) -> None:
+    with japi.client(tenant["key"]) as client:
+        response = client.post("/v1/jobs", json=job_body(tenant["dataset"]["id"], **change))
+    assert response.status_code == 422, response.text
+    assert where in response.json()["detail"]
+
+
+def test_teacher_and_student_image_sizes(japi: Api, tenant: dict[str, Any]) -> None:
+    body = minimal_body(tenant["dataset"]["id"], teacher_image_size=96, student_image_size=64)
+    _, cfg = submit_config(japi, tenant["key"], body)
+    assert (cfg["teacher"]["image_size"], cfg["student"]["image_size"]) == (96, 64)
+    _, cfg = submit_config(japi, tenant["key"], minimal_body(tenant["dataset"]["id"], student_image_size=64))
+    from kt_train.recipe import recipe
+
+    # an unset size is the recipe's
+    assert cfg["teacher"].get("image_size") == recipe("balanced").get("teacher", {}).get("image_size")
+    assert cfg["student"]["image_size"] == 64
+    _, cfg = submit_config(japi, tenant["key"], minimal_body(tenant["dataset"]["id"], image_size=48))
+    assert (cfg["teacher"]["image_size"], cfg["student"]["image_size"]) == (48, 48)
+
+
+def test_student_finetune_can_be_dropped(japi: Api, tenant: dict[str, Any]) -> None:
+    body = minimal_body(
+        tenant["dataset"]["id"],
+        test_dataset_id=tenant["test"]["id"],
+        recipe={"finetune_student": {"enabled": False}},
+    )
+    job, cfg = submit_config(japi, tenant["key"], body)
+    # export (and evaluate) take the distilled student
+    assert cfg["stages"] == ["finetune_teacher", "distill", "export", "evaluate"]
+    assert job["request"]["recipe"]["finetune_student"]["enabled"] is False
+
+
+def ready_transfer_set(api: Api, key: str, dataset_id: str, gallery_id: str) -> dict[str, Any]:
+    """A transfer set as the worker leaves it when its curate job succeeds."""
+    with api.client(key) as client:
+        created = client.post("/v1/transfer-sets", json={"dataset_id": dataset_id, "gallery_id": gallery_id})
+        assert created.status_code == 202, created.text
+        ts = created.json()
+        out = api.settings.data_dir / "jobs" / ts["job_id"] / "run" / "curate"
+        out.mkdir(parents=True)
+        (out / "manifest.jsonl").write_text('{"path": "/galleries/tiny/a.jpg", "score": 0.9}\n')
+        (out / "summary.json").write_text(json.dumps({"size": 1}))
+        db_write(api, statement=update(Job).where(Job.id == ts["job_id"]).values(status="succeeded"))
+        ready = client.get(f"/v1/transfer-sets/{ts['id']}").json()
+    assert ready["status"] == "ready"
+    return dict(ready)
+
+
+def test_a_ready_transfer_set_is_reused_without_curating(japi: Api, tenant: dict[str, Any]) -> None:
+    ts = ready_transfer_set(japi, tenant["key"], tenant["dataset"]["id"], tenant["gallery_id"])
+    body = minimal_body(tenant["dataset"]["id"], transfer_set_id=ts["id"])
+    job, cfg = submit_config(japi, tenant["key"], body)
+    manifest = japi.settings.data_dir / "jobs" / ts["job_id"] / "run" / "curate" / "manifest.jsonl"
+    assert cfg["data"]["transfer"] == {"path": str(manifest)}
+    assert "curate" not in cfg["stages"] and "curate" not in cfg
+    assert job["request"]["transfer_set_id"] == ts["id"]
+
+    with japi.client(tenant["key"]) as client:
+        # knobs of a curation that will not run
+        for extra in ({"transfer_set_size": 10}, {"recipe": {"curate": {"size": 10}}}):
+            refused = client.post("/v1/jobs", json={**body, **extra})
+            assert refused.status_code == 422 and "remove them" in refused.json()["detail"]
+        queued = client.post(
+            "/v1/transfer-sets",
+            json={"dataset_id": tenant["dataset"]["id"], "gallery_id": tenant["gallery_id"]},
+        ).json()
+        pending = client.post("/v1/jobs", json={**body, "transfer_set_id": queued["id"]})
+        assert pending.status_code == 409 and "not ready" in pending.json()["detail"]
+        missing = client.post("/v1/jobs", json={**body, "transfer_set_id": "f" * 32})
+        assert missing.status_code == 404 and "kt transfer-sets list" in missing.json()["detail"]
+
+
+def test_another_tenants_transfer_set_is_404(japi: Api, tenant: dict[str, Any]) -> None:
+    ts = ready_transfer_set(japi, tenant["key"], tenant["dataset"]["id"], tenant["gallery_id"])
+    with japi.client(tenant["other"]) as rival:
+        own = upload(rival, imagefolder_zip({"cat": 2, "dog": 2}), name="rival").json()
+        response = rival.post("/v1/jobs", json=minimal_body(own["id"], transfer_set_id=ts["id"]))
+    assert response.status_code == 404, response.text
+    assert ts["id"] in response.json()["detail"] and "kt transfer-sets list" in response.json()["detail"]

@@ -13,9 +13,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response, status
 from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from kt_train.config import parse_config
+from kt_train.errors import ConfigError
+from kt_train.recipe import merge, recipe
 from service import storage
 from service.api.deps import CurrentTenant, ReadSessionDep, SessionDep, SettingsDep
 from service.api.errors import Conflict, Invalid, NotFound, Unavailable
@@ -139,7 +143,9 @@ def submit_job(
 def build_pipeline_config(
     session: Session, settings: Settings, tenant: Tenant, body: JobCreate
 ) -> dict[str, Any]:
-    """The worker's ``TrainConfig`` (as a dict) for ``body``; 404/409 for unusable references."""
+    """The worker's ``TrainConfig`` (as a dict) for ``body``: the recipe of its budget, its per-job
+    overrides, and the task (models, data, stages). 404/409 for unusable references, 422 for a
+    combination the worker would refuse (checked here with the worker's own validation)."""
     train = owned_dataset(session, tenant, body.dataset_id)
     if len(train.classes or []) < 2:
         raise Invalid(f"Dataset {train.id!r} has fewer than two classes; a classifier needs at least two.")
@@ -154,39 +160,115 @@ def build_pipeline_config(
         data["test"] = {"path": dataset_images(settings, test)}
     else:
         stages.remove("evaluate")
+    if not body.recipe.finetune_student.enabled:
+        stages.remove("finetune_student")  # export and evaluate then take the distilled student
+
+    curate_knobs = _set_fields(body.recipe.curate)
     curate: dict[str, Any] = {}
     if body.gallery_id is not None:
         curate["gallery"] = get_gallery(session, body.gallery_id).path
-        if body.transfer_set_size is not None:
-            curate["size"] = body.transfer_set_size
     else:
-        if body.transfer_set_size is not None:
-            raise Invalid("`transfer_set_size` needs a `gallery_id` to curate the transfer set from.")
+        unused = (["transfer_set_size"] if body.transfer_set_size is not None else []) + [
+            f"recipe.curate.{name}" for name in curate_knobs
+        ]
+        if unused:
+            fix = (
+                "`transfer_set_id` names one curated already: remove them"
+                if body.transfer_set_id is not None
+                else "add a `gallery_id` to curate from, or remove them"
+            )
+            raise Invalid(
+                f"{', '.join(f'`{u}`' for u in unused)} only apply when the job curates a transfer set; {fix}."
+            )
         stages.remove("curate")
-        data["transfer"] = {"path": images}  # distill on the labeled images themselves
+        if body.transfer_set_id is not None:
+            data["transfer"] = {
+                "path": _transfer_set_manifest(session, settings, tenant, body.transfer_set_id)
+            }
+        else:
+            data["transfer"] = {"path": images}  # distill on the labeled images themselves
 
-    def optim(stage: str) -> dict[str, Any]:
-        values: dict[str, Any] = {"steps": getattr(body.steps, stage)}
-        if getattr(body.batch_size, stage) is not None:
-            values["batch_size"] = getattr(body.batch_size, stage)
-        if getattr(body.lr, stage) is not None:
-            values["lr"] = getattr(body.lr, stage)
-        return values
-
-    config: dict[str, Any] = {
+    task = {
+        "seed": body.seed,
         "stages": stages,
-        "teacher": {"model": body.teacher, "image_size": body.image_size},
-        "student": {"model": body.student, "image_size": body.image_size},
+        "teacher": {"model": body.teacher, "image_size": body.teacher_image_size or body.image_size},
+        "student": {"model": body.student, "image_size": body.student_image_size or body.image_size},
         "data": data,
-        "finetune_teacher": {"linear_probe": optim("finetune_teacher")},
-        "distill": optim("distill"),
-        "finetune_student": optim("finetune_student"),
         "curate": curate,
         "export": {"formats": list(body.export_formats)},
+        "device": body.device,
     }
-    if body.device is not None:
-        config["device"] = body.device
+    config = merge(merge(recipe(body.budget), _unset_removed(_overrides(body))), _unset_removed(task))
+    if "curate" not in stages:
+        config.pop("curate", None)  # the recipe's curation knobs would only confuse a reader
+    try:
+        parse_config(config, source="for this job")
+    except ConfigError as err:
+        raise Invalid(f"{err} (fix the request's matching field)") from err
     return config
+
+
+def _transfer_set_manifest(session: Session, settings: Settings, tenant: Tenant, transfer_set_id: str) -> str:
+    # imported here: the transfer-sets routes build on this module's helpers
+    from service.api.routes.transfer_sets import ready_transfer_set
+
+    manifest = ready_transfer_set(session, settings, tenant, transfer_set_id).manifest_path
+    assert manifest is not None  # ready_transfer_set refuses a set without one
+    return manifest
+
+
+def _unset_removed(tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` without its ``None`` values and the sections left empty (a knob the request left unset)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            value = _unset_removed(value)
+            if not value:
+                continue
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _set_fields(model: BaseModel) -> dict[str, Any]:
+    return {k: v for k, v in model.model_dump(exclude={"enabled"}).items() if v is not None}
+
+
+def _overrides(body: JobCreate) -> dict[str, Any]:
+    """The request's recipe knobs as ``TrainConfig`` keys (``None``: keep the budget's value); the
+    schema has already refused a legacy field and its ``recipe.*`` twin set to different values."""
+    r = body.recipe
+    teacher, distill, student = r.teacher, r.distill, r.finetune_student
+    return {
+        "teacher": {"norm_eval": teacher.norm_eval},
+        "finetune_teacher": {
+            "linear_probe": {
+                "steps": _first(teacher.linear_probe_steps, body.steps.finetune_teacher),
+                "lr": _first(teacher.linear_probe_lr, body.lr.finetune_teacher),
+                "batch_size": body.batch_size.finetune_teacher,
+            },
+            "full_finetune": {"steps": teacher.full_finetune_steps, "lr": teacher.full_finetune_lr},
+            "layer_decay": teacher.layer_decay,
+        },
+        "distill": {
+            "steps": _first(distill.steps, body.steps.distill),
+            "lr": _first(distill.lr, body.lr.distill),
+            "batch_size": _first(distill.batch_size, body.batch_size.distill),
+            "temperature": distill.temperature,
+            "ce_weight": distill.ce_weight,
+            "cache": {"views": distill.cache_views, "mode": distill.cache_mode},
+        },
+        "finetune_student": {
+            "steps": _first(student.steps, body.steps.finetune_student),
+            "lr": _first(student.lr, body.lr.finetune_student),
+            "batch_size": body.batch_size.finetune_student,
+        },
+        "curate": {**_set_fields(r.curate), "size": _first(r.curate.size, body.transfer_set_size)},
+    }
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
 
 
 @router.post(

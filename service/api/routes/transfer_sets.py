@@ -78,6 +78,31 @@ def _ready_dir(session: Session, settings: Settings, tenant: Tenant, transfer_se
     return curate_dir(settings, ts.job_id)
 
 
+def ready_transfer_set(
+    session: Session, settings: Settings, tenant: Tenant, transfer_set_id: str
+) -> TransferSet:
+    """The tenant's transfer set ``transfer_set_id`` for a job to distill on: 404 for an unknown id
+    or another tenant's, 409 until it is ready (and has a manifest)."""
+    ts = session.get(TransferSet, transfer_set_id)
+    if ts is None or ts.tenant_id != tenant.id:
+        raise NotFound(
+            f"Transfer set {transfer_set_id!r} not found; `kt transfer-sets list` (GET /v1/transfer-sets) "
+            "lists yours."
+        )
+    ts = _sync(session, settings, ts)
+    if ts.status != "ready":
+        raise Conflict(
+            f"Transfer set {transfer_set_id!r} is {ts.status}, not ready; wait for it "
+            f"(`kt transfer-sets show {transfer_set_id}`) and submit the job again."
+        )
+    if not ts.manifest_path:
+        raise Conflict(
+            f"Transfer set {transfer_set_id!r} has no manifest (its curation job wrote none); "
+            "curate a new one with `kt transfer-sets create`."
+        )
+    return ts
+
+
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
