@@ -20,6 +20,7 @@ from torch import nn
 
 from .errors import ConfigError, ModelSpecError, WeightsNotFoundError
 from .specs import ModelSpec
+from .weights import classifier_prefixes
 
 log = logging.getLogger(__name__)
 
@@ -179,11 +180,9 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 def _load_into(net: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     """Load weights, tolerating only a classifier that the task replaces."""
     own = net.state_dict()
-    head_prefixes = tuple(
-        p
-        for p in ("classifier.", "head.", "fc.", "head.fc.", "last_linear.")
-        if any(k.startswith(p) for k in sd)
-    )
+    # the common classifier names, and the ones timm names for this model (what registration allows)
+    candidates = ("classifier.", "head.", "fc.", "head.fc.", "last_linear.", *classifier_prefixes(net))
+    head_prefixes = tuple(p for p in dict.fromkeys(candidates) if any(k.startswith(p) for k in sd))
     filtered = {}
     for k, v in sd.items():
         if k in own and own[k].shape == v.shape:

@@ -4,6 +4,7 @@ python -m service.admin create-key --tenant acme     # prints the key, once
 python -m service.admin create-key --tenant ops --admin   # a key that may also call /v1/admin/...
 python -m service.admin revoke-key 1a2b3c4d
 python -m service.admin register-gallery runs/gallery [--name web]   # a `kt gallery build` output
+python -m service.admin register-model proxy w.safetensors [--card w.card.json] [--tenant acme]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from service.db.models import ApiKey, Gallery, Tenant, utcnow
 from service.db.session import init_db, make_engine, make_session_factory
+from service.registry import RegistrationError, input_side, register_model
 from service.security import API_KEY_CACHE_TTL_S, generate_api_key
 from service.settings import get_settings
 
@@ -156,6 +158,57 @@ def register_gallery_command(
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(1) from err
         typer.echo(f"{row.id} {row.name} ({row.size} images, {row.dim}-d, {row.encoder}, {row.index_kind})")
+
+
+@cli.command("register-model")
+def register_model_command(
+    name: Annotated[
+        str, typer.Argument(help="Name tenants use: timm:<arch>@registered:NAME ([a-z0-9][a-z0-9._-]*).")
+    ],
+    path: Annotated[Path, typer.Argument(help="The weights: a .safetensors file (pickles are refused).")],
+    card: Annotated[
+        Path | None,
+        typer.Option(
+            help="Model card JSON: arch (or timm_name), create_model_kwargs, mean, std, input_size, "
+            "norm_eval. Default: X.card.json beside X.safetensors, if any."
+        ),
+    ] = None,
+    tenant: Annotated[
+        str | None, typer.Option(help="Only this tenant may use it (default: every tenant).")
+    ] = None,
+    arch: Annotated[str | None, typer.Option(help="timm architecture (overrides the card's).")] = None,
+    norm_eval: Annotated[
+        bool | None,
+        typer.Option(
+            "--norm-eval/--no-norm-eval",
+            help="Keep batch norm in eval mode when the teacher is finetuned (default: the card's, else no).",
+        ),
+    ] = None,
+) -> None:
+    """Register teacher weights: checked (safetensors, size, shapes against the architecture), copied
+    to <data_dir>/registry/NAME/, and usable in a job or gallery spec as timm:<arch>@registered:NAME."""
+    settings = get_settings()
+    with _session() as session:
+        try:
+            row = register_model(
+                session,
+                settings,
+                name,
+                path,
+                card_path=card,
+                tenant_name=tenant,
+                arch=arch,
+                norm_eval=norm_eval,
+            )
+        except (OSError, RegistrationError) as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from err
+        who = f"tenant {tenant}" if tenant else "every tenant"
+        side = input_side(row.card)
+        typer.echo(
+            f"registered {row.name}: timm:{row.arch}@registered:{row.name} ({row.bytes} bytes, "
+            f"sha256 {row.sha256[:12]}, input {side or 'default'}, norm_eval {row.card.get('norm_eval')}) for {who}"
+        )
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from service.model_specs import check_model_spec
 
 
 class Message(BaseModel):
@@ -33,12 +34,6 @@ class DatasetsPublic(BaseModel):
 
 # --- jobs, transfer sets, galleries, models
 
-# A model spec without a weights path (the API never reads files the user names): the library
-# prefix, a model name, and optionally "@<pretrained tag>".
-_NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]*"
-MODEL_SPEC_PATTERN = rf"^(timm|open_clip):{_NAME}(@{_NAME})?$"
-STUDENT_SPEC_PATTERN = rf"^timm:{_NAME}(@{_NAME})?$"
-_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 _ID = Field(min_length=1, max_length=32, description="A resource id (32 hex characters).")
 
 ExportFormat = Literal["safetensors", "onnx", "torchscript"]
@@ -57,27 +52,15 @@ ManifestFormat = Literal["jsonl", "csv", "parquet"]
 CurateMethod = Literal["query_balanced", "knn", "class_balanced", "random"]
 
 
+# Model specs name a timm / open_clip architecture and a pretrained tag those libraries list, or a
+# registered model (`timm:<arch>@registered:<name>`, resolved per tenant at submit); never a path
+# (the API never opens files a request names). `service.model_specs` says why a spec is refused.
 def _teacher_spec(spec: str) -> str:
-    if not re.fullmatch(MODEL_SPEC_PATTERN, spec):
-        raise ValueError(
-            f"model spec {spec!r} is not of the form 'timm:<name>[@tag]' or 'open_clip:<arch>[@tag]' "
-            "(e.g. 'timm:vit_small_patch14_dinov2.lvd142m', 'open_clip:ViT-B-32@openai')"
-        )
-    return _no_weights_file(spec)
+    return check_model_spec(spec, "teacher")
 
 
 def _student_spec(spec: str) -> str:
-    if not re.fullmatch(STUDENT_SPEC_PATTERN, spec):
-        raise ValueError(
-            f"student spec {spec!r} is not of the form 'timm:<name>[@tag]' (e.g. 'timm:resnet18')"
-        )
-    return _no_weights_file(spec)
-
-
-def _no_weights_file(spec: str) -> str:
-    if spec.lower().endswith(_WEIGHT_SUFFIXES):
-        raise ValueError(f"model spec {spec!r} names a weights file; only pretrained tags are allowed")
-    return spec
+    return check_model_spec(spec, "student")
 
 
 class _Request(BaseModel):

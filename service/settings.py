@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         default=2 * 1024**3, gt=0, description="Largest accepted upload, in bytes (default 2 GiB)."
     )
+    max_model_bytes: int = Field(
+        default=2 * 1024**3,
+        gt=0,
+        description="Largest weights file `kt admin register-model` accepts, in bytes (default 2 GiB).",
+    )
     max_upload_files: int = Field(
         default=100_000, gt=0, description="Most files accepted in one dataset upload (archive entries)."
     )

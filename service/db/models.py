@@ -241,3 +241,22 @@ class Model(Base):
     created_at: Mapped[datetime] = _created_at_column()
 
     __table_args__ = (Index("ix_models_tenant_id_created_at", "tenant_id", "created_at"),)
+
+
+class RegisteredModel(Base):
+    """Teacher weights an operator registered (``kt admin register-model``): a safetensors file
+    and its card, copied to ``<data_dir>/registry/<name>/``. ``tenant_id`` None: every tenant may
+    use it; else only that tenant (to the others it does not exist)."""
+
+    __tablename__ = "registered_models"
+
+    id: Mapped[str] = _id_column()
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    arch: Mapped[str] = mapped_column(String(200))
+    tenant_id: Mapped[str | None] = mapped_column(
+        String(ID_LENGTH), ForeignKey("tenants.id", ondelete="CASCADE"), index=True, default=None
+    )
+    sha256: Mapped[str] = mapped_column(String(64))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    card: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = _created_at_column()

@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 
 from service.admin import cli, create_tenant_key
 from service.app import create_app
-from service.db.models import ApiKey, Dataset, Gallery, Job, Model, new_id, utcnow
+from service.db.models import ApiKey, Dataset, Gallery, Job, Model, RegisteredModel, new_id, utcnow
 from service.db.session import make_engine, make_session_factory
 from tests.service.conftest import flushed_redis
 from tests.service.test_api import Api, imagefolder_zip, make_settings, make_zip, running_api, upload
@@ -191,6 +191,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             )
             w.db(model)
             w.ids["model"] = model.id
+            registered = RegisteredModel(
+                name="owners-model",
+                arch="resnet10t",
+                tenant_id=w.tenant_of(w.owner),
+                sha256="0" * 64,
+                bytes=1,
+            )
+            w.db(registered)
+            w.ids["registered_model"] = registered.id
             yield w
 
 
@@ -325,6 +334,13 @@ ROUTES: list[Route] = [
             lambda w: Request("/v1/jobs", json=job_body(w.ids["dataset"], steps={"distill": 10**9})),
             lambda w: Request("/v1/jobs", json=job_body(w.ids["dataset"], image_size=8)),
             lambda w: Request("/v1/jobs", json=job_body(w.ids["dataset"], teacher="resnet18")),
+            lambda w: Request(
+                "/v1/jobs", json=job_body(w.ids["dataset"], teacher="timm:resnet18@/etc/passwd")
+            ),
+            lambda w: Request("/v1/jobs", json=job_body(w.ids["dataset"], teacher="timm:resnet_18")),
+            lambda w: Request(
+                "/v1/jobs", json=job_body(w.ids["dataset"], teacher="timm:resnet10t@registered:nobodys")
+            ),
             lambda w: Request("/v1/jobs", json=job_body(w.ids["dataset"], device="tpu")),
             lambda w: Request("/v1/jobs", json=job_body(w.ids["dataset"], surprise=1)),
             lambda w: Request("/v1/jobs", json={}),
@@ -487,9 +503,21 @@ ROUTES: list[Route] = [
             ),
             lambda w: Request("/v1/admin/galleries", json={**gallery_build(w).json, "name": "../etc"}),
             lambda w: Request("/v1/admin/galleries", json={**gallery_build(w).json, "encoder": "clip"}),
+            lambda w: Request(
+                "/v1/admin/galleries",
+                json={**gallery_build(w).json, "encoder": "open_clip:ViT-B-32@secret.txt"},
+            ),
             lambda w: Request("/v1/admin/galleries", json={**gallery_build(w).json, "batch_size": 0}),
             lambda w: Request("/v1/admin/galleries", json={**gallery_build(w).json, "index_kind": "lsh"}),
         ),
+    ),
+    Route(
+        "GET",
+        "/v1/registered-models",
+        ok=lambda w: Request("/v1/registered-models"),
+        owned=False,
+        hidden="registered_model",
+        invalid=bad_limit("/v1/registered-models"),
     ),
     Route("GET", "/v1/openapi.json", ok=lambda w: Request("/v1/openapi.json"), owned=False, public=True),
 ]

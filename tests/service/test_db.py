@@ -22,7 +22,16 @@ from service.db.session import alembic_config, init_db, make_engine, make_sessio
 from service.settings import Settings, get_settings
 
 REPO = Path(__file__).resolve().parents[2]
-TABLES = {"tenants", "api_keys", "datasets", "galleries", "transfer_sets", "jobs", "models"}
+TABLES = {
+    "tenants",
+    "api_keys",
+    "datasets",
+    "galleries",
+    "transfer_sets",
+    "jobs",
+    "models",
+    "registered_models",
+}
 
 
 def schema_diff(engine: Engine) -> list:

@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 
-from service.api.routes import admin, datasets, galleries, jobs, models, transfer_sets
+from service.api.routes import admin, datasets, galleries, jobs, models, registered_models, transfer_sets
 
 api_router = APIRouter()
 api_router.include_router(datasets.router)
@@ -10,4 +10,5 @@ api_router.include_router(jobs.router)
 api_router.include_router(transfer_sets.router)
 api_router.include_router(galleries.router)
 api_router.include_router(models.router)
+api_router.include_router(registered_models.router)
 api_router.include_router(admin.router)

@@ -19,6 +19,7 @@ from service.api.deps import CurrentTenant, SessionDep, SettingsDep, _bearer
 from service.api.errors import Conflict, Invalid
 from service.api.routes.jobs import dataset_images, job_public, owned_dataset, submit_job
 from service.db.models import ApiKey, Gallery, Job, Tenant
+from service.registry import resolve_encoder
 from service.schemas import GalleryBuildCreate, JobPublic
 from service.security import api_key_matches, api_key_prefix
 
@@ -108,7 +109,7 @@ def build_gallery(
     config = {
         "name": body.name,
         "sources": sources,
-        "encoder": body.encoder,
+        "encoder": resolve_encoder(session, settings, tenant, body.encoder),  # a registered spec -> its file
         "image_size": body.image_size,
         "index_kind": body.index_kind,
         "batch_size": body.batch_size,

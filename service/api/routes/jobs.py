@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from kt_train.config import parse_config
 from kt_train.errors import ConfigError
 from kt_train.recipe import merge, recipe
-from service import storage
+from service import registry, storage
 from service.api.deps import CurrentTenant, ReadSessionDep, SessionDep, SettingsDep
 from service.api.errors import Conflict, Invalid, NotFound, Unavailable
 from service.db.models import (
@@ -199,6 +199,7 @@ def build_pipeline_config(
         "device": body.device,
     }
     config = merge(merge(recipe(body.budget), _unset_removed(_overrides(body))), _unset_removed(task))
+    registry.resolve_teacher(session, settings, tenant, config["teacher"])  # a registered spec -> its file
     if "curate" not in stages:
         config.pop("curate", None)  # the recipe's curation knobs would only confuse a reader
     try:
