@@ -123,7 +123,19 @@ class TeacherCacheConfig(_Strict):
         "stored views per image and replay them (no teacher in the loop); auto: cached when that takes "
         "fewer teacher passes (views x images < steps x batch_size)",
     )
-    views: int = Field(8, ge=1, le=1024, description="augmented views stored per transfer image")
+    views: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="augmented views stored per transfer image (with `replays`: at most this many)",
+    )
+    replays: int | None = Field(
+        None,
+        ge=1,
+        description="size the views to the schedule: views per image = ceil(steps x batch_size / (images x "
+        "replays)), between 1 and `views`, so each stored view is replayed about this many times and the "
+        "cache costs about 1/replays of the teacher passes of online distillation (null: always `views`)",
+    )
     topk: int = Field(10, ge=1, description="teacher logits stored per view (all classes when fewer)")
     dir: str | None = Field(
         None,

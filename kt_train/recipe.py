@@ -54,7 +54,8 @@ _BASE: dict[str, Any] = {
         "temperature": 4.0,
         "ce_weight": 0.0,
         "augment": {"scale_min": 0.25, "vflip": True},
-        "cache": {"mode": "auto", "views": 16},
+        # views sized to the schedule: each stored view replayed ~16 times (kt_train.config)
+        "cache": {"mode": "auto", "views": 16, "replays": 16},
     },
     "finetune_student": {
         "steps": 200,
@@ -70,6 +71,10 @@ _BASE: dict[str, Any] = {
         "dedup_threshold": 0.995,
         "leakage_threshold": 0.998,
         "teacher_filter": True,
+        # a floor on the teacher's confidence: a query whose gallery neighbours the teacher does not
+        # confidently call the query's class leaves its quota unfilled (the set is then smaller than
+        # asked) instead of filling it with out-of-domain images (FINDINGS.md: A5 at 5,000)
+        "teacher_min_prob": 0.5,
         "teacher_rerank": 1.0,
     },
 }
@@ -78,7 +83,7 @@ _BASE: dict[str, Any] = {
 _BUDGET_OVERRIDES: dict[str, dict[str, Any]] = {
     "fast": {"distill": {"steps": 1000, "warmup_steps": 50, "cache": {"views": 8}}},
     "balanced": {},
-    "best": {"distill": {"steps": 10000, "warmup_steps": 200, "cache": {"views": 32}}},
+    "best": {"distill": {"steps": 10000, "warmup_steps": 200, "cache": {"views": 32, "replays": 8}}},
 }
 
 

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from kt_train import pipeline  # noqa: E402
 from kt_train.config import DatasetRef, parse_config, set_key  # noqa: E402
+from kt_train.curate import read_manifest  # noqa: E402
 from kt_train.evaluate import evaluate_model  # noqa: E402
 from kt_train.models import load_checkpoint  # noqa: E402
 from kt_train.recipe import merge, recipe  # noqa: E402
@@ -72,29 +73,73 @@ def resolved_sizes(base: dict[str, Any], shared: Path, labels_per_class: int = 1
 
 
 def prepare_splits(
-    shared: Path, work: Path, labels_per_class: int, test_limit: int | None, seed: int
+    shared: Path, work: Path, labels_per_class: int, test_limit: int | None, seed: int, task: str = "eurosat"
 ) -> dict[str, Path]:
-    """Split files of the protocol: labeled, pool - labeled, val_tune (100 per class), test."""
-    splits = shared / "data/eurosat/splits"
+    """Split files of the protocol. EuroSAT: labeled, pool - labeled, val_tune (100 per class), test.
+    CIFAR-10 (the second task): a seeded split of cifar10_test.zip, ``labels_per_class`` labeled per
+    class and the other images test; no unlabeled target data and no tuning split (no per-task tuning)."""
     work.mkdir(parents=True, exist_ok=True)
-    read = lambda name: [ln.strip() for ln in (splits / name).read_text().splitlines() if ln.strip()]  # noqa: E731
-    labeled = read(f"labeled_{labels_per_class}_per_class.txt")
-    pool = [p for p in read("pool.txt") if p not in set(labeled)]
-    test = read("test.txt")
+    if task == "cifar10":
+        import zipfile
+
+        with zipfile.ZipFile(shared / "data/gallery/cifar10_test.zip") as z:
+            names = sorted(n for n in z.namelist() if not n.endswith("/"))
+        by_class: dict[str, list[str]] = {}
+        for n in names:
+            by_class.setdefault(n.split("/", 1)[0], []).append(n)
+        g = torch.Generator().manual_seed(1234)  # the split's own seed, fixed: every run sees it
+        labeled_set: set[str] = set()
+        for c in sorted(by_class):
+            perm = torch.randperm(len(by_class[c]), generator=g)[:labels_per_class].tolist()
+            labeled_set.update(by_class[c][i] for i in perm)
+        out = {"labeled": sorted(labeled_set), "test": [n for n in names if n not in labeled_set]}
+    else:
+        splits = shared / "data/eurosat/splits"
+        read = lambda name: [ln.strip() for ln in (splits / name).read_text().splitlines() if ln.strip()]  # noqa: E731
+        labeled = read(f"labeled_{labels_per_class}_per_class.txt")
+        out = {
+            "labeled": labeled,
+            "unlabeled_target": [p for p in read("pool.txt") if p not in set(labeled)],
+            "val_tune": read("val_tune.txt"),
+            "test": read("test.txt"),
+        }
     if test_limit:
+        test = out["test"]
         g = torch.Generator().manual_seed(seed)
-        test = [test[i] for i in sorted(torch.randperm(len(test), generator=g)[:test_limit].tolist())]
-    out = {
-        "labeled": labeled,
-        "unlabeled_target": pool,
-        "val_tune": read("val_tune.txt"),
-        "test": test,
-    }
+        out["test"] = [test[i] for i in sorted(torch.randperm(len(test), generator=g)[:test_limit].tolist())]
     paths = {}
     for name, lines in out.items():
         paths[name] = work / f"{name}.txt"
         paths[name].write_text("\n".join(lines) + "\n")
     return paths
+
+
+TASKS: dict[str, dict[str, Any]] = {
+    "eurosat": {
+        "zip": "data/eurosat/eurosat_rgb.zip",
+        "arms": ARMS,
+        "result": "bench/results/quality",
+        "title": "EuroSAT",
+    },
+    "cifar10": {  # BENCHMARKS.md §1, second task: the default recipe, no per-task tuning
+        "zip": "data/gallery/cifar10_test.zip",
+        "arms": ("A0", "A1", "A3", "A5"),
+        "result": "bench/results/quality_cifar10",
+        "title": "CIFAR-10",
+    },
+}
+
+
+def parse_arm(arm: str) -> tuple[str, int | None, int | None]:
+    """``"A5:1000"`` -> ("A5", size 1000, None); ``"A4@12000"`` -> ("A4", None, 12000 distill steps)."""
+    name, _, steps = arm.partition("@")
+    name, _, size = name.partition(":")
+    return name, int(size) if size else None, int(steps) if steps else None
+
+
+def in_domain(source: str) -> bool:
+    """A gallery item from the task's own domain (the EuroSAT part of the A5 gallery)."""
+    return "eurosat" in source.lower()
 
 
 def arm_config(base: dict[str, Any], out_dir: Path, **data: DatasetRef | None) -> Any:
@@ -122,6 +167,8 @@ def run_seed(
     eval_ref: DatasetRef,
     gallery: str | None = None,
     size: int | None = None,
+    finetune: bool = True,
+    tune_ref: DatasetRef | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train and evaluate ``arms`` for one seed. Arm "A5:N" is A5 with a transfer set of N items
     (the accuracy-vs-size curve); A5 curates with the ``curate:`` section of the config."""
@@ -133,9 +180,15 @@ def run_seed(
     teacher = pipeline.finetune_teacher(cfg, {}, work / "teacher")
     t_teacher = time.perf_counter() - t0
     classes = teacher["classes"]
+
+    def tune_acc(ckpt: str) -> float | None:
+        # val_tune beside test, from the same model: choices are read off val_tune, never off test
+        return None if tune_ref is None else round(test_acc(ckpt, tune_ref, device), 2)
+
     if "A0" in arms:
         res["A0"] = {
             "test_acc": test_acc(teacher["checkpoint"], eval_ref, device),
+            "val_tune_acc": tune_acc(teacher["checkpoint"]),
             "wall_s": time.perf_counter() - t0,
         }
         log.info("seed %d A0 %.2f", seed, res["A0"]["test_acc"])
@@ -145,39 +198,61 @@ def run_seed(
         "A3": ("task_oriented", refs["generic"]),
         "A4": ("task_oriented", refs["unlabeled_target"]),
     }
-    for arm in [a for a in arms if a in plan or a.startswith("A5")]:
+    for arm in arms:
+        name, n, steps = parse_arm(arm)
+        if name not in plan and name != "A5":
+            continue
         t1 = time.perf_counter()
         row: dict[str, Any] = {}
         inputs: dict[str, Any] = {"teacher": teacher["checkpoint"], "classes": classes}
-        if arm.startswith("A5"):
-            n = int(arm.split(":")[1]) if ":" in arm else size
+        arm_dir = work / arm.replace(":", "_n").replace("@", "_steps")
+        arm_base = base if steps is None else {**base, "distill": {**base["distill"], "steps": steps}}
+        if steps is not None:
+            row["distill_steps"] = steps
+        transfer_plan = plan.get(name)
+        if name == "A5":
+            n = n or size
             if gallery is None or n is None:
                 raise SystemExit("arm A5 needs the gallery (bench/retrieval/real.py builds it)")
             ccfg = arm_config(
                 {**base, "curate": {**base.get("curate", {}), "gallery": gallery, "size": n}}, work, **common
             )
-            cur = pipeline.curate(ccfg, inputs, work / arm.replace(":", "_n") / "curate")
+            # one curated set per (seed, size): the steps-curve arms train on the set A5 trained on
+            cur = pipeline.curate(ccfg, inputs, work / ("A5" if n == size else f"A5_n{n}") / "curate")
             row["curate_s"] = cur["summary"]["seconds"]
             row["transfer_set_size"] = cur["size"]
-            plan[arm] = ("task_oriented", DatasetRef(path=cur["manifest"]))
-        if plan[arm] is not None:
-            method, transfer = plan[arm]
+            row["per_class_fill"] = cur["summary"].get("per_class_fill")
+            rows = read_manifest(cur["manifest"])
+            row["in_domain_share"] = round(
+                100.0 * sum(in_domain(r.get("source", "")) for r in rows) / max(1, len(rows)), 2
+            )
+            transfer_plan = ("task_oriented", DatasetRef(path=cur["manifest"]))
+        if transfer_plan is not None:
+            method, transfer = transfer_plan
             cfg = arm_config(
-                {**base, "distill": {**base.get("distill", {}), "method": method}},
+                {**arm_base, "distill": {**arm_base.get("distill", {}), "method": method}},
                 work,
                 **common,
                 transfer=transfer,
             )
-            d = pipeline.distill(cfg, inputs, work / arm.replace(":", "_n") / "distill")
+            d = pipeline.distill(cfg, inputs, arm_dir / "distill")
             if method == "task_oriented":
                 row["distill_acc"] = test_acc(d["checkpoint"], eval_ref, device)
+                row["distill_val_tune_acc"] = tune_acc(d["checkpoint"])
             inputs["student"] = d["checkpoint"]
             row["distill_s"] = d["timings"]["distill"]["seconds"]
             row["distill_img_s"] = d["timings"]["distill"]["images_per_s"]
-        cfg = arm_config(base, work, **common)
-        f = pipeline.finetune_student(cfg, inputs, work / arm.replace(":", "_n") / "finetune_student")
-        row["test_acc"] = test_acc(f["checkpoint"], eval_ref, device)
-        row["wall_s"] = time.perf_counter() - t1 + (t_teacher if arm[:2] in ("A3", "A4", "A5") else 0.0)
+            tc = d.get("teacher_cache") or (d.get("lineage") or {}).get("teacher_cache") or {}
+            if tc.get("built"):
+                row["cache_build_s"] = tc.get("build_seconds")
+        if row.get("distill_acc") is not None and not finetune:
+            row["test_acc"] = row["distill_acc"]
+        else:
+            cfg = arm_config(base, work, **common)
+            f = pipeline.finetune_student(cfg, inputs, arm_dir / "finetune_student")
+            row["test_acc"] = test_acc(f["checkpoint"], eval_ref, device)
+            row["val_tune_acc"] = tune_acc(f["checkpoint"])
+        row["wall_s"] = time.perf_counter() - t1 + (t_teacher if name in ("A3", "A4", "A5") else 0.0)
         res[arm] = row
         log.info("seed %d %s %s", seed, arm, {k: round(v, 2) for k, v in row.items()})
     return res
@@ -190,13 +265,19 @@ def aggregate(per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, 
         if not rows:
             continue
         out: dict[str, Any] = {"seeds": len(rows), "what": ARM_TEXT[arm]}
-        for key in ("test_acc", "distill_acc"):
+        for key in ("test_acc", "distill_acc", "val_tune_acc", "distill_val_tune_acc"):
             vals = [r[key] for r in rows if r.get(key) is not None]
             if vals:
                 out[key] = round(statistics.mean(vals), 2)
                 out[f"{key}_std"] = round(statistics.stdev(vals), 2) if len(vals) > 1 else 0.0
                 out[f"{key}_per_seed"] = vals
         out["wall_s"] = round(statistics.mean(r["wall_s"] for r in rows), 1)
+        for key in ("transfer_set_size", "in_domain_share", "cache_build_s", "distill_s", "curate_s"):
+            vals = [r[key] for r in rows if r.get(key) is not None]
+            if vals:
+                out[key] = round(statistics.mean(vals), 2)
+        if rows[0].get("per_class_fill"):
+            out["per_class_fill_seed0"] = rows[0]["per_class_fill"]
         if any("distill_img_s" in r for r in rows):
             out["distill_img_s"] = round(
                 statistics.mean(r["distill_img_s"] for r in rows if "distill_img_s" in r), 1
@@ -249,7 +330,7 @@ def write_results(result: dict[str, Any], out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     arms = result["arms"]
     lines = [
-        "# Transfer quality — EuroSAT, 10 labels per class",
+        f"# Transfer quality — {result.get('title', 'EuroSAT')}, {result['labels_per_class']} labels per class",
         "",
         f"`{result['command']}`",
         "",
@@ -260,13 +341,14 @@ def write_results(result: dict[str, Any], out: Path) -> None:
         f"- evaluated on: {result['eval_split']} ({result['eval_images']} images); seeds {result['seeds']}; "
         f"transfer-set size {result['transfer_set_size']} (A2/A3 generic), {result['unlabeled_target_size']} (A4)",
         "",
-        "| arm | after distillation | after finetune (test_acc) | wall s | what |",
-        "|---|---|---|---|---|",
+        "| arm | after distillation | after finetune (test_acc) | val_tune (distill / finetune) | wall s | what |",
+        "|---|---|---|---|---|---|",
     ]
     for arm, r in arms.items():
         da = f"{r['distill_acc']:.2f} ± {r['distill_acc_std']:.2f}" if "distill_acc" in r else "–"
+        vt = f"{r.get('distill_val_tune_acc', '–')} / {r.get('val_tune_acc', '–')}"
         lines.append(
-            f"| {arm} | {da} | **{r['test_acc']:.2f} ± {r['test_acc_std']:.2f}** | {r['wall_s']:.0f} | {r['what']} |"
+            f"| {arm} | {da} | **{r['test_acc']:.2f} ± {r['test_acc_std']:.2f}** | {vt} | {r['wall_s']:.0f} | {r['what']} |"
         )
     if result.get("merged_arms"):
         lines += [
@@ -280,7 +362,8 @@ def write_results(result: dict[str, Any], out: Path) -> None:
     if result.get("curve"):
         lines += [
             "",
-            "A5: accuracy vs transfer-set size (same 800 distillation steps; the paper's Figure 5):",
+            f"A5: accuracy vs transfer-set size (same {result['config']['distill']['steps']} distillation "
+            "steps; the paper's Figure 5):",
             "",
             "| size | after distillation | after finetune | seeds |",
             "|---:|---:|---:|---|",
@@ -289,6 +372,32 @@ def write_results(result: dict[str, Any], out: Path) -> None:
             lines.append(
                 f"| {c['size']} | {c.get('distill_acc')} | {c['test_acc']} | {c.get('seeds', 'seed ' + str(c.get('seed')))} |"
             )
+    if result.get("steps_curve"):
+        lines += [
+            "",
+            "Accuracy vs distillation steps (patience; same transfer sets, cache and finetune):",
+            "",
+            "| arm | steps | test after distillation | test after finetune | val_tune (distill / finetune) | seeds |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        for c in result["steps_curve"]:
+            lines.append(
+                f"| {c['arm']} | {c['steps']} | {c.get('distill_acc')} | {c['test_acc']} | "
+                f"{c.get('distill_val_tune_acc')} / {c.get('val_tune_acc')} | "
+                f"{c.get('seeds', 'seed ' + str(c.get('seed')))} |"
+            )
+    a5 = arms.get("A5") or {}
+    if a5.get("per_class_fill_seed0"):
+        fill = a5["per_class_fill_seed0"]
+        lines += [
+            "",
+            f"A5 transfer set: {a5.get('transfer_set_size')} items (asked {result['transfer_set_size']}), "
+            f"{a5.get('in_domain_share')}% from the task's domain; how full each class's quota got (seed 0):",
+            "",
+            "| class | quota | selected | fill |",
+            "|---|---:|---:|---:|",
+            *[f"| {c} | {f['quota']} | {f['selected']} | {100 * f['fill']:.0f}% |" for c, f in fill.items()],
+        ]
     lines += ["", "Bars (BENCHMARKS.md §1):", ""]
     for name, ok, fig in result["bars"]:
         lines.append(f"- {'PASS' if ok else 'FAIL'} {name}: {fig}")
@@ -312,8 +421,26 @@ def write_results(result: dict[str, Any], out: Path) -> None:
 
         names = list(arms)
         curve = result.get("curve") or []
-        fig, axes = plt.subplots(1, 2 if curve else 1, figsize=(11 if curve else 7, 3.6), squeeze=False)
+        steps_curve = result.get("steps_curve") or []
+        panels = 1 + bool(curve) + bool(steps_curve)
+        fig, axes = plt.subplots(1, panels, figsize=(4.2 + 3.8 * panels, 3.6), squeeze=False)
         ax = axes[0][0]
+        if steps_curve:
+            sx = axes[0][-1]
+            for name, col in (("A4", "#4a7"), ("A5", "#a5c")):
+                pts = [c for c in steps_curve if c["arm"] == name]
+                if pts:
+                    sx.plot(
+                        [c["steps"] for c in pts], [c["test_acc"] for c in pts], "o-", color=col, label=name
+                    )
+            if "A0" in arms:
+                sx.axhline(arms["A0"]["test_acc"], ls="--", color="#555", label="A0 (teacher)")
+                sx.axhline(arms["A0"]["test_acc"] - 3, ls=":", color="#555", label="A0 - 3")
+            sx.set_xscale("log")
+            sx.set_xlabel("distillation steps (batch 64)")
+            sx.set_ylabel("test top-1 (%)")
+            sx.set_title("accuracy vs distillation steps")
+            sx.legend(fontsize=8)
         if curve:
             cx = axes[0][1]
             cx.plot(
@@ -337,28 +464,41 @@ def write_results(result: dict[str, Any], out: Path) -> None:
             ax.text(i, arms[a]["test_acc"] + 1, f"{arms[a]['test_acc']:.1f}", ha="center", fontsize=9)
         ax.set_ylim(0, 100)
         ax.set_ylabel("test top-1 (%)")
-        ax.set_title(f"EuroSAT, 10 labels/class, {result['seeds']} seed(s)")
+        ax.set_title(
+            f"{result.get('title', 'EuroSAT')}, {result['labels_per_class']} labels/class, {result['seeds']} seed(s)"
+        )
         fig.tight_layout()
         fig.savefig(out.with_suffix(".png"), dpi=110)
     except ImportError:
         log.warning("matplotlib missing: no plot")
 
 
-def bars(arms: dict[str, dict[str, Any]]) -> list[tuple[str, bool, str]]:
+def bars(arms: dict[str, dict[str, Any]], task: str = "eurosat") -> list[tuple[str, bool, str]]:
+    """BENCHMARKS.md §1: EuroSAT's bars, or the second task's (CIFAR-10)."""
     g = {a: r["test_acc"] for a, r in arms.items()}
     out = []
+
+    def gap(name: str, a: str, b: str, op: str, bar: float) -> None:
+        if {a, b} <= g.keys():
+            d = g[a] - g[b]
+            out.append(
+                (name, d >= bar if op == ">=" else d <= bar, f"{d:.2f} ({a}={g[a]:.2f} {b}={g[b]:.2f})")
+            )
+
+    if task == "cifar10":
+        gap("A5 - A1 >= 8", "A5", "A1", ">=", 8)
+        gap("A0 - A5 <= 5", "A0", "A5", "<=", 5)
+        return out
     if "A0" in g:
         out.append(("A0 >= 85", g["A0"] >= 85, f"A0={g['A0']:.2f}"))
-    if {"A4", "A1"} <= g.keys():
-        out.append(("A4 - A1 >= 8", g["A4"] - g["A1"] >= 8, f"{g['A4'] - g['A1']:.2f}"))
-    if {"A3", "A1"} <= g.keys():
-        out.append(("A3 >= A1", g["A3"] >= g["A1"], f"A3={g['A3']:.2f} A1={g['A1']:.2f}"))
+    gap("A4 - A1 >= 8", "A4", "A1", ">=", 8)
+    gap("A3 >= A1", "A3", "A1", ">=", 0)
     if {"A3", "A2"} <= g.keys():
         out.append(("A3 > A2", g["A3"] > g["A2"], f"A3={g['A3']:.2f} A2={g['A2']:.2f}"))
-    if {"A5", "A4"} <= g.keys():
-        out.append(("A5 >= A4 - 1", g["A5"] >= g["A4"] - 1, f"A5={g['A5']:.2f} A4={g['A4']:.2f}"))
-    if {"A5", "A3"} <= g.keys():
-        out.append(("A5 - A3 >= 8", g["A5"] - g["A3"] >= 8, f"{g['A5'] - g['A3']:.2f}"))
+    gap("A5 >= A4 - 1", "A5", "A4", ">=", -1)
+    gap("A5 - A3 >= 8", "A5", "A3", ">=", 8)
+    gap("A0 - A4 <= 3", "A0", "A4", "<=", 3)
+    gap("A0 - A5 <= 3", "A0", "A5", "<=", 3)
     return out
 
 
@@ -374,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="1 seed, shorter schedules, 3,000 test images (<= 10 min)"
     )
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
-    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--arms", default=None, help="comma-separated arms (default: all of the task's)")
     ap.add_argument("--config", default=str(ROOT / "bench/quality/config.yaml"))
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
     ap.add_argument("--teacher", help="teacher model spec (default: the proxy VFM in shared/models)")
@@ -391,9 +531,21 @@ def main(argv: list[str] | None = None) -> int:
         help="A5 at these extra transfer-set sizes, seed 0 (accuracy vs size, the paper's Figure 5), e.g. 1000,2500",
     )
     ap.add_argument(
+        "--steps-curve",
+        default="",
+        help="A4 and A5 at these distillation step counts, seed 0 (accuracy vs steps), e.g. 800,4000,12000",
+    )
+    ap.add_argument(
+        "--task",
+        choices=tuple(TASKS),
+        default="eurosat",
+        help="eurosat (the protocol), or cifar10 (the second task: arms A0, A1, A3, A5, no tuning)",
+    )
+    ap.add_argument(
         "--gallery",
-        default=str(ROOT / "bench/work/retrieval/gallery"),
-        help="gallery for A5 (built by bench/retrieval/real.py; built here when missing)",
+        default=None,
+        help="gallery for A5 (default: bench/work/retrieval/gallery for eurosat, built by "
+        "bench/retrieval/real.py; bench/work/retrieval_cifar10/gallery for cifar10; built when missing)",
     )
     ap.add_argument(
         "--merge",
@@ -426,19 +578,25 @@ def main(argv: list[str] | None = None) -> int:
         base["student"]["model"] = args.student
     seeds = args.seeds or ([0] if args.quick else [0, 1])
     test_limit = args.test_limit or (bench["quick_test_images"] if args.quick else None)
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    task = TASKS[args.task]
+    arms = [a.strip() for a in (args.arms or ",".join(task["arms"])).split(",") if a.strip()]
+    if args.task == "cifar10" and args.eval_on != "test":
+        raise SystemExit("cifar10 has no tuning split: the second task runs the default recipe untuned")
 
     key = hashlib.sha1(json.dumps(base, sort_keys=True).encode()).hexdigest()[:10]
-    work = ROOT / "bench/work/quality" / key
-    splits = prepare_splits(shared, work / "splits", bench["labels_per_class"], test_limit, seed=0)
-    zip_ = str(shared / "data/eurosat/eurosat_rgb.zip")
+    work = ROOT / "bench/work/quality" / (key if args.task == "eurosat" else f"{args.task}-{key}")
+    splits = prepare_splits(
+        shared, work / "splits", bench["labels_per_class"], test_limit, seed=0, task=args.task
+    )
+    zip_ = str(shared / task["zip"])
     refs = {
         "labeled": DatasetRef(path=zip_, split=str(splits["labeled"])),
-        "unlabeled_target": DatasetRef(path=zip_, split=str(splits["unlabeled_target"])),
         "generic": DatasetRef(
             path=str(shared / "data/gallery/tinyimagenet_50k.zip"), max_items=bench["transfer_set_size"]
         ),
     }
+    if "unlabeled_target" in splits:
+        refs["unlabeled_target"] = DatasetRef(path=zip_, split=str(splits["unlabeled_target"]))
     eval_ref = DatasetRef(path=zip_, split=str(splits[args.eval_on]))
     # labels of the unlabeled sets are never read: load_unlabeled ignores folder names
     device = resolve_device("auto")
@@ -448,23 +606,40 @@ def main(argv: list[str] | None = None) -> int:
     commit = git_commit()  # the code that runs, not whatever is checked out when it ends
     t0 = time.perf_counter()
     curve = [int(x) for x in args.curve.split(",") if x.strip()]
+    steps_curve = [int(x) for x in args.steps_curve.split(",") if x.strip()]
     gallery = None
-    if "A5" in arms or curve:
+    if any(a.startswith("A5") for a in arms) or curve:
         sys.path.insert(0, str(ROOT / "bench/retrieval"))
         import real as retrieval  # bench/retrieval/real.py: the A5 gallery
 
-        gpath = Path(args.gallery)
+        default_gallery = "retrieval" if args.task == "eurosat" else f"retrieval_{args.task}"
+        gpath = Path(args.gallery or ROOT / "bench/work" / default_gallery / "gallery")
         if not (gpath / "gallery.json").exists():
             log.info("building the A5 gallery in %s", gpath)
-            retrieval.ensure_gallery(shared, base, gpath.parent)
+            sources = None if args.task == "eurosat" else [str(shared / "data/gallery/tinyimagenet_50k.zip")]
+            retrieval.ensure_gallery(shared, base, gpath.parent, sources=sources)
         gallery = str(gpath)
     # Tasks (seed, arms): each seed's main arms first, so a seed's teacher is trained (and cached)
     # before the curve tasks of that seed start in other processes.
-    tasks = [(s, arms) for s in seeds] + [(seeds[0], [f"A5:{n}"]) for n in curve]
+    steps_arms = [f"{a}@{n}" for n in steps_curve for a in ("A4", "A5") if a in arms]
+    tasks = (
+        [(s, arms) for s in seeds]
+        + [(seeds[0], [f"A5:{n}"]) for n in curve]
+        + [(seeds[0], [a]) for a in steps_arms]
+    )
+    finetune = bool(bench.get("finetune_student", True))
+    tune_ref = (
+        DatasetRef(path=zip_, split=str(splits["val_tune"]))
+        if "val_tune" in splits and args.eval_on == "test"
+        else None
+    )
     run_args = [
-        (s, base, refs, a, work / f"seed{s}", device, eval_ref, gallery, bench["transfer_set_size"])
+        (
+            s, base, refs, a, work / f"seed{s}", device, eval_ref, gallery,
+            bench["transfer_set_size"], finetune, tune_ref,
+        )
         for s, a in tasks
-    ]
+    ]  # fmt: skip
     jobs = max(1, min(args.jobs or (os.cpu_count() or 1), len(tasks)))
     if jobs == 1:
         per_task = [run_seed(*a) for a in run_args]
@@ -475,8 +650,36 @@ def main(argv: list[str] | None = None) -> int:
 
         with mp.get_context("spawn").Pool(jobs, initializer=_one_thread, maxtasksperchild=1) as pool:
             per_task = pool.starmap(run_seed, run_args, chunksize=1)
-    per_seed = [r for r, (_, a) in zip(per_task, tasks, strict=True) if not a[0].startswith("A5:")]
+    per_seed = [r for r, (_, a) in zip(per_task, tasks, strict=True) if a is arms]
     arms_res = aggregate(per_seed)
+    steps_res = [
+        {
+            "arm": k.split("@")[0],
+            "steps": int(k.split("@")[1]),
+            "test_acc": round(r[k]["test_acc"], 2),
+            "distill_acc": round(r[k]["distill_acc"], 2),
+            "val_tune_acc": r[k].get("val_tune_acc"),
+            "distill_val_tune_acc": r[k].get("distill_val_tune_acc"),
+            "seed": s,
+        }
+        for r, (s, a) in zip(per_task, tasks, strict=True)
+        for k in a
+        if "@" in k
+    ]
+    for name in ("A4", "A5"):
+        if name in arms_res and steps_curve:
+            steps_res.append(
+                {
+                    "arm": name,
+                    "steps": base["distill"]["steps"],
+                    "test_acc": arms_res[name]["test_acc"],
+                    "distill_acc": arms_res[name].get("distill_acc"),
+                    "val_tune_acc": arms_res[name].get("val_tune_acc"),
+                    "distill_val_tune_acc": arms_res[name].get("distill_val_tune_acc"),
+                    "seeds": arms_res[name]["seeds"],
+                }
+            )
+    steps_res.sort(key=lambda c: (c["arm"], c["steps"]))
     curve_res = [
         {
             "arm": "A5",
@@ -502,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     curve_res.sort(key=lambda c: c["size"])
     merged_from: dict[str, Any] = {}
-    default_json = ROOT / "bench/results/quality.json"
+    default_json = ROOT / (task["result"] + ".json")
     if args.merge and default_json.exists():
         old = json.loads(default_json.read_text())
         for arm, r in old.get("arms", {}).items():
@@ -521,8 +724,13 @@ def main(argv: list[str] | None = None) -> int:
         "arms": arms_res,
         "transfer_set_size": bench["transfer_set_size"],
         "curve": curve_res,
+        "steps_curve": steps_res,
         "merged_arms": merged_from,
-        "unlabeled_target_size": len(splits["unlabeled_target"].read_text().split()),
+        "task": args.task,
+        "title": task["title"],
+        "unlabeled_target_size": len(splits["unlabeled_target"].read_text().split())
+        if "unlabeled_target" in splits
+        else 0,
         "eval_split": args.eval_on,
         "eval_images": len(splits[args.eval_on].read_text().split()),
         "seeds": len(seeds),
@@ -538,11 +746,11 @@ def main(argv: list[str] | None = None) -> int:
     notes = ROOT / "bench/quality/FINDINGS.md"
     if notes.exists() and not args.quick and args.eval_on == "test":
         result["notes"] = notes.read_text().strip().splitlines()
-    result["bars"] = bars(arms_res)
+    result["bars"] = bars(arms_res, args.task)
     default_out = ROOT / (
-        "bench/results/quality"
+        task["result"]
         if args.eval_on == "test" and not args.quick
-        else f"bench/work/quality-{args.eval_on}-{'quick-' if args.quick else ''}{key}"
+        else f"bench/work/quality-{args.task}-{args.eval_on}-{'quick-' if args.quick else ''}{key}"
     )
     write_results(result, Path(args.out) if args.out else default_out)
     print(Path(str(Path(args.out) if args.out else default_out) + ".md").read_text())

@@ -64,13 +64,14 @@ def gallery_sources(shared: Path, work: Path) -> list[Any]:
 
 
 def ensure_gallery(
-    shared: Path, base: dict[str, Any], work: Path, batch_size: int = 256
+    shared: Path, base: dict[str, Any], work: Path, batch_size: int = 256, sources: list[Any] | None = None
 ) -> tuple[Gallery, float]:
-    """Build (or resume / reuse) the gallery; returns it and the build's images/s (0 if reused)."""
+    """Build (or resume / reuse) the gallery (default: the A5 gallery of ``gallery_sources``);
+    returns it and the build's images/s (0 if reused)."""
     t0 = time.perf_counter()
     done_before = (work / "gallery" / "gallery.json").exists()
     g = build_gallery(
-        gallery_sources(shared, work),
+        sources or gallery_sources(shared, work),
         work / "gallery",
         encoder=base["teacher"]["model"],
         image_size=quality.resolved_sizes(base, shared)[0],

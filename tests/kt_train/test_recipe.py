@@ -129,3 +129,18 @@ def test_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KT_THREADS", "zero")
     with pytest.raises(ValueError, match="KT_THREADS"):
         thread_count()
+
+
+def test_cache_views_follow_the_schedule() -> None:
+    from kt_train.pipeline import cache_views
+
+    def dc(steps: int, views: int, replays: int | None) -> object:
+        return parse_config(
+            {"distill": {"steps": steps, "batch_size": 64, "cache": {"views": views, "replays": replays}}}
+        ).distill
+
+    assert cache_views(dc(4000, 16, None), 2600) == 16  # fixed count without replays
+    assert cache_views(dc(4000, 16, 16), 2600) == 7  # ceil(256000 / 41600)
+    assert cache_views(dc(4000, 16, 16), 5000) == 4
+    assert cache_views(dc(100, 16, 16), 5000) == 1  # at least one view
+    assert cache_views(dc(100000, 16, 16), 100) == 16  # at most `views`
