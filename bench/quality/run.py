@@ -614,8 +614,9 @@ def main(argv: list[str] | None = None) -> int:
 
         default_gallery = "retrieval" if args.task == "eurosat" else f"retrieval_{args.task}"
         gpath = Path(args.gallery or ROOT / "bench/work" / default_gallery / "gallery")
-        if not (gpath / "gallery.json").exists():
-            log.info("building the A5 gallery in %s", gpath)
+        meta = gpath / "gallery.json"
+        if not meta.exists() or json.loads(meta.read_text()).get("status") != "complete":
+            log.info("building the A5 gallery in %s (resuming a partial build)", gpath)
             sources = None if args.task == "eurosat" else [str(shared / "data/gallery/tinyimagenet_50k.zip")]
             retrieval.ensure_gallery(shared, base, gpath.parent, sources=sources)
         gallery = str(gpath)
