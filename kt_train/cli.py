@@ -94,6 +94,9 @@ def _summary(results: dict[str, dict[str, Any]], out_dir: Path) -> Table:
             if k in res:
                 path = Path(res[k])
                 bits.append(f"{k}: {path.relative_to(out_dir) if path.is_relative_to(out_dir) else path}")
+        for fmt, reason in (res.get("failed_formats") or {}).items():
+            hint = f"{reason} (export it again: kt train --stages export --set export.formats=[{fmt}])"
+            bits.append(f"[yellow]{escape(fmt)} left out[/]: {escape(hint)}")
         table.add_row(stage, f"{res.get('seconds', 0):.1f}", "\n".join(bits))
     return table
 
@@ -128,10 +131,12 @@ def train(
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Run the pipeline stages of a config: finetune_teacher, distill, finetune_student, export, evaluate.
+    """Run the pipeline stages of a config: finetune_teacher, distill, finetune_student, evaluate, export.
 
     Each stage writes into <out_dir>/<stage>/ and is skipped when it finished before; an interrupted
-    training stage resumes from its last.ckpt. The resolved config is saved as <out_dir>/config.yaml.
+    training stage resumes from its last.ckpt. Stages run alone take the outputs of the earlier stages
+    a previous run finished: --stages export --set export.formats=[onnx] adds a format to the export.
+    The resolved config is saved as <out_dir>/config.yaml.
     """
     from .pipeline import run_pipeline
     from .threads import configure_threads

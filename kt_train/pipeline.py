@@ -2,7 +2,12 @@
 
 A stage writes only inside ``out_dir`` (atomically), writes ``_SUCCESS`` last and returns at once
 when it finds that marker, so a crashed or redelivered run resumes instead of redoing work.
-Training stages also resume mid-way from ``last.ckpt``.
+Training stages also resume mid-way from ``last.ckpt``. ``export`` is the exception that proves
+it: run again with a format it does not hold (one that failed its check, or newly asked for), it
+exports again, keeping the formats it holds.
+
+``evaluate`` runs before ``export`` (``run_order``): it needs only the student checkpoint, so the
+test metrics are kept whatever happens to the export, and the model card carries them.
 """
 
 from __future__ import annotations
@@ -23,12 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import sizing
-from .config import DatasetRef, OptimConfig, TrainConfig, dump_config
+from .config import STAGES, DatasetRef, OptimConfig, TrainConfig, dump_config
 from .data import ImageDataset, load_labeled, load_unlabeled
 from .distributed import barrier, init_from_env, is_distributed, local_device, rank, world_size
 from .errors import ConfigError, DatasetError
 from .evaluate import evaluate_model
-from .io import atomic_write_json, atomic_write_text, is_done, mark_done, read_outputs
+from .io import SUCCESS, atomic_write_json, atomic_write_text, is_done, mark_done, read_outputs
 from .losses import contrastive_feature_loss, cosine_feature_loss, kd_loss
 from .models import (
     ImageClassifier,
@@ -780,19 +785,46 @@ def evaluate(
     )
 
 
+def exported_formats(outputs: Outputs) -> list[str]:
+    """The formats an export stage's outputs hold (outputs of every version of the stage)."""
+    from .export import SUPPORTED_FORMATS
+
+    if isinstance(outputs.get("formats"), list):
+        return [str(f) for f in outputs["formats"]]
+    return [f for f in SUPPORTED_FORMATS if isinstance(outputs.get(f), str)]
+
+
 def export(
     cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None
 ) -> Outputs:
-    """safetensors (plain timm state dict), ONNX and TorchScript, each verified, plus model_card.json."""
-    from .export import export_model
+    """safetensors (plain timm state dict), ONNX and TorchScript, each verified, plus model_card.json.
+
+    A format that fails its check (``kt_train.export.measure_parity``) does not fail the stage: it
+    is left out, the others are written, and ``failed_formats`` (outputs and card) says by how much
+    it failed. Outputs: a path per written format and ``card``; ``formats``, ``failed_formats`` and
+    ``parity`` (the measured numbers per verified format). Run again on a finished out_dir with a
+    format it does not hold in ``export.formats``, the stage exports that format anew alongside the
+    ones it holds (``kt train --stages export``).
+    """
+    from .export import SUPPORTED_FORMATS, export_model
     from .specs import ModelSpec
 
     cfg = resolve_sizes(cfg)
-    out = _stage_begin(out_dir, cfg)
-    if out is None:
-        return read_outputs(out_dir)
+    formats: list[str] = list(cfg.export.formats)
+    done = read_outputs(out_dir) if is_done(out_dir) else None
+    if done is not None:
+        held = exported_formats(done)
+        missing = [f for f in formats if f not in held]
+        if not missing:
+            return done
+        formats = [f for f in SUPPORTED_FORMATS if f in held or f in formats]
     if not inputs.get("student"):
         raise ConfigError("export needs a student checkpoint: run finetune_student (or distill) first")
+    if done is not None:
+        log.info("export: exporting %s again, with %s", ", ".join(missing), ", ".join(held) or "nothing")
+        (Path(out_dir) / SUCCESS).unlink()
+    out = _stage_begin(out_dir, cfg)
+    assert out is not None
     model, ckpt = load_checkpoint(inputs["student"])
     recipe = model.recipe
     dc = model.data_config
@@ -802,7 +834,7 @@ def export(
             **dc.to_dict(),
             "input": "RGB, [0, 1] floats, NCHW; resize to input_size, then (x - mean) / std",
         },
-        "metrics": ckpt.get("metrics", {}),
+        "metrics": {**ckpt.get("metrics", {}), **_test_metrics(inputs)},
         "lineage": {
             **ckpt.get("lineage", {}),
             "student": recipe.spec,
@@ -817,11 +849,42 @@ def export(
         num_classes=recipe.num_classes,
         input_size=dc.input_size,
         out_dir=out,
-        formats=cfg.export.formats,
+        formats=formats,
         card=card,
         opset=cfg.export.opset,
+        mean=dc.mean,
+        std=dc.std,
+        strict=False,
     )
-    return mark_done(out, {k: str(v) for k, v in files.items()})
+    written = json.loads(files["card"].read_text(encoding="utf-8"))
+    failed = dict(written.get("failed_formats") or {})
+    for fmt, reason in failed.items():
+        log.warning(
+            "export: %s left out: %s (the other formats are kept; after a fix, export it again with "
+            "`kt train --stages export --set export.formats=[%s]`)",
+            fmt,
+            reason,
+            fmt,
+        )
+    outputs: Outputs = {k: str(v) for k, v in files.items()}
+    outputs.update(
+        formats=[f for f in files if f != "card"],
+        failed_formats=failed,
+        parity=written.get("export", {}).get("parity", {}),
+    )
+    return mark_done(out, outputs)
+
+
+def _test_metrics(inputs: Outputs) -> dict[str, Any]:
+    """The student's test metrics for the model card, from the evaluate stage (if it ran first)."""
+    path = inputs.get("test_metrics")
+    if not path or not Path(path).is_file():
+        return {}
+    student = json.loads(Path(path).read_text(encoding="utf-8")).get("student")
+    if not isinstance(student, dict):
+        return {}
+    # the confusion matrix (classes x classes) stays in evaluate/metrics.json
+    return {"test": {k: student[k] for k in ("top1", "n", "per_class") if k in student}}
 
 
 def curate(
@@ -958,8 +1021,45 @@ def _git_commit() -> str | None:
         return None
 
 
+def run_order(stages: list[str] | tuple[str, ...]) -> list[str]:
+    """The order ``stages`` run in: as given, except that ``evaluate`` runs just before ``export``.
+
+    evaluate needs only the student checkpoint; run first, its metrics survive an export that
+    fails, and the model card can carry them."""
+    order = list(stages)
+    if "evaluate" in order and "export" in order and order.index("evaluate") > order.index("export"):
+        order.remove("evaluate")
+        order.insert(order.index("export"), "evaluate")
+    return order
+
+
+def wire_outputs(name: str, res: Outputs, inputs: Outputs) -> None:
+    """Feed stage ``name``'s outputs ``res`` to the stages after it (``inputs``)."""
+    if name == "finetune_teacher":
+        inputs["teacher"], inputs["classes"] = res["checkpoint"], res["classes"]
+    elif name == "curate" and res.get("manifest"):
+        inputs["transfer"] = res["manifest"]
+    elif name in ("distill", "finetune_student"):
+        inputs["student"], inputs["classes"] = res["checkpoint"], res["classes"]
+    elif name == "evaluate" and res.get("metrics"):
+        inputs["test_metrics"] = res["metrics"]
+
+
+def finished_inputs(root: str | Path, stages: list[str] | tuple[str, ...]) -> Outputs:
+    """Inputs from the stages an earlier run finished under ``root`` that run before every one of
+    ``stages`` (``run_order(STAGES)``): ``stages=[export]`` exports the student trained before."""
+    order = run_order(STAGES)
+    first = min((order.index(s) for s in stages if s in order), default=0)
+    inputs: Outputs = {}
+    for name in order[:first]:
+        if is_done(Path(root) / name):
+            wire_outputs(name, read_outputs(Path(root) / name), inputs)
+    return inputs
+
+
 def run_pipeline(cfg: TrainConfig, reporter: Reporter | None = None) -> dict[str, Outputs]:
-    """Run ``cfg.stages`` in order under ``cfg.out_dir``, each stage fed the outputs before it."""
+    """Run ``cfg.stages`` (in ``run_order``) under ``cfg.out_dir``, each stage fed the outputs
+    before it, and those of stages before them that an earlier run finished (``finished_inputs``)."""
     init_from_env(cfg.device)  # first: joining the group may draw from the global RNG
     torch.manual_seed(cfg.seed)
     main = rank() == 0
@@ -969,8 +1069,8 @@ def run_pipeline(cfg: TrainConfig, reporter: Reporter | None = None) -> dict[str
     if main:
         atomic_write_text(root / "config.yaml", dump_config(cfg))
     results: dict[str, Outputs] = {}
-    inputs: Outputs = {}
-    for name in cfg.stages:
+    inputs: Outputs = finished_inputs(root, cfg.stages)
+    for name in run_order(cfg.stages):
         t0 = time.perf_counter()
         parallel = name in DATA_PARALLEL_STAGES and cfg.distill.method == "task_oriented"
         if parallel or not is_distributed():
@@ -982,12 +1082,7 @@ def run_pipeline(cfg: TrainConfig, reporter: Reporter | None = None) -> dict[str
                 res = read_outputs(root / name)
         res = {**res, "seconds": round(time.perf_counter() - t0, 2)}
         results[name] = res
-        if name == "finetune_teacher":
-            inputs["teacher"], inputs["classes"] = res["checkpoint"], res["classes"]
-        elif name == "curate" and res.get("manifest"):
-            inputs["transfer"] = res["manifest"]
-        elif name in ("distill", "finetune_student"):
-            inputs["student"], inputs["classes"] = res["checkpoint"], res["classes"]
+        wire_outputs(name, res, inputs)
     if main:
         atomic_write_json(root / "summary.json", results)
     log.info("pipeline done: %s", json.dumps({k: v.get("metrics") for k, v in results.items()}, default=str))

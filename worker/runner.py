@@ -303,12 +303,7 @@ def remove_stale_temp_files(root: Path, older_than_s: float) -> list[Path]:
 
 def _wire(name: str, res: dict[str, Any], inputs: dict[str, Any]) -> None:
     """Feed a stage's outputs to the next stages (as ``kt_train.pipeline.run_pipeline`` does)."""
-    if name == "finetune_teacher":
-        inputs["teacher"], inputs["classes"] = res["checkpoint"], res["classes"]
-    elif name == "curate" and res.get("manifest"):
-        inputs["transfer"] = res["manifest"]
-    elif name in ("distill", "finetune_student"):
-        inputs["student"], inputs["classes"] = res["checkpoint"], res["classes"]
+    pipeline.wire_outputs(name, res, inputs)
 
 
 def _raw_config(job: Job) -> dict[str, Any]:
@@ -450,7 +445,10 @@ def _run_stages(
     log_interval_s: float,
     where: dict[str, Any] | None = None,
 ) -> None:
-    """A ``pipeline`` or ``curate`` job: the stages of its training config, one after the other."""
+    """A ``pipeline`` or ``curate`` job: the stages of its training config, one after the other
+    (``pipeline.run_order``: evaluate before export). An export format that fails its check leaves
+    the job succeeded with a warning (``metrics.warnings``; the card's ``failed_formats``): the
+    model is registered with the formats that passed."""
     job_id = job.id
     timings: dict[str, Any] = dict(job.stage_timings or {})
     cfg = _build_config(job, settings)
@@ -467,7 +465,7 @@ def _run_stages(
     out_root.mkdir(parents=True, exist_ok=True)
     inputs: dict[str, Any] = {}
     results: dict[str, dict[str, Any]] = {}
-    for name in cfg.stages:
+    for name in pipeline.run_order(cfg.stages):
         resumed = (out_root / name / SUCCESS).is_file()
         if where is not None:
             where.update(stage=name, dir=out_root / name)
@@ -484,6 +482,8 @@ def _run_stages(
             reporter.rebase()
         else:
             joblog.write(f"stage {name}: finished in {timings[name]:.1f} s")
+        for warning in _warnings(name, res):
+            joblog.write(f"warning: {warning}")
         _set(session_factory, job_id, stage_timings=dict(timings))
     reporter.flush()  # a last cancel check, and progress 1.0
     metrics, model_files, card = _collect(results)
@@ -577,6 +577,17 @@ def _run_build_gallery(
     joblog.write(f"gallery {row.name!r} registered as {row.id}")
 
 
+def _warnings(name: str, res: dict[str, Any]) -> list[str]:
+    """What a finished stage did not do although asked: an export format that failed its check."""
+    if name != "export":
+        return []
+    return [
+        f"export format {fmt} was left out: {reason}; the model keeps the formats that passed "
+        f"({', '.join(pipeline.exported_formats(res))})"
+        for fmt, reason in (res.get("failed_formats") or {}).items()
+    ]
+
+
 def _collect(results: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
     """(job metrics, exported model files, model card) from the stage outputs."""
     metrics: dict[str, Any] = {}
@@ -589,7 +600,11 @@ def _collect(results: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[s
         for k, v in ev.items():
             if k.endswith("_top1"):
                 metrics[k] = v
-    files = {k: str(v) for k, v in results.get("export", {}).items() if isinstance(v, str)}
+    export = results.get("export", {})
+    warnings = [w for name, res in results.items() for w in _warnings(name, res)]
+    if warnings:
+        metrics["warnings"] = warnings
+    files = {k: str(export[k]) for k in (*pipeline.exported_formats(export), "card") if export.get(k)}
     card: dict[str, Any] = {}
     if files.get("card") and Path(files["card"]).is_file():
         card = json.loads(Path(files["card"]).read_text())

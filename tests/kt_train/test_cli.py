@@ -208,6 +208,43 @@ def test_train_options_select_stages_and_out_dir(runner: CliRunner, tmp_path: Pa
     assert "finetune_teacher" in result.stderr
 
 
+def test_failed_export_format_is_reported_and_exported_again_alone(
+    runner: CliRunner, tmp_path: Path, small_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ONNX failing its check leaves the run with the safetensors model, the test metrics in the
+    card and a hint; ``kt train --stages export --set export.formats=[onnx]`` then adds ONNX."""
+    from kt_train import export as E
+
+    out = tmp_path / "run"
+    cfg = small_config(out, finetune_student__steps=2)
+    path = _write_cfg(tmp_path / "cfg.yaml", cfg)
+    real = E._run_onnx
+    with monkeypatch.context() as m:
+        m.setattr(E, "_run_onnx", lambda p, xs: ([g.flip(-1) * 10 for g in real(p, xs)[0]], None))
+        result = runner.invoke(
+            cli.app, ["train", "-c", str(path), "--stages", "finetune_student,export,evaluate"]
+        )
+    assert result.exit_code == 0, result.output
+    err = _flat(result.stderr)
+    assert "onnx left out" in err and "argmax disagrees" in err
+    assert "kt train --stages export --set export.formats=[onnx]" in err
+    card = json.loads((out / "export" / "model_card.json").read_text())
+    assert card["files"] == {"safetensors": "model.safetensors"} and set(card["failed_formats"]) == {"onnx"}
+    metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
+    assert card["metrics"]["test"]["top1"] == metrics["student"]["top1"]
+
+    result = runner.invoke(
+        cli.app, ["train", "-c", str(path), "--stages", "export", "--set", "export.formats=[onnx]"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "left out" not in result.stderr
+    card = json.loads((out / "export" / "model_card.json").read_text())
+    assert set(card["files"]) == {"safetensors", "onnx"} and card["failed_formats"] == {}
+    assert card["metrics"]["test"]["top1"] == metrics["student"]["top1"]
+    assert card["lineage"]["method"] == "scratch"  # the student trained by the first run
+    assert (out / "export" / "model.onnx").is_file()
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_kt_train_end_to_end_subprocess(tmp_path: Path, small_config, subprocess_env: dict[str, str]) -> None:
@@ -241,13 +278,13 @@ def test_kt_train_end_to_end_subprocess(tmp_path: Path, small_config, subprocess
     assert (out / "export" / "model.onnx").is_file()
     assert (out / "export" / "model.safetensors").is_file()
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary) == [
+    assert list(summary) == [  # in the order they ran: evaluate before export
         "finetune_teacher",
         "curate",
         "distill",
         "finetune_student",
-        "export",
         "evaluate",
+        "export",
     ]
     assert "curate.gallery is not set" in summary["curate"]["skipped"]  # no gallery: data.transfer is used
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())

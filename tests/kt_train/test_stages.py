@@ -453,9 +453,11 @@ def test_export(base: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     inputs = {"student": base["distill"]["checkpoint"]}
     res = pipeline.export(cfg, inputs, out)
     assert_stage_contract(out, res)
-    assert set(res) == {"safetensors", "onnx", "card"}
-    for p in res.values():
-        assert Path(p).is_file() and Path(p).parent == out
+    assert set(res) == {"safetensors", "onnx", "card", "formats", "failed_formats", "parity"}
+    assert res["formats"] == ["safetensors", "onnx"] and res["failed_formats"] == {}
+    for fmt in res["formats"] + ["card"]:
+        assert Path(res[fmt]).is_file() and Path(res[fmt]).parent == out
+    assert res["parity"]["onnx"]["argmax_agree"] == res["parity"]["onnx"]["inputs"]
     assert not (out / "model.torchscript.pt").exists()  # not asked for
 
     student, ckpt = load_checkpoint(inputs["student"])
@@ -478,7 +480,85 @@ def test_export(base: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     assert card["preprocessing"]["mean"] == list(student.data_config.mean)
     assert card["lineage"]["student"] == STUDENT
     assert card["lineage"]["method"] == "task_oriented"
+    assert card["failed_formats"] == {} and card["export"]["parity"] == res["parity"]
+    assert "test" not in card["metrics"]  # evaluate did not run before it
     assert_skips_when_done(monkeypatch, pipeline.export, cfg, inputs, out, res)
+
+
+def _sabotage_onnx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime picks another class than torch for every input."""
+    from kt_train import export as E
+
+    real = E._run_onnx
+
+    def run(path: Path, xs: list[torch.Tensor]) -> tuple[list[torch.Tensor], int | None]:
+        got, opset = real(path, xs)
+        return [g.flip(-1) * 10 for g in got], opset
+
+    monkeypatch.setattr(E, "_run_onnx", run)
+
+
+def test_export_carries_test_metrics_and_survives_a_failed_format(
+    base: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """evaluate first, then export: the card has the test metrics; ONNX failing its check leaves
+    the safetensors model and a card that says why; exporting again adds the format."""
+    cfg = base["cfg"]
+    inputs: dict[str, Any] = {"student": base["distill"]["checkpoint"]}
+    ev = pipeline.evaluate(cfg, dict(inputs), tmp_path / "evaluate")
+    pipeline.wire_outputs("evaluate", ev, inputs)
+    assert inputs["test_metrics"] == ev["metrics"]
+    out = tmp_path / "export"
+    with monkeypatch.context() as m:
+        _sabotage_onnx(m)
+        res = pipeline.export(cfg, dict(inputs), out)
+    assert_stage_contract(out, res)
+    assert res["formats"] == ["safetensors"] and set(res["failed_formats"]) == {"onnx"}
+    assert "argmax disagrees" in res["failed_formats"]["onnx"] and "onnx" not in res
+    assert not (out / "model.onnx").exists()
+    card = json.loads(Path(res["card"]).read_text())
+    assert card["files"] == {"safetensors": "model.safetensors"}
+    assert card["failed_formats"] == res["failed_formats"]
+    assert card["metrics"]["test"]["top1"] == ev["student_top1"]
+    assert card["metrics"]["test"]["n"] == TEST_PER_CLASS * NUM_CLASSES
+    weights_sha = card["sha256"]["safetensors"]
+
+    # the stage again, with the exporter fixed: ONNX is added, safetensors kept
+    again = pipeline.export(cfg, dict(inputs), out)
+    assert_stage_contract(out, again)
+    assert again["formats"] == ["safetensors", "onnx"] and again["failed_formats"] == {}
+    card = json.loads(Path(again["card"]).read_text())
+    assert card["sha256"]["safetensors"] == weights_sha and set(card["files"]) == {"safetensors", "onnx"}
+    assert card["metrics"]["test"]["top1"] == ev["student_top1"]
+    assert_skips_when_done(monkeypatch, pipeline.export, cfg, inputs, out, again)
+
+
+def test_run_order_puts_evaluate_before_export() -> None:
+    assert pipeline.run_order(["finetune_teacher", "distill", "export", "evaluate"]) == [
+        "finetune_teacher",
+        "distill",
+        "evaluate",
+        "export",
+    ]
+    assert pipeline.run_order(["evaluate", "export"]) == ["evaluate", "export"]
+    assert pipeline.run_order(["export"]) == ["export"]
+
+
+def test_finished_inputs_feed_a_stage_run_alone(tmp_path: Path) -> None:
+    from kt_train.io import mark_done
+
+    (tmp_path / "finetune_student").mkdir()
+    mark_done(tmp_path / "finetune_student", {"checkpoint": "s.pt", "classes": ["a", "b"]})
+    (tmp_path / "evaluate").mkdir()
+    mark_done(tmp_path / "evaluate", {"metrics": "m.json", "student_top1": 50.0})
+    (tmp_path / "distill").mkdir()  # unfinished: ignored
+    assert pipeline.finished_inputs(tmp_path, ["export"]) == {
+        "student": "s.pt",
+        "classes": ["a", "b"],
+        "test_metrics": "m.json",
+    }
+    # a stage after the first one run never feeds it (its outputs are of an older model)
+    assert pipeline.finished_inputs(tmp_path, ["finetune_student", "export"]) == {}
 
 
 def test_export_without_student_is_a_config_error(base: dict[str, Any], tmp_path: Path) -> None:

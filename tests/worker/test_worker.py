@@ -29,7 +29,7 @@ def test_run_job_succeeds_and_records_everything(session_factory, worker_setting
 
     job = get_job(session_factory, job_id)
     assert (job.status, job.progress, job.eta_s, job.error, job.attempts) == ("succeeded", 1.0, None, None, 1)
-    assert job.stage == "evaluate" and job.started_at and job.finished_at
+    assert job.stage == "export" and job.started_at and job.finished_at  # evaluate runs before export
     assert set(job.stage_timings) == set(STAGES)
     assert 0.0 <= job.metrics["student_top1"] <= 100.0  # percent and "student" in job.metrics["test"]
     run_dir = worker_settings.data_dir / "jobs" / job_id / "run"
@@ -41,6 +41,8 @@ def test_run_job_succeeds_and_records_everything(session_factory, worker_setting
     assert weights.name == "model.safetensors" and weights.is_file()
     assert weights.parent == run_dir / "export"
     assert len(models[0].card["classes"]) == 4 and models[0].card["preprocessing"]
+    assert models[0].card["metrics"]["test"]["top1"] == job.metrics["student_top1"]
+    assert models[0].card["failed_formats"] == {} and "warnings" not in job.metrics
     assert job.heartbeat_at is not None and job.heartbeat_at >= job.started_at
 
     # the log the API serves: the attempt, every stage's start and end, training progress, the end
@@ -49,6 +51,7 @@ def test_run_job_succeeds_and_records_everything(session_factory, worker_setting
     for stage in STAGES:
         assert f"stage {stage}: started" in log and f"stage {stage}: finished in" in log, stage
     assert log.index("stage finetune_teacher: started") < log.index("stage distill: started")
+    assert log.index("stage evaluate: finished in") < log.index("stage export: started")
     assert "distill: distill started, 3 steps" in log and "distill: distill finished" in log
     # progress lines: step, the loop's metrics, the job's share done
     assert re.search(r"distill: distill step 3/3 \S+=\S+.* \(job \d+%", log), log
@@ -115,6 +118,41 @@ def test_user_error_fails_with_message_without_retry(session_factory, worker_set
     bad = add_job(session_factory, tenant_id, {**cfg, "studnet": {}})
     assert runner.run_job(session_factory, bad, worker_settings) == "failed"
     assert "did you mean 'student'" in (get_job(session_factory, bad).error or "")
+
+
+def test_a_format_failing_its_check_keeps_the_model_and_warns(
+    session_factory, worker_settings, tenant_id, job_config, monkeypatch
+):
+    """ONNX disagreeing with torch: the job still succeeds, the model is registered with the formats
+    that passed, its card says why ONNX is missing, and the job's metrics carry a warning."""
+    from kt_train import export as E
+
+    real = E._run_onnx
+
+    def argmax_flipped(path, xs):
+        got, opset = real(path, xs)
+        return [g.flip(-1) * 10 for g in got], opset
+
+    monkeypatch.setattr(E, "_run_onnx", argmax_flipped)
+    cfg = job_config(
+        stages=["finetune_student", "export", "evaluate"], export__formats=["safetensors", "onnx"]
+    )
+    job_id = add_job(session_factory, tenant_id, cfg)
+    assert runner.run_job(session_factory, job_id, worker_settings, log_interval_s=0) == "succeeded"
+
+    job = get_job(session_factory, job_id)
+    assert job.status == "succeeded" and job.error is None
+    (warning,) = job.metrics["warnings"]
+    assert "export format onnx was left out" in warning and "argmax disagrees" in warning
+    assert "test" in job.metrics  # evaluate ran (before export)
+    with session_factory() as s:
+        (model,) = s.scalars(select(Model).where(Model.job_id == job_id)).all()
+    assert set(model.files) == {"safetensors", "card"}
+    assert Path(model.files["safetensors"]).is_file()
+    assert set(model.card["failed_formats"]) == {"onnx"} and set(model.card["files"]) == {"safetensors"}
+    assert model.card["metrics"]["test"]["top1"] == job.metrics["student_top1"]
+    log = (worker_settings.data_dir / "jobs" / job_id / "job.log").read_text()
+    assert "warning: export format onnx was left out" in log and log.rstrip().endswith("job succeeded")
 
 
 def test_unexpected_error_is_retried_then_fails(
