@@ -414,14 +414,45 @@ class JobsPublic(BaseModel):
 
 
 class TransferSetCreate(_Request):
+    """Curate a transfer set with the default recipe's curation settings (``kt_train/recipe.py``);
+    each field left unset takes the recipe's value. With a ``teacher``, the curation job first
+    finetunes it on the dataset (the recipe's teacher schedule) and lets it filter and re-rank the
+    candidates, as a training job's own curate stage does; a job given this set's id then trains on
+    exactly these items."""
+
     dataset_id: str = _ID
     gallery_id: str = _ID
-    size: int = Field(5000, ge=1, le=1_000_000, description="Items in the transfer set.")
+    size: int = Field(
+        5000,
+        ge=1,
+        le=1_000_000,
+        description="Items in the transfer set (at most; floors may leave quotas unfilled).",
+    )
     method: CurateMethod = "query_balanced"
-    crops: int = Field(4, ge=0, le=64, description="Crops per labeled image besides the full image.")
-    dedup_threshold: float | None = Field(0.95, gt=0, le=1)
-    leakage_threshold: float | None = Field(0.95, gt=0, le=1)
-    min_score: float | None = Field(None, ge=-1, le=1)
+    crops: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="Crops per labeled image besides the full image (default: the recipe's).",
+    )
+    dedup_threshold: float | None = Field(
+        None, gt=0, le=1, description="Near-duplicate cosine (default: the recipe's)."
+    )
+    leakage_threshold: float | None = Field(
+        None, gt=0, le=1, description="Leakage-guard cosine (default: the recipe's)."
+    )
+    min_score: float | None = Field(
+        None, ge=-1, le=1, description="Floor on the cosine to the query; below it a quota stays unfilled."
+    )
+    teacher: Annotated[str | None, AfterValidator(lambda v: v if v is None else _teacher_spec(v))] = Field(
+        None,
+        max_length=200,
+        description="Finetune this teacher on the dataset and keep an item only if it predicts the query's "
+        "class (with at least `teacher_min_prob`), ranking by gallery + teacher-feature similarity.",
+    )
+    teacher_min_prob: float | None = Field(
+        None, ge=0, le=1, description="With `teacher`: the confidence floor (default: the recipe's)."
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1)
     device: str | None = _DEVICE
 

@@ -655,3 +655,46 @@ def test_another_tenants_transfer_set_is_404(japi: Api, tenant: dict[str, Any]) 
         response = rival.post("/v1/jobs", json=minimal_body(own["id"], transfer_set_id=ts["id"]))
     assert response.status_code == 404, response.text
     assert ts["id"] in response.json()["detail"] and "kt transfer-sets list" in response.json()["detail"]
+
+
+def test_transfer_set_curates_with_the_recipe_and_an_optional_teacher(
+    japi: Api, tenant: dict[str, Any]
+) -> None:
+    from kt_train.recipe import recipe
+
+    rc = recipe()["curate"]
+    body = {"dataset_id": tenant["dataset"]["id"], "gallery_id": tenant["gallery_id"], "size": 30}
+    with japi.client(tenant["key"]) as client:
+        plain = client.post("/v1/transfer-sets", json=body)
+        assert plain.status_code == 202, plain.text
+        cfg = stored_config(japi, plain.json()["job_id"])
+        assert cfg["stages"] == ["curate"]
+        cur = cfg["curate"]
+        # the recipe's curation, less what needs a teacher
+        assert (cur["crops"], cur["k_per_crop"], cur["dedup_threshold"]) == (
+            rc["crops"],
+            rc["k_per_crop"],
+            rc["dedup_threshold"],
+        )
+        assert cur["teacher_filter"] is False and cur["teacher_rerank"] == 0.0 and cur["size"] == 30
+
+        own = client.post("/v1/transfer-sets", json={**body, "crops": 3, "dedup_threshold": 0.9})
+        cur = stored_config(japi, own.json()["job_id"])["curate"]
+        assert (cur["crops"], cur["dedup_threshold"]) == (3, 0.9)
+
+        taught = client.post(
+            "/v1/transfer-sets", json={**body, "teacher": "timm:resnet10t", "teacher_min_prob": 0.7}
+        )
+        assert taught.status_code == 202, taught.text
+        cfg = stored_config(japi, taught.json()["job_id"])
+        assert cfg["stages"] == ["finetune_teacher", "curate"]
+        assert cfg["teacher"]["model"] == "timm:resnet10t"
+        assert cfg["finetune_teacher"] == recipe()["finetune_teacher"]
+        assert cfg["curate"]["teacher_filter"] is True and cfg["curate"]["teacher_min_prob"] == 0.7
+
+        for bad, field in (
+            ({"teacher": "timm:resnet10t@/etc/passwd"}, "teacher"),
+            ({"teacher_min_prob": 2}, "teacher_min_prob"),
+        ):
+            r = client.post("/v1/transfer-sets", json={**body, **bad})
+            assert r.status_code == 422 and field in r.text, r.text

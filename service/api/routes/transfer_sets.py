@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, status
 from fastapi.responses import FileResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from kt_train.recipe import DEFAULT_BUDGET, merge, recipe
+from service import registry
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep
 from service.api.errors import Conflict, NotFound
 from service.api.routes.jobs import dataset_images, get_gallery, job_dir, owned_dataset, submit_job
@@ -115,10 +117,10 @@ def create_transfer_set(
     """Queue the curation of a transfer set; poll `GET /v1/transfer-sets/{id}` until it is ready."""
     dataset = owned_dataset(session, tenant, body.dataset_id)
     gallery = get_gallery(session, body.gallery_id)
-    config = {
-        "stages": ["curate"],
-        "data": {"train": {"path": dataset_images(settings, dataset)}},
-        "curate": {
+    base = recipe(DEFAULT_BUDGET)
+    curate = merge(
+        base["curate"],
+        {
             "gallery": gallery.path,
             "size": body.size,
             "method": body.method,
@@ -126,11 +128,25 @@ def create_transfer_set(
             "dedup_threshold": body.dedup_threshold,
             "leakage_threshold": body.leakage_threshold,
             "min_score": body.min_score,
+            "teacher_min_prob": body.teacher_min_prob,
             "seed": body.seed,
             "formats": ["jsonl", "csv", "parquet"],
             "report": True,
         },
+    )
+    config: dict[str, Any] = {
+        "stages": ["curate"],
+        "data": {"train": {"path": dataset_images(settings, dataset)}},
+        "curate": curate,
     }
+    if body.teacher is not None:
+        teacher: dict[str, Any] = {**base.get("teacher", {}), "model": body.teacher}
+        registry.resolve_teacher(session, settings, tenant, teacher)
+        config.update(
+            stages=["finetune_teacher", "curate"], teacher=teacher, finetune_teacher=base["finetune_teacher"]
+        )
+    else:  # no teacher to filter or re-rank with: the gallery encoder's similarity alone
+        curate.update(teacher_filter=False, teacher_rerank=0.0)
     if body.device is not None:
         config["device"] = body.device
     request = body.model_dump(mode="json")
