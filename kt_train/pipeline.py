@@ -437,7 +437,7 @@ def distill(
             lambda: teacher,
             images,
             augment,
-            views=dc.cache.views,
+            views=cache_views(dc, len(images)),
             topk=dc.cache.topk,
             seed=cfg.seed,
             num_classes=len(classes),
@@ -558,10 +558,20 @@ def max_distill_batch(cfg: TrainConfig, teacher_checkpoint: str | Path, *, limit
     return find_batch_size(try_step, limit=limit, multiple_of=world_size())
 
 
+def cache_views(dc: Any, num_images: int) -> int:
+    """Views per image the teacher-output cache stores: ``cache.views``, or with ``cache.replays``
+    as many as the schedule replays about ``replays`` times each (at most ``cache.views``)."""
+    c = dc.cache
+    if c.replays is None or num_images == 0:
+        return int(c.views)
+    wanted = -(-dc.steps * dc.batch_size // (num_images * c.replays))  # ceil
+    return int(min(c.views, max(1, wanted)))
+
+
 def _use_cache(dc: Any, num_images: int) -> bool:
     mode = dc.cache.mode
     if mode == "auto":
-        return dc.cache.views * num_images < dc.steps * dc.batch_size
+        return cache_views(dc, num_images) * num_images < dc.steps * dc.batch_size
     return mode == "cached"
 
 
@@ -625,7 +635,7 @@ def distill_task_agnostic(
             lambda: backbone,
             images,
             augment,
-            views=dc.cache.views,
+            views=cache_views(dc, len(images)),
             topk=t_dim,
             seed=cfg.seed,
             num_classes=t_dim,
