@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -146,9 +146,36 @@ def _database_error_handler(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+CONCURRENT_CHANGE = (
+    "The request conflicted with a concurrent change (a row it refers to was removed or changed "
+    "meanwhile); check that what it names still exists (e.g. `GET /v1/datasets`) and send it again."
+)
+UNSTORABLE_VALUE = (
+    "The request holds a value the database cannot store (e.g. a NUL character or an out-of-range "
+    "number); remove it and send the request again."
+)
+
+
+def _integrity_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """A constraint the routes' own checks did not foresee (a row removed by a concurrent request
+    between the check and the write): 409 with a message, never a plain-text 500."""
+    log.warning(
+        "%s %s: integrity error: %s", request.method, request.url.path, str(exc).splitlines()[0][:300]
+    )
+    return JSONResponse(status_code=409, content={"detail": CONCURRENT_CHANGE})
+
+
+def _data_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """A value the database refused (the schemas' checks should have refused it first): 422."""
+    log.warning("%s %s: data error: %s", request.method, request.url.path, str(exc).splitlines()[0][:300])
+    return JSONResponse(status_code=422, content={"detail": UNSTORABLE_VALUE})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(UserError, _user_error_handler)
     for error in (OperationalError, InterfaceError, PoolTimeoutError):
         app.add_exception_handler(error, _database_error_handler)
+    app.add_exception_handler(IntegrityError, _integrity_error_handler)
+    app.add_exception_handler(DataError, _data_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)

@@ -7,7 +7,7 @@ from pathlib import PurePath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response, status
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from starlette.concurrency import run_in_threadpool
 
 from service import storage
@@ -139,17 +139,28 @@ def delete_dataset(
     dataset_id: str, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
 ) -> Response:
     """Delete the dataset and its files (not while a queued or running job reads it)."""
-    dataset = _get_owned(session, tenant, dataset_id)
+    _get_owned(session, tenant, dataset_id)
+    # Delete first, then look for jobs, in one transaction: the DELETE locks the row (PostgreSQL) or
+    # the database (SQLite) until the commit, and a job being submitted holds the row the same way
+    # (``jobs.hold_datasets``), so a job committed before this look is seen here, and one that
+    # commits after it finds the dataset gone.
+    deleted = session.execute(
+        delete(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant.id),
+        execution_options={"synchronize_session": False},
+    )
+    if deleted.rowcount != 1:  # type: ignore[attr-defined]
+        session.rollback()  # a concurrent delete won
+        raise NotFound(f"Dataset {dataset_id!r} not found; `GET /v1/datasets` lists your datasets.")
     unfinished = session.scalars(
         select(Job).where(Job.tenant_id == tenant.id, Job.status.in_(("queued", "running")))
     ).all()
     for job in unfinished:
         if dataset_id in referenced_dataset_ids((job.params or {}).get("request") or {}):
+            session.rollback()
             raise Conflict(
                 f"Dataset {dataset_id!r} is used by {job.status} job {job.id!r}; wait for it to finish "
                 f"or cancel it (`POST /v1/jobs/{job.id}/cancel`), then delete the dataset."
             )
-    session.delete(dataset)
     session.commit()
     storage.remove_tree(storage.dataset_dir(settings.data_dir, tenant.id, dataset_id))
     return Response(status_code=status.HTTP_204_NO_CONTENT)

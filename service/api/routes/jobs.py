@@ -7,7 +7,7 @@ the tenant's datasets and the gallery), commits the job row, then enqueues ``kt.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +23,7 @@ from kt_train.recipe import merge, recipe
 from service import registry, storage
 from service.api.deps import CurrentTenant, ReadSessionDep, SessionDep, SettingsDep
 from service.api.errors import Conflict, Invalid, NotFound, Unavailable
+from service.api.routes.datasets import referenced_dataset_ids
 from service.db.models import (
     JOB_FINAL_STATUSES,
     JOB_STATUSES,
@@ -64,6 +65,35 @@ def owned_dataset(session: Session, tenant: Tenant, dataset_id: str, what: str =
             f"{what} {dataset_id!r} is {dataset.status}, not ready; wait for it or upload it again."
         )
     return dataset
+
+
+def hold_datasets(session: Session, tenant: Tenant, dataset_ids: Iterable[str]) -> None:
+    """Lock the datasets a job is about to read, in the transaction that then writes the job, so
+    that checking they exist and committing the job are one step for a concurrent
+    ``DELETE /v1/datasets/{id}`` (which deletes the row first and then looks for jobs reading it):
+    either the delete waits for this commit and then sees the job (409 there), or it deleted first
+    and this answers 409. PostgreSQL: ``SELECT ... FOR SHARE`` (jobs on one dataset don't wait for
+    each other; the delete does). SQLite has no row locks: a no-op ``UPDATE`` takes the database's
+    write lock, held until the commit."""
+    ids = sorted(set(dataset_ids))
+    if not ids:
+        return
+    where = (Dataset.id.in_(ids), Dataset.tenant_id == tenant.id, Dataset.status == "ready")
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(
+            update(Dataset).where(*where).values(status=Dataset.status),
+            execution_options={"synchronize_session": False},
+        )
+        held = set(session.scalars(select(Dataset.id).where(*where)))
+    else:
+        held = set(session.scalars(select(Dataset.id).where(*where).with_for_update(read=True)))
+    gone = [i for i in ids if i not in held]
+    if gone:
+        session.rollback()
+        raise Conflict(
+            f"Dataset {gone[0]!r} was deleted (or is no longer ready), so nothing was queued; "
+            "`GET /v1/datasets` lists your datasets: upload it again and submit a new request."
+        )
 
 
 def dataset_images(settings: Settings, dataset: Dataset) -> str:
@@ -110,8 +140,10 @@ def submit_job(
     device: str | None = None,
 ) -> Job:
     """Commit a queued job row (and whatever ``link`` adds for it, in the same transaction), then
-    enqueue it on the queue for ``device`` (``gpu`` for cuda, see ``queue_for``). If the broker is
-    unreachable the job is marked failed (nothing will run it) and the request answers 503."""
+    enqueue it on the queue for ``device`` (``gpu`` for cuda, see ``queue_for``). The datasets the
+    request reads are held until that commit (``hold_datasets``). If the broker is unreachable the
+    job is marked failed (nothing will run it) and the request answers 503."""
+    hold_datasets(session, tenant, referenced_dataset_ids(request))
     job = Job(
         id=new_id(),
         tenant_id=tenant.id,
@@ -352,6 +384,8 @@ def retry_job(job_id: str, session: SessionDep, tenant: CurrentTenant, settings:
             f"Job {job_id!r} is {job.status}; only failed or canceled jobs can be retried"
             + (f" (poll it with `GET /v1/jobs/{job_id}`)." if job.status in ("queued", "running") else ".")
         )
+    # a failed job's dataset may be deleted since; held until the requeue commits, as at submit
+    hold_datasets(session, tenant, referenced_dataset_ids((job.params or {}).get("request") or {}))
     params = dict(job.params or {})
     params[ATTEMPTS_BEFORE_RETRY] = job.attempts
     params["retries"] = int(params.get("retries") or 0) + 1
