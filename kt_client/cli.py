@@ -11,6 +11,8 @@ is where the two meet, so it is the console script.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from kt_client.remote import EXIT_CODES_HELP, add_remote_commands
@@ -28,7 +30,36 @@ app = typer.Typer(
 )
 app.registered_commands += train_app.registered_commands
 app.registered_groups += train_app.registered_groups
-app.registered_callback = train_app.registered_callback
+assert train_app.registered_callback is None, "kt_train.cli's callback would be lost: merge it here"
+
+
+def version() -> str:
+    """The installed package's version (the source tree's ``kt_train.__version__`` when not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("vfm-kt")
+    except PackageNotFoundError:
+        import kt_train
+
+        return kt_train.__version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"kt (vfm-kt) {version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """(The options of `kt` itself; the commands' options follow them.)"""
 
 
 @app.command(

@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 
 from kt_client.config import resolve
-from kt_client.errors import APIError, ServerUnreachable, error_for
+from kt_client.errors import APIError, DownloadFailed, ServerUnreachable, error_for
 
 API_PREFIX = "/v1"
 TERMINAL = ("succeeded", "failed", "canceled")
@@ -192,7 +192,13 @@ class _Base:
     def _unreachable(self, method: str, path: str, err: Exception) -> ServerUnreachable:
         return ServerUnreachable(
             f"Cannot reach the vfm-kt server at {self.base_url} ({method} {path}: {type(err).__name__}: {err}); "
-            "is it running (`kt serve`) and is the URL right (`kt login --url`, KT_API_URL)?"
+            "is it running (`kt serve`) and is the URL right (`kt login URL`, KT_API_URL)?"
+        )
+
+    def _broke_off(self, path: str, dest: Path, received: int, err: Exception) -> DownloadFailed:
+        return DownloadFailed(
+            f"The download of {path} from {self.base_url} broke off after {received} bytes "
+            f"({type(err).__name__}: {err}); nothing was saved to {dest}; run it again."
         )
 
 
@@ -295,7 +301,7 @@ class Client(_Base):
                     fh.write(chunk)
             os.replace(tmp, dest)
         except httpx.TransportError as err:
-            raise self._unreachable("GET", path, err) from err
+            raise self._broke_off(path, dest, resp.num_bytes_downloaded, err) from err
         finally:
             resp.close()
             tmp.unlink(missing_ok=True)
@@ -534,7 +540,7 @@ class AsyncClient(_Base):
                     fh.write(chunk)
             os.replace(tmp, dest)
         except httpx.TransportError as err:
-            raise self._unreachable("GET", path, err) from err
+            raise self._broke_off(path, dest, resp.num_bytes_downloaded, err) from err
         finally:
             await resp.aclose()
             tmp.unlink(missing_ok=True)

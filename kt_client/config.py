@@ -29,6 +29,8 @@ def credentials_path() -> Path:
 class Credentials:
     url: str
     api_key: str | None
+    url_from: str = ""
+    """Where ``url`` came from, for messages: "the argument", "KT_API_URL", the saved login, "the default"."""
 
 
 def load_saved() -> Credentials | None:
@@ -70,6 +72,12 @@ def forget() -> bool:
 def resolve(url: str | None = None, api_key: str | None = None) -> Credentials:
     """Arguments first, then the environment, then the saved login, then the local default URL."""
     saved = load_saved() if url is None or api_key is None else None
-    url = url or os.environ.get("KT_API_URL") or (saved.url if saved else None) or DEFAULT_URL
+    sources = [
+        (url, "the argument"),
+        (os.environ.get("KT_API_URL"), "KT_API_URL"),
+        (saved.url if saved else None, f"the saved login ({credentials_path()})"),
+        (DEFAULT_URL, "the default (no KT_API_URL, no saved login)"),
+    ]
+    url_found, url_from = next((str(value), source) for value, source in sources if value)
     api_key = api_key or os.environ.get("KT_API_KEY") or (saved.api_key if saved else None)
-    return Credentials(url=url.rstrip("/"), api_key=api_key)
+    return Credentials(url=url_found.rstrip("/"), api_key=api_key, url_from=url_from)

@@ -1,5 +1,5 @@
 """Errors of the client: the server said no (``APIError`` and its subclasses, one per status), or
-it could not be reached (``ServerUnreachable``)."""
+it could not be reached (``ServerUnreachable``; ``DownloadFailed`` when it stopped mid-download)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ class KTError(Exception):
 
 class ServerUnreachable(KTError):
     """No answer from the server: connection refused, DNS, a timeout."""
+
+
+class DownloadFailed(ServerUnreachable):
+    """A download broke off after it started (the connection dropped mid-stream); nothing was saved."""
 
 
 class APIError(KTError):

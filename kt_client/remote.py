@@ -1,6 +1,6 @@
 """The ``kt`` commands that talk to a running service over HTTP (through ``kt_client.Client``).
 
-    kt login --url http://127.0.0.1:8000 --key kt_...
+    kt login http://127.0.0.1:8000 --key kt_...
     kt datasets upload data/train            # a folder of class folders, or a .zip
     kt jobs submit DATASET_ID --teacher timm:vit_small_patch14_dinov2.lvd142m --student timm:resnet18
     kt jobs watch JOB_ID
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,16 +25,27 @@ import typer
 
 if TYPE_CHECKING:
     from kt_client.client import Client
+    from kt_client.config import Credentials
 
 EXIT_OK = 0
 EXIT_API_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_JOB_FAILED = 4
+EXIT_AUTH = 5
+EXIT_RUNTIME = 6
 
 EXIT_CODES_HELP = (
-    "\b\nExit codes: 0 ok; 1 the server refused the request (its message on stderr); 2 usage error; "
-    "3 cannot reach the server; 4 `kt jobs watch`: the job failed or was canceled."
+    "\b\nExit codes: 0 ok; 1 the server refused the request (4xx: a bad parameter, an unknown id, a "
+    "conflict; its message on stderr); 2 usage error (options, arguments, local files); 3 cannot reach "
+    "the server (the URL tried is named); 4 the job failed or was canceled (`kt jobs watch`, --watch); "
+    "5 not logged in, or the server refused the API key (401); 6 the server failed (5xx), a download "
+    "broke off, or a file could not be written."
+)
+
+NOT_LOGGED_IN = (
+    "not logged in: run `kt login URL --key KEY` (a key from `kt admin create-key --tenant NAME`), "
+    "or set KT_API_URL and KT_API_KEY"
 )
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the server's JSON on stdout (for scripts).")]
@@ -42,24 +55,113 @@ def _stderr(message: str) -> None:
     typer.echo(message, err=True)
 
 
+# The API's messages name HTTP routes ("`GET /v1/datasets` lists your datasets"); on the command line
+# the `kt` command that does the same is the useful hint. (method, route pattern, command template)
+_ID = r"([A-Za-z0-9_\-]+|\{\w+\})"
+_ROUTE_COMMANDS: list[tuple[str, str, str]] = [
+    ("GET", r"/v1/datasets", "kt datasets list"),
+    ("POST", r"/v1/datasets", "kt datasets upload PATH"),
+    ("GET", rf"/v1/datasets/{_ID}", "kt datasets show {0}"),
+    ("DELETE", rf"/v1/datasets/{_ID}", "kt datasets delete {0}"),
+    ("GET", r"/v1/transfer-sets", "kt transfer-sets list"),
+    ("POST", r"/v1/transfer-sets", "kt transfer-sets create DATASET_ID --gallery GALLERY_ID"),
+    ("GET", rf"/v1/transfer-sets/{_ID}", "kt transfer-sets show {0}"),
+    ("GET", rf"/v1/transfer-sets/{_ID}/manifest", "kt transfer-sets download {0}"),
+    ("GET", rf"/v1/transfer-sets/{_ID}/report", "kt transfer-sets download {0} --format html"),
+    ("GET", r"/v1/jobs", "kt jobs list"),
+    ("POST", r"/v1/jobs", "kt jobs submit DATASET_ID"),
+    ("GET", rf"/v1/jobs/{_ID}", "kt jobs show {0}"),
+    ("GET", rf"/v1/jobs/{_ID}/logs", "kt jobs logs {0}"),
+    ("POST", rf"/v1/jobs/{_ID}/cancel", "kt jobs cancel {0}"),
+    ("POST", rf"/v1/jobs/{_ID}/retry", "kt jobs retry {0}"),
+    ("GET", r"/v1/models", "kt models list"),
+    ("GET", rf"/v1/models/{_ID}", "kt models show {0}"),
+    ("GET", rf"/v1/models/{_ID}/download", "kt models download {0}"),
+    ("GET", r"/v1/galleries", "kt galleries list"),
+]
+_ROUTE_IN_TEXT = re.compile(r"(`?)\b(GET|POST|DELETE|PUT|PATCH) (/v1/[A-Za-z0-9_\-/{}]*[A-Za-z0-9_\-}])\1")
+
+
+def _command_for(method: str, path: str) -> str | None:
+    for route_method, pattern, template in _ROUTE_COMMANDS:
+        match = re.fullmatch(pattern, path)
+        if route_method == method and match:
+            args = [a if not a.startswith("{") else a.strip("{}").upper() for a in match.groups()]
+            return template.format(*args)
+    return None
+
+
+def cli_hint(detail: str) -> str:
+    """The server's message with its HTTP routes written as the `kt` commands that do the same
+    (a route with no command is left as it is)."""
+
+    def replace(match: re.Match[str]) -> str:
+        command = _command_for(match[2], match[3])
+        return f"`{command}`" if command else match[0]
+
+    text = _ROUTE_IN_TEXT.sub(replace, detail)
+    return re.sub(r"(`kt [^`]+`) \(\1\)", r"\1", text)  # "`kt x` (GET /v1/x)": said twice now
+
+
+def _credentials() -> Credentials:
+    """The URL and key the next command uses; exits 5 when there is no key anywhere."""
+    from kt_client import config
+
+    try:
+        creds = config.resolve()
+    except ValueError as err:  # an unreadable saved login
+        _stderr(f"Error: {err}")
+        raise typer.Exit(EXIT_AUTH) from err
+    if not creds.api_key:
+        _stderr(f"Error: {NOT_LOGGED_IN}")
+        raise typer.Exit(EXIT_AUTH)
+    return creds
+
+
 @contextlib.contextmanager
 def _client() -> Iterator[Client]:
     """A ``Client`` from KT_API_URL/KT_API_KEY or the saved login; errors become exit codes."""
     from kt_client.client import Client
-    from kt_client.errors import APIError, ServerUnreachable
+    from kt_client.errors import (
+        APIError,
+        AuthenticationError,
+        DownloadFailed,
+        ServerError,
+        ServerUnreachable,
+    )
 
+    creds = _credentials()
     try:
         with Client() as client:
             yield client
+    except AuthenticationError as err:
+        _stderr(
+            f"Error: {cli_hint(err.detail)} (HTTP {err.status_code}, key from "
+            f"{'KT_API_KEY' if os.environ.get('KT_API_KEY') else 'the saved login'}); "
+            "log in again with `kt login URL --key KEY`"
+        )
+        raise typer.Exit(EXIT_AUTH) from err
+    except ServerError as err:
+        _stderr(f"Error: the server failed: {cli_hint(err.detail)} (HTTP {err.status_code})")
+        raise typer.Exit(EXIT_RUNTIME) from err
     except APIError as err:
-        _stderr(f"Error: {err.detail} (HTTP {err.status_code})")
+        _stderr(f"Error: {cli_hint(err.detail)} (HTTP {err.status_code})")
         raise typer.Exit(EXIT_API_ERROR) from err
-    except ServerUnreachable as err:
+    except DownloadFailed as err:
         _stderr(f"Error: {err}")
+        raise typer.Exit(EXIT_RUNTIME) from err
+    except ServerUnreachable as err:
+        _stderr(f"Error: {err} (the URL is from {creds.url_from})")
         raise typer.Exit(EXIT_UNREACHABLE) from err
+    except json.JSONDecodeError as err:  # a 2xx that is not the API's JSON: a proxy, another server
+        _stderr(f"Error: the answer from {creds.url} is not the vfm-kt API's JSON ({err}); is the URL right?")
+        raise typer.Exit(EXIT_RUNTIME) from err
     except (FileNotFoundError, NotADirectoryError, ValueError) as err:
         _stderr(f"Error: {err}")
         raise typer.Exit(EXIT_USAGE) from err
+    except OSError as err:  # a file that could not be written or read: permissions, a full disk
+        _stderr(f"Error: {err}")
+        raise typer.Exit(EXIT_RUNTIME) from err
 
 
 def _print_json(obj: Any) -> None:
@@ -72,73 +174,58 @@ def _console(stderr: bool = False) -> Any:
     return Console(stderr=stderr)
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str], title: str) -> None:
-    from rich.table import Table
+def _table(rows: list[dict[str, Any]], columns: list[str], title: str, drop: tuple[str, ...] = ()) -> None:
+    from kt_client import render
 
-    table = Table(title=title)
-    for col in columns:
-        if col == "id" or col.endswith("_id"):  # ids are copied into the next command: never cut
-            table.add_column(col, no_wrap=True, min_width=32)
-        else:
-            table.add_column(col, no_wrap=True, overflow="ellipsis")
-    for row in rows:
-        table.add_row(*(_cell(row.get(col)) for col in columns))
-    _console().print(table)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.2f}"
-    if isinstance(value, list):
-        return ", ".join(str(v) for v in value)
-    if isinstance(value, dict):
-        return json.dumps(value, default=str)
-    text = str(value)
-    if len(text) > 19 and text[10:11] == "T" and text[4:5] == "-":  # an ISO timestamp, to the second
-        return text[:19].replace("T", " ")
-    return text
+    render.table(_console(), rows, columns, title, drop)
 
 
 def _show(obj: dict[str, Any], as_json: bool, title: str) -> None:
     if as_json:
         _print_json(obj)
         return
-    from rich.table import Table
+    from kt_client import render
 
-    table = Table(title=title, show_header=False)
-    table.add_column("field", style="bold")
-    table.add_column("value", overflow="fold")
-    for key, value in obj.items():
-        table.add_row(key, _cell(value))
-    _console().print(table)
+    render.record(_console(), obj, title)
 
 
 # --- login
 
 
 def login(
-    url: Annotated[str, typer.Option("--url", help="The service's base URL, e.g. http://127.0.0.1:8000.")],
-    key: Annotated[str, typer.Option("--key", help="An API key (`kt admin create-key --tenant NAME`).")],
+    url_arg: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="URL", help="The service's base URL, e.g. http://127.0.0.1:8000.", show_default=False
+        ),
+    ] = None,
+    key: Annotated[str, typer.Option("--key", help="An API key (`kt admin create-key --tenant NAME`).")] = "",
+    url_opt: Annotated[str | None, typer.Option("--url", help="The URL, as an option.")] = None,
     verify: Annotated[bool, typer.Option(help="Check the key against the server before saving it.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Save the service URL and API key (to ~/.config/vfm-kt/credentials.json, mode 0600;
-    KT_CONFIG_DIR moves it). KT_API_URL / KT_API_KEY override the saved login."""
+    """Save the service URL and API key (`kt login URL --key KEY`; to ~/.config/vfm-kt/credentials.json,
+    mode 0600; KT_CONFIG_DIR moves it). KT_API_URL / KT_API_KEY override the saved login."""
     from kt_client import config
 
-    url = url.rstrip("/")
+    if url_arg and url_opt and url_arg.rstrip("/") != url_opt.rstrip("/"):
+        _stderr(f"Error: two URLs ({url_arg} and --url {url_opt}); give one")
+        raise typer.Exit(EXIT_USAGE)
+    if not (url_arg or url_opt) or not key:
+        _stderr("Error: give the server's URL and an API key: `kt login URL --key KEY`")
+        raise typer.Exit(EXIT_USAGE)
+    url = str(url_arg or url_opt).rstrip("/")
     if verify:
         from kt_client.client import Client
-        from kt_client.errors import APIError, ServerUnreachable
+        from kt_client.errors import APIError, AuthenticationError, ServerError, ServerUnreachable
 
         try:
             with Client(url, key, max_retries=1) as client:
                 client.datasets.list(limit=1)
         except APIError as err:
-            _stderr(f"Error: {err.detail} (HTTP {err.status_code}); nothing saved")
-            raise typer.Exit(EXIT_API_ERROR) from err
+            _stderr(f"Error: {cli_hint(err.detail)} (HTTP {err.status_code}); nothing saved")
+            code = {AuthenticationError: EXIT_AUTH, ServerError: EXIT_RUNTIME}.get(type(err), EXIT_API_ERROR)
+            raise typer.Exit(code) from err
         except ServerUnreachable as err:
             _stderr(f"Error: {err}; nothing saved")
             raise typer.Exit(EXIT_UNREACHABLE) from err
@@ -211,7 +298,12 @@ def datasets_list(as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json(rows)
     else:
-        _table(rows, ["id", "name", "num_images", "created_at", "classes"], "datasets")
+        _table(
+            rows,
+            ["id", "name", "num_images", "created_at", "classes"],
+            "datasets",
+            drop=("classes", "created_at"),
+        )
 
 
 @datasets_app.command("show")
@@ -272,7 +364,12 @@ def transfer_sets_list(as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json(rows)
     else:
-        _table(rows, ["id", "status", "size", "dataset_id", "gallery_id", "created_at"], "transfer sets")
+        _table(
+            rows,
+            ["id", "status", "size", "dataset_id", "gallery_id", "created_at"],
+            "transfer sets",
+            drop=("gallery_id", "created_at", "dataset_id", "size"),
+        )
 
 
 @transfer_sets_app.command("show")
@@ -497,7 +594,9 @@ def jobs_list(
     if as_json:
         _print_json(rows)
     else:
-        _table(rows, ["id", "status", "stage", "progress", "created_at"], "jobs")
+        _table(
+            rows, ["id", "status", "stage", "progress", "created_at"], "jobs", drop=("created_at", "progress")
+        )
 
 
 @jobs_app.command("show")
@@ -605,7 +704,7 @@ def models_list(as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json(rows)
     else:
-        _table(rows, ["id", "formats", "created_at"], "models")
+        _table(rows, ["id", "formats", "created_at"], "models", drop=("created_at",))
 
 
 @models_app.command("show")
@@ -639,7 +738,12 @@ def galleries_list(as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json(rows)
     else:
-        _table(rows, ["id", "name", "size", "encoder", "index_kind", "created_at"], "galleries")
+        _table(
+            rows,
+            ["id", "name", "size", "encoder", "index_kind", "created_at"],
+            "galleries",
+            drop=("index_kind", "created_at", "size", "encoder"),
+        )
 
 
 def add_remote_commands(app: typer.Typer) -> None:

@@ -1,6 +1,7 @@
 """The `kt` client commands against the real server: login files, uploads, the server's messages
-and exit codes (1 refused, 2 usage, 3 unreachable, 4 job failed/canceled), `--json`, watching a
-job to the end and downloading its ONNX model."""
+and exit codes (1 refused, 2 usage, 3 unreachable, 4 job failed/canceled, 5 key refused), `--json`,
+watching a job to the end and downloading its ONNX model. (test_cli_messages.py: the messages of
+early mistakes, runtime failures (6), tables and `show` records.)"""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import httpx
 from typer.testing import CliRunner
 
 from kt_client.cli import app
+from kt_client.remote import cli_hint
 from service.demo import free_port
 from tests.client.conftest import REPO, TINY_JOB, Server
 
@@ -56,25 +58,25 @@ def test_login_saves_0600_credentials_and_logout_removes_them(
     assert kt("logout").stdout.strip() == "Not logged in"
 
 
-def test_login_with_a_bad_key_exits_1_with_the_servers_message_and_saves_nothing(
+def test_login_with_a_bad_key_exits_5_with_the_servers_message_and_saves_nothing(
     server: Server, kt_env: dict[str, str]
 ) -> None:
     code, detail = raw_detail(server, "GET", "/v1/datasets", "kt_nope_nope")
     assert code == 401
     res = kt("login", "--url", server.url, "--key", "kt_nope_nope")
-    assert res.exit_code == 1
+    assert res.exit_code == 5
     assert detail in res.stderr
     assert not (Path(kt_env["KT_CONFIG_DIR"]) / "credentials.json").exists()
 
 
-def test_a_bad_key_exits_1_with_the_servers_message(
+def test_a_bad_key_exits_5_with_the_servers_message(
     server: Server, kt_env: dict[str, str], monkeypatch: Any
 ) -> None:
     monkeypatch.setenv("KT_API_KEY", "kt_abcdefgh_wrong")
     _, detail = raw_detail(server, "GET", "/v1/jobs", "kt_abcdefgh_wrong")
     res = kt("jobs", "list")
-    assert res.exit_code == 1
-    assert detail in res.stderr and "HTTP 401" in res.stderr
+    assert res.exit_code == 5
+    assert detail in res.stderr and "HTTP 401" in res.stderr and "`kt login URL --key KEY`" in res.stderr
 
 
 def test_upload_a_zip_with_json_output(kt_env: dict[str, str], data: dict[str, Path]) -> None:
@@ -102,7 +104,8 @@ def test_another_tenants_dataset_is_404_with_the_servers_message(
     kt_env_bob = kt_env | {"KT_API_KEY": server.other_key}
     res = runner.invoke(app, ["datasets", "show", theirs], env=kt_env_bob)
     assert res.exit_code == 1
-    assert f"Error: {detail} (HTTP 404)" in res.stderr
+    assert f"Error: {cli_hint(detail)} (HTTP 404)" in res.stderr  # the route hint as a `kt` command
+    assert "`kt datasets list`" in res.stderr and "GET /v1" not in res.stderr
 
 
 def test_bad_job_parameters_are_422_with_the_servers_message(
@@ -261,6 +264,7 @@ def test_jobs_submit_options_build_the_request(monkeypatch: Any, tmp_path: Path)
             return {"id": "j1", "queue": "cpu", "request": body}
 
     monkeypatch.setattr(kt_client.client, "Client", Recorder)
+    monkeypatch.setenv("KT_API_KEY", "kt_abcdefgh_secret")  # logged in (no request leaves the stand-in)
     (tmp_path / "body.json").write_text(json.dumps({"recipe": {"teacher": {"layer_decay": 0.7}}}))
     res = kt(
         "jobs", "submit", "ds1", "--body", str(tmp_path / "body.json"),
