@@ -77,6 +77,30 @@ class SchemaGate:
         await response(scope, receive, send)
 
 
+NUL_IN_URL = (
+    "The URL holds a NUL character (%00) in its path or query, and no id or name has one: remove it "
+    "(check the link, or the id you pasted)."
+)
+
+
+class RejectNulInUrl:
+    """422 for a request whose path or query holds a NUL character, before routing, authentication
+    or any other work: PostgreSQL text cannot hold one, so an id such as ``/v1/jobs/a%00b`` would
+    otherwise reach the database and fail there. One check for every path parameter of ``/v1`` and
+    ``/ui``; NUL in JSON bodies is refused by the request schemas, in upload fields by
+    ``service.uploads``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and ("\x00" in scope["path"] or b"%00" in scope["query_string"]):
+            response = JSONResponse(status_code=422, content={"detail": NUL_IN_URL})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def _migrate_when_reachable(url: str, state: SchemaState, stop: threading.Event) -> None:
     """Retry ``init_db`` every ``MIGRATE_RETRY_S`` until it works (background thread)."""
     while not stop.wait(MIGRATE_RETRY_S):
@@ -227,6 +251,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     install_error_handlers(app)
     install_openapi(app)
     app.add_middleware(SchemaGate, state=schema)
+    app.add_middleware(RejectNulInUrl)  # outside the gate: answered while the database is down too
     app.add_middleware(MetricsMiddleware, registry=app.state.metrics_registry)
     app.include_router(health.router)
     app.include_router(api_router, prefix=API_PREFIX)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.model_specs import check_model_spec
 
@@ -63,8 +63,31 @@ def _student_spec(spec: str) -> str:
     return check_model_spec(spec, "student")
 
 
+NUL_IN_STRING = "contains a NUL character (\\u0000), which no id, name, path or spec has; remove it"
+
+
+def _has_nul(value: Any) -> bool:
+    """A string with a NUL, or a list holding one (raw input: a dict is a nested request model's
+    body, which that model's own fields check, so the error names the exact field)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list | tuple):
+        return any(isinstance(v, str) and "\x00" in v for v in value)
+    return False
+
+
 class _Request(BaseModel):
+    """A request body: unknown fields refused, and no string anywhere in it may hold a NUL
+    (PostgreSQL text cannot store one; refused here as 422 before any work)."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        if _has_nul(value):  # before the field's own checks, whose messages would echo the NUL
+            raise ValueError(NUL_IN_STRING)
+        return value
 
 
 class StageSteps(_Request):

@@ -155,6 +155,13 @@ class _FormReceiver:
             buf = self.fields[self._part]
             if len(buf) + end - start > MAX_FIELD_BYTES:
                 raise Invalid(f"Form field `{self._part}` is longer than {MAX_FIELD_BYTES} bytes.")
+            if (
+                b"\x00" in data[start:end]
+            ):  # PostgreSQL text can't hold it; refused before the archive is read
+                raise Invalid(
+                    f"Form field `{self._part}` contains a NUL character (\\x00), which no dataset name "
+                    "has; remove it and send the upload again."
+                )
             buf.extend(data[start:end])
 
     def _part_end(self) -> None:
