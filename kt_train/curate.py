@@ -346,7 +346,13 @@ MANIFEST_COLUMNS = (
 
 
 def write_manifest(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Write rows as .jsonl, .csv (box as x0,y0,x1,y1 columns) or .parquet, by suffix."""
+    """Write rows as .jsonl, .csv (box as x0,y0,x1,y1 columns) or .parquet, by suffix.
+
+    The CSV is the one a person opens in a spreadsheet, so it follows OWASP's rule against CSV
+    (formula) injection: a text cell starting with ``= + - @``, TAB or CR (a gallery file named
+    ``=HYPERLINK(...).png``) gets a leading single quote, which makes the spreadsheet show it as
+    text, and every text cell is quoted. Numbers (a negative score) are written as numbers. Read
+    such a key back from the JSONL or Parquet manifest, which keep every value as it is."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
@@ -355,13 +361,20 @@ def write_manifest(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     if suffix == ".csv":
         import io
 
+        def cell(value: Any) -> Any:
+            if value is None:
+                return ""
+            if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")):
+                return "'" + value
+            return value
+
         buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
+        w = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
         cols = [c for c in MANIFEST_COLUMNS if c != "box"]
         w.writerow([*cols, "x0", "y0", "x1", "y1"])
         for r in rows:
             box = r.get("box") or ["", "", "", ""]
-            w.writerow([*("" if r.get(c) is None else r[c] for c in cols), *box])
+            w.writerow([*(cell(r.get(c)) for c in cols), *box])
         return atomic_write_text(path, buf.getvalue())
     if suffix == ".parquet":
         import pyarrow as pa

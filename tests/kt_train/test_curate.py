@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import zipfile
 from pathlib import Path
@@ -203,6 +204,38 @@ def test_manifest_round_trips_and_distill_reads_it_directly(tmp_path: Path, fmt:
     assert sorted(colours) == sorted([(255, 0, 0), (0, 0, 255), (0, 255, 0)])
     sizes = sorted(ds.load_image(i).size for i in range(3))
     assert sizes == [(8, 4), (16, 16), (16, 16)]  # the crop box is applied
+
+
+def test_csv_manifest_cells_cannot_run_as_spreadsheet_formulas(tmp_path: Path) -> None:
+    """OWASP's CSV-injection rule: a text cell starting with = + - @ TAB or CR gets a leading
+    single quote, so a spreadsheet shows it as text; numbers (a negative score) stay numbers, and
+    the JSONL manifest keeps the values as they are."""
+    hostile = {
+        "key": '=HYPERLINK("http://evil.example","click")',
+        "query_key": "+cmd|' /C calc'!A0",
+        "query_label": "@SUM(1)",
+        "method": "-2+3",
+    }
+    plain = {"id": 1, "source": "/g/y", "box": [1.0, 2.0, 3.0, 4.0], "score": 0.5, "query_id": 0, "rank": 1}
+    rows = [
+        {"id": 0, "source": "/g/x.zip", "box": None, "score": -0.25, "query_id": 0, "rank": 0, **hostile},
+        {**plain, "key": "\tTAB", "query_label": "\rCR", "query_key": "plain=fine", "method": "knn"},
+    ]
+    path = write_manifest(rows, tmp_path / "m.csv")
+    with path.open(newline="", encoding="utf-8") as fh:
+        header, *cells = list(csv.reader(fh))
+    first = dict(zip(header, cells[0], strict=True))
+    second = dict(zip(header, cells[1], strict=True))
+    for column, value in hostile.items():
+        assert first[column] == "'" + value, (column, first[column])
+    assert (second["key"], second["query_label"]) == ("'\tTAB", "'\rCR")
+    assert second["query_key"] == "plain=fine" and second["source"] == "/g/y"  # only leading characters
+    assert first["score"] == "-0.25" and first["id"] == "0"
+    assert path.read_text().splitlines()[1].startswith('0,"/g/x.zip",')  # numbers are not text cells
+    assert ",-0.25," in path.read_text()
+    assert read_manifest(path)[0]["score"] == -0.25
+    jsonl = read_manifest(write_manifest(rows, tmp_path / "m.jsonl"))
+    assert {k: jsonl[0][k] for k in hostile} == hostile
 
 
 def test_manifest_with_a_moved_source_says_so(tmp_path: Path) -> None:
