@@ -500,14 +500,17 @@ class TransferSetsPublic(BaseModel):
 
 
 class GallerySource(_Request):
-    """One source of gallery images: a path on the server, or one of the caller's uploaded datasets."""
+    """One source of gallery images: a path under the server's KT_GALLERY_ROOTS, or one of the
+    caller's uploaded datasets."""
 
     path: str | None = Field(
         None,
         min_length=2,
         max_length=4096,
         description="Absolute path on the server: an image folder, a .zip, a .tar (or a directory of .tar "
-        "shards, or a brace pattern like `/data/shards/{00000..00009}.tar`), or a .csv/.jsonl manifest.",
+        "shards, or a brace pattern like `/data/shards/{00000..00009}.tar`), or a .csv/.jsonl manifest. "
+        "It must lie inside one of the server's KT_GALLERY_ROOTS (symlinks resolved) and outside its data "
+        "directory; with no roots configured, server paths are refused (use `dataset_id`).",
     )
     dataset_id: str | None = Field(
         None, min_length=1, max_length=32, description="An uploaded dataset of the caller's tenant."

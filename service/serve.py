@@ -74,7 +74,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The resolved settings as ``KT_*`` variables (the secret masked)."""
     env: dict[str, str] = {}
     for name, value in settings.model_dump().items():
-        text = str(value)
+        # a list as the variable reads it back (KT_GALLERY_ROOTS: paths joined like PATH)
+        text = os.pathsep.join(str(v) for v in value) if isinstance(value, list) else str(value)
         if name == "secret_key":
             text = "<placeholder>" if value == Settings.model_fields["secret_key"].default else "<set>"
         env[f"KT_{name.upper()}"] = text

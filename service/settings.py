@@ -6,12 +6,14 @@ at PostgreSQL and Redis.
 
 from __future__ import annotations
 
+import json
+import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Values that mean "nobody set a secret"; refused outside development.
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "changethis", "secret", "dev", "development"})
@@ -114,16 +116,47 @@ class Settings(BaseSettings):
         ge=1,
         description="Requests an API key may make at once, above its per-minute average (the bucket's size).",
     )
+    gallery_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folders on the server an admin gallery build (`POST /v1/admin/galleries`) may read "
+        "`path` sources from: a JSON list, or absolute paths separated by `:`. A source must lie inside "
+        "one of them once symlinks are resolved, and never inside (or around) `data_dir`, which holds "
+        "every tenant's uploads. Empty (the default): server paths are refused, and galleries are built "
+        "from uploaded datasets (`dataset_id`, the caller's own) only.",
+    )
     api_host: str = Field(default="127.0.0.1", description="Interface the API server binds to.")
     api_port: int = Field(default=8000, ge=1, le=65535, description="Port the API server listens on.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         default="INFO", description="Log level of the API and the workers."
     )
 
+    @field_validator("gallery_roots", mode="before")
+    @classmethod
+    def _split_gallery_roots(cls, value: Any) -> Any:
+        """``KT_GALLERY_ROOTS`` as a JSON list or as ``os.pathsep``-separated paths (like ``PATH``)."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part for part in text.split(os.pathsep) if part.strip()]
+        return value
+
     @model_validator(mode="after")
     def _derive_defaults_and_check_secret(self) -> Settings:
         data_dir = self.data_dir.expanduser().resolve()
         self.data_dir = data_dir
+        roots = []
+        for root in self.gallery_roots:
+            if not root.expanduser().is_absolute():
+                raise ValueError(f"KT_GALLERY_ROOTS entry {str(root)!r} is relative; give absolute folders.")
+            resolved = root.expanduser().resolve()
+            if resolved.is_relative_to(data_dir):
+                raise ValueError(
+                    f"KT_GALLERY_ROOTS entry {str(root)!r} is inside KT_DATA_DIR ({data_dir}), which holds every "
+                    "tenant's uploads; list folders outside it (uploaded datasets are given by `dataset_id`)."
+                )
+            roots.append(resolved)
+        self.gallery_roots = roots
         if not self.database_url:
             self.database_url = f"sqlite:///{data_dir / 'kt.db'}"
         if not self.broker_url:

@@ -137,7 +137,9 @@ def key_for(api: Api, tenant: str, admin: bool = False) -> str:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     root = tmp_path_factory.mktemp("contract")
     with flushed_redis(REDIS_URL) as redis_url:
-        settings = make_settings(root / "data", broker_url=redis_url, result_backend=redis_url)
+        settings = make_settings(
+            root / "data", broker_url=redis_url, result_backend=redis_url, gallery_roots=[root / "images"]
+        )
         with running_api(settings) as api:
             w = World(
                 api=api,
@@ -500,6 +502,17 @@ ROUTES: list[Route] = [
                     **gallery_build(w).json,
                     "sources": [{"path": str(w.source_dir), "dataset_id": w.ids["dataset"]}],
                 },
+            ),
+            lambda w: Request(  # every tenant's uploads: read by dataset_id, never by path
+                "/v1/admin/galleries",
+                json={
+                    **gallery_build(w).json,
+                    "sources": [{"path": str(w.api.settings.data_dir / "tenants")}],
+                },
+            ),
+            lambda w: Request(  # outside KT_GALLERY_ROOTS
+                "/v1/admin/galleries",
+                json={**gallery_build(w).json, "sources": [{"path": str(Path(__file__).parent)}]},
             ),
             lambda w: Request("/v1/admin/galleries", json={**gallery_build(w).json, "name": "../etc"}),
             lambda w: Request("/v1/admin/galleries", json={**gallery_build(w).json, "encoder": "clip"}),

@@ -21,8 +21,12 @@ ENCODER = "timm:test_efficientnet"  # random init, 32 px: seconds on CPU
 
 
 @pytest.fixture
-def gallery_api(tmp_path: Path, redis_url: str) -> Iterator[Api]:
-    settings = make_settings(tmp_path / "data", broker_url=redis_url, result_backend=redis_url)
+def gallery_api(tmp_path: Path, redis_url: str, worker_demo_data: dict[str, Path]) -> Iterator[Api]:
+    # server paths are read from KT_GALLERY_ROOTS only: the demo images and this test's own folder
+    roots = [worker_demo_data["transfer"].parent, tmp_path / "sources"]
+    settings = make_settings(
+        tmp_path / "data", broker_url=redis_url, result_backend=redis_url, gallery_roots=roots
+    )
     with running_api(settings) as api:
         yield api
 
@@ -119,8 +123,8 @@ def test_admin_builds_a_gallery_with_a_job(
 def test_a_gallery_job_with_unreadable_sources_fails_with_the_reason(
     gallery_api: Api, tmp_path: Path
 ) -> None:
-    empty = tmp_path / "empty"
-    empty.mkdir()
+    empty = tmp_path / "sources" / "empty"
+    empty.mkdir(parents=True)
     (empty / "notes.txt").write_text("no images here")
     admin = admin_key(gallery_api)
     with gallery_api.client(admin) as client:

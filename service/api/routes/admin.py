@@ -22,6 +22,7 @@ from service.db.models import ApiKey, Gallery, Job, Tenant
 from service.registry import resolve_encoder
 from service.schemas import GalleryBuildCreate, JobPublic
 from service.security import api_key_matches, api_key_prefix
+from service.settings import Settings
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -57,22 +58,57 @@ def get_admin_tenant(
 AdminTenant = Annotated[Tenant, Depends(get_admin_tenant)]
 
 
-def server_path(path: str) -> str:
-    """``path`` if it is absolute, free of ``..`` and present on this server (the parent folder
-    of a brace pattern such as ``/data/shards/{00000..00009}.tar``); else 422."""
+def server_path(path: str, settings: Settings) -> str:
+    """The gallery source ``path`` as the worker will read it, symlinks resolved; 422 unless it is
+    absolute, free of ``..``, present on this server, inside one of ``KT_GALLERY_ROOTS`` and
+    neither inside nor around ``KT_DATA_DIR`` (every tenant's uploads, models and galleries live
+    there: those are read by ``dataset_id``, with ownership checked). A brace pattern such as
+    ``/data/shards/{00000..00009}.tar`` is checked by the folder before its first brace, and
+    whatever lies inside a root (links, manifests) is the operator's to vouch for."""
     parsed = PurePosixPath(path)
     if not parsed.is_absolute() or ".." in parsed.parts:
         raise Invalid(
             f"Source path {path!r} must be absolute and free of '..' (e.g. /data/images); "
             "or upload the images and give `dataset_id`."
         )
-    probe = Path(path.split("{", 1)[0]).parent if "{" in path else Path(path)
+    roots = settings.gallery_roots
+    if not roots:
+        raise Invalid(
+            f"Source path {path!r} is refused: this server reads no server paths for galleries "
+            "(KT_GALLERY_ROOTS is empty); upload the images as a dataset and give `dataset_id`, or ask "
+            "the operator to list the folder in KT_GALLERY_ROOTS."
+        )
+    folder, rest = path, ""
+    if "{" in path:  # the folder before the first brace; the pattern after it is kept as given
+        folder = path.split("{", 1)[0].rpartition("/")[0] or "/"
+        rest = path[len(folder) :] if folder != "/" else path
+    probe = Path(folder)
     if not probe.exists():
         raise Invalid(
-            f"Source path {path!r} does not exist on the server; give a path that the API and the "
-            "workers can both read (e.g. under KT_DATA_DIR), or upload the images and give `dataset_id`."
+            f"Source path {path!r} does not exist on the server; give a path under one of "
+            f"KT_GALLERY_ROOTS ({_listed(roots)}) that the API and the workers can both read, or upload "
+            "the images and give `dataset_id`."
         )
-    return path
+    real = probe.resolve()
+    data_dir = settings.data_dir.resolve()
+    if real.is_relative_to(data_dir) or data_dir.is_relative_to(real):
+        where = "is inside" if real.is_relative_to(data_dir) else "contains"
+        raise Invalid(
+            f"Source path {path!r} {where} the service's data directory (KT_DATA_DIR), which holds "
+            "every tenant's uploads; give an uploaded dataset by `dataset_id` instead, or a folder of "
+            f"KT_GALLERY_ROOTS ({_listed(roots)})."
+        )
+    if not any(real.is_relative_to(root) for root in roots):
+        raise Invalid(
+            f"Source path {path!r} (resolved: {str(real)!r}) is outside the folders this server reads "
+            f"galleries from; use a path under one of KT_GALLERY_ROOTS ({_listed(roots)}), or upload the "
+            "images and give `dataset_id`."
+        )
+    return str(real).rstrip("/") + rest if rest else str(real)
+
+
+def _listed(roots: list[Path]) -> str:
+    return ", ".join(str(root) for root in roots)
 
 
 @router.post(
@@ -105,7 +141,7 @@ def build_gallery(
             sources.append(dataset_images(settings, owned_dataset(session, tenant, source.dataset_id)))
         else:
             assert source.path is not None  # GallerySource holds exactly one of the two
-            sources.append(server_path(source.path))
+            sources.append(server_path(source.path, settings))
     config = {
         "name": body.name,
         "sources": sources,
