@@ -364,7 +364,7 @@ def write_manifest(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
         def cell(value: Any) -> Any:
             if value is None:
                 return ""
-            if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")):
+            if isinstance(value, str) and value.startswith(CSV_ESCAPED):
                 return "'" + value
             return value
 
@@ -400,6 +400,16 @@ def write_manifest(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     )
 
 
+# A CSV cell starting with one of these gets a leading "'" (OWASP CSV injection; "'" itself too, so
+# that reading back is unambiguous: ``csv_unescape`` drops exactly the quote the writer added).
+CSV_ESCAPED = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def csv_unescape(value: str) -> str:
+    """A manifest CSV cell as it was before ``write_manifest`` neutralised it."""
+    return value[1:] if len(value) > 1 and value[0] == "'" and value[1] in "".join(CSV_ESCAPED) else value
+
+
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a manifest written by :func:`write_manifest` (any of the three formats)."""
     path = Path(path)
@@ -415,7 +425,7 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
         with path.open(encoding="utf-8", newline="") as fh:
             for r in csv.DictReader(fh):
                 box = [r.pop(k) for k in ("x0", "y0", "x1", "y1")]
-                out: dict[str, Any] = dict(r)
+                out: dict[str, Any] = {k: csv_unescape(v) if isinstance(v, str) else v for k, v in r.items()}
                 out["box"] = [float(v) for v in box] if all(box) else None
                 for k, typ in (("id", int), ("query_id", int), ("rank", int), ("score", float)):
                     out[k] = typ(out[k]) if out.get(k) not in (None, "") else None

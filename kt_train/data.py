@@ -835,8 +835,11 @@ def _source_rows(path: Path) -> list[tuple[str, str, tuple[float, float, float, 
             if not {"source", "key"} <= {h.strip().lower() for h in (reader.fieldnames or [])}:
                 return None
             records = []
+            from .curate import csv_unescape  # the quote write_manifest puts before formula-like cells
+
             for rec in reader:
                 corners = [rec.get(c) for c in ("x0", "y0", "x1", "y1")]
+                rec = {k: csv_unescape(v) if isinstance(v, str) else v for k, v in rec.items()}
                 records.append({**rec, "box": corners if all(corners) else None})
     else:
         return None

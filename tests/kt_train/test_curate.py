@@ -22,6 +22,8 @@ from kt_train.curate import (
 from kt_train.data import load_unlabeled
 from kt_train.errors import ConfigError, DatasetError
 
+from ._images import write_image
+
 
 def _unit(rng: np.random.Generator, n: int, d: int = 16) -> np.ndarray:
     v = rng.standard_normal((n, d)).astype(np.float32)
@@ -236,6 +238,25 @@ def test_csv_manifest_cells_cannot_run_as_spreadsheet_formulas(tmp_path: Path) -
     assert read_manifest(path)[0]["score"] == -0.25
     jsonl = read_manifest(write_manifest(rows, tmp_path / "m.jsonl"))
     assert {k: jsonl[0][k] for k in hostile} == hostile
+    # reading the CSV back gives the values as they were (the writer's quote, and only it, dropped)
+    back = read_manifest(path)
+    assert {k: back[0][k] for k in hostile} == hostile
+    assert (back[1]["key"], back[1]["query_label"], back[1]["query_key"]) == ("\tTAB", "\rCR", "plain=fine")
+    quoted = read_manifest(write_manifest([{**plain, "key": "'=already quoted"}], tmp_path / "q.csv"))
+    assert quoted[0]["key"] == "'=already quoted"
+
+
+def test_csv_manifest_with_formula_like_keys_loads_the_right_images(tmp_path: Path) -> None:
+    """A transfer set read from its CSV manifest finds items whose keys start with '-' or '@'."""
+    folder = tmp_path / "g"
+    for name in ("-dash.png", "@eaDir.png"):
+        write_image(folder / name, 12, 10)
+    rows = [
+        {"id": i, "source": str(folder), "key": k, "box": None, "score": 0.5, "query_id": 0, "rank": i}
+        for i, k in enumerate(("-dash.png", "@eaDir.png"))
+    ]
+    ds = load_unlabeled(write_manifest(rows, tmp_path / "m.csv"))
+    assert len(ds) == 2 and ds.load_image(0).size == (12, 10) and ds.load_image(1).size == (12, 10)
 
 
 def test_manifest_with_a_moved_source_says_so(tmp_path: Path) -> None:
