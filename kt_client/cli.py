@@ -1,6 +1,7 @@
 """``kt``: one command for the library and the service.
 
-- library (``kt_train.cli``): ``kt train``, ``kt config``, ``kt demo``, ``kt gallery …``, ``kt curate``
+- library (``kt_train.cli``): ``kt train``, ``kt config``, ``kt demo``, ``kt predict``, ``kt gallery …``,
+  ``kt curate``
 - service: ``kt serve`` (API + worker on the embedded default, or KT_* settings), ``kt admin …``
 - client of a running service (``kt_client.remote``): ``kt login``, ``kt logout``, ``kt datasets …``,
   ``kt transfer-sets …``, ``kt jobs …``, ``kt models …``, ``kt galleries …``

@@ -1,4 +1,4 @@
-"""The ``kt`` command line: ``kt train -c config.yaml``, ``kt config``, ``kt demo``."""
+"""The ``kt`` command line: ``kt train -c config.yaml``, ``kt config``, ``kt demo``, ``kt predict``."""
 
 from __future__ import annotations
 
@@ -228,6 +228,66 @@ def demo(
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     console.print(f"demo data in {out_dir / 'data'}; config {path}")
     train(config=path, set_=None, out_dir=None, stages=None, verbose=False)
+
+
+@app.command()
+def predict(
+    model: Annotated[
+        Path, typer.Argument(help="exported model: model.onnx, model.safetensors or model.torchscript.pt")
+    ],
+    images: Annotated[
+        list[str], typer.Argument(help="image files, folders (searched recursively), .zip or .tar archives")
+    ],
+    format: Annotated[
+        str | None,
+        typer.Option("--format", "-f", help="onnx, safetensors or torchscript (default: from the name)"),
+    ] = None,
+    card: Annotated[
+        Path | None,
+        typer.Option(
+            help="model card JSON (default: <model>.card.json or model_card.json beside the model; "
+            "`kt models show ID --json` output works too)"
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the predictions as JSON")] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="write the predictions to a .csv or .jsonl file")
+    ] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="classes listed per image")] = 5,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 64,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: all)")] = None,
+) -> None:
+    """Predict the class of images with a downloaded model, preprocessed exactly as its card says.
+
+    The card's preprocessing is what the evaluate stage used for the card's test metrics, so the
+    predictions are the ones those metrics counted.
+    """
+    import json
+
+    from .predict import predict_files, write_predictions
+
+    try:
+        preds = predict_files(
+            model, card, images, format=format, top_k=top_k, batch_size=batch_size, threads=threads
+        )
+        if out is not None:
+            write_predictions(preds, out)
+    except KTError as e:
+        _fail(e)
+    if as_json:
+        sys.stdout.write(json.dumps([p.to_dict() for p in preds], indent=2) + "\n")
+    elif out is None:
+        table = Table(title=f"kt predict — {model}", title_justify="left")
+        table.add_column("image", overflow="fold")
+        table.add_column("label")
+        table.add_column("prob", justify="right")
+        table.add_column(f"top {top_k}", overflow="fold")
+        for p in preds:
+            rest = ", ".join(f"{c} {q:.3f}" for c, q in p.top_k[1:])
+            table.add_row(escape(p.path), escape(p.label), f"{p.prob:.3f}", escape(rest))
+        Console().print(table)
+    if out is not None:
+        console.print(f"{len(preds)} predictions in {out}")
 
 
 gallery_app = typer.Typer(

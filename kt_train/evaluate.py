@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .data import ImageDataset
-from .models import ImageClassifier
+from .models import ImageClassifier, preprocessing
 from .transforms import EvalTransform
 
 
@@ -22,9 +22,9 @@ def predict(
     batch_size: int = 256,
     num_workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels for every image, each image resized whole to the model's input size."""
+    """Logits and labels for every image, preprocessed as ``preprocessing(model)`` (the model card) says."""
     view = copy.copy(ds)
-    view.transform = EvalTransform(model.data_config.input_size, crop_pct=1.0)
+    view.transform = EvalTransform.from_preprocessing(preprocessing(model))
     was_training = model.training
     model.eval()
     logits, labels = [], []

@@ -26,7 +26,10 @@ import io
 import json
 import math
 import os
+import platform
+import statistics
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -60,6 +63,11 @@ _DEFAULT_STD = (0.229, 0.224, 0.225)
 # Tolerances of an exported format, as deployment judges it (see the module docstring).
 DEFAULT_LOGIT_RTOL = 1e-3
 DEFAULT_PROB_ATOL = 1e-3
+# CPU latency on the card: the median of this many batch-1 forward passes (after 2 warm-up passes)
+# with one intra-op thread; few, so an export stays quick, and the median shrugs off a busy core.
+LATENCY_RUNS = 10
+_LATENCY_WARMUP = 2
+
 # The rebuilt torch model against the caller's, both torch on CPU: only memory format may differ, so
 # anything above rounding means the recipe (timm_name/model_kwargs) does not rebuild the model.
 _RELOAD_RTOL = 1e-4
@@ -100,6 +108,7 @@ def export_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     strict: bool = True,
+    latency_runs: int = LATENCY_RUNS,
 ) -> dict[str, Path]:
     """Write the requested formats and ``model_card.json`` to ``out_dir``; return ``{format|"card": path}``.
 
@@ -114,6 +123,9 @@ def export_model(
     left out of the result and listed in the card's ``failed_formats`` with the reason, and when no
     requested format passed, ``model.safetensors`` is written anyway so the weights are never lost.
     Errors that no format can survive (a full disk, a recipe that does not rebuild the model) always raise.
+
+    The card also records ``num_params``, ``file_bytes`` (per written format) and ``cpu_latency``
+    (``measure_cpu_latency`` of the rebuilt torch model, ``latency_runs`` passes; 0 leaves it out).
     """
     fmts = _check_formats(formats)
     model_kwargs = dict(model_kwargs or {})
@@ -168,9 +180,12 @@ def export_model(
         export_info["fallback_format"] = "safetensors"
     export_info["parity"] = {fmt: _json_safe(p) for fmt, p in parity.items()}
     export_info["versions"] = _versions()
+    facts: dict[str, Any] = {"num_params": sum(int(p.numel()) for p in ref.parameters())}
+    if latency_runs > 0:
+        facts["cpu_latency"] = measure_cpu_latency(ref, input_size, runs=latency_runs)
 
     full_card = _build_card(
-        caller_card, timm_name, model_kwargs, num_classes, input_size, written, failed, export_info
+        caller_card, timm_name, model_kwargs, num_classes, input_size, written, failed, export_info, facts
     )
     card_path = out / CARD_NAME
     _atomic_write(card_path, lambda tmp: tmp.write_text(_to_json(full_card) + "\n", encoding="utf-8"))
@@ -362,6 +377,44 @@ def _check_reload_parity(model: torch.nn.Module, ref: torch.nn.Module, x: torch.
             "model_kwargs must contain every create_model option the model was built with"
         )
     return float(p["max_abs_logit_diff"])
+
+
+def measure_cpu_latency(
+    model: torch.nn.Module, input_size: int, *, runs: int = LATENCY_RUNS, warmup: int = _LATENCY_WARMUP
+) -> dict[str, Any]:
+    """Median wall time of one batch-1 forward pass of ``model`` (on CPU, eval mode) with one thread.
+
+    One thread, because that is what a deployment on a shared CPU can count on, and the number is
+    comparable between machines with different core counts. The caller's thread setting is restored.
+    """
+    x = torch.rand(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(_VERIFY_SEED))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times: list[float] = []
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(x)
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                model(x)
+                times.append(time.perf_counter() - t0)
+    except Exception as e:
+        raise ExportError(
+            f"timing the model on a {tuple(x.shape)} input failed ({type(e).__name__}: {e})"
+        ) from e
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "median_ms": round(statistics.median(times) * 1000, 3),
+        "min_ms": round(min(times) * 1000, 3),
+        "batch_size": 1,
+        "threads": 1,
+        "runs": runs,
+        "model": "torch, rebuilt from the exported safetensors",
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+    }
 
 
 def _ref_logits(ref: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -649,6 +702,7 @@ def _build_card(
     written: dict[str, Path],
     failed: dict[str, str],
     export_info: dict[str, Any],
+    facts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Merge the caller's fields with the export facts; the facts win, a caller ``export`` dict is merged."""
     card = dict(caller_card)
@@ -658,7 +712,9 @@ def _build_card(
             "model_kwargs": model_kwargs,
             "num_classes": num_classes,
             "input_size": input_size,
+            **(facts or {}),
             "files": {fmt: p.name for fmt, p in written.items()},
+            "file_bytes": {fmt: p.stat().st_size for fmt, p in written.items()},
             "sha256": {fmt: _sha256(p) for fmt, p in written.items()},
             "failed_formats": dict(failed),
             "export": {**(caller_card.get("export") or {}), **export_info},

@@ -74,6 +74,53 @@ class Preprocess(nn.Module):
         return (x - self.mean) / self.std
 
 
+# How evaluation (and so the model card, and ``kt predict``) feeds a model: the shorter side resized
+# bilinearly to the input size and the centre square kept, nothing else cut off. Every model here
+# learns from bilinear-resized views of whole images (``TrainAugment``); timm's pretrained
+# ``crop_pct`` 0.875 / bicubic describe the ImageNet evaluation of pretrained weights, and applied
+# to a task's small images they cost points (issue 13). ``DataConfig.interpolation`` still decides
+# how a model resizes a view of another size inside ``Preprocess`` during training.
+EVAL_INTERPOLATION = "bilinear"
+EVAL_CROP_PCT = 1.0
+
+
+def preprocessing(model: ImageClassifier | DataConfig) -> dict[str, Any]:
+    """The preprocessing evaluation applies to ``model``'s inputs, as plain JSON fields.
+
+    The one description of it: ``EvalTransform.from_preprocessing`` builds evaluation's transform
+    from this dict, and the export writes it as the model card's ``preprocessing``, so the card
+    says exactly what evaluation did. Steps, for an RGB image of width W and height H:
+
+    1. resize (``resize: shorter_side``) the shorter side S to ``resize_size`` and the longer side L
+       to floor(L * resize_size / S), with PIL's ``interpolation`` filter (antialiased: PIL's
+       ``Image.resize``); no resize when the size is already that;
+    2. crop (``crop: center``) ``input_size`` x ``input_size`` at left = round((W' - input_size) / 2),
+       top = round((H' - input_size) / 2) of the resized W' x H' (Python's round: half to even);
+    3. uint8 -> float32 / 255 (``value_range`` [0, 1]), then (x - mean) / std per channel, in
+       ``channel_order`` RGB, ``layout`` NCHW.
+    """
+    dc = model.data_config if isinstance(model, ImageClassifier) else model
+    size = int(dc.input_size)
+    return {
+        "input_size": size,
+        "resize": "shorter_side",
+        "resize_size": max(size, round(size / EVAL_CROP_PCT)),
+        "interpolation": EVAL_INTERPOLATION,
+        "crop": "center",
+        "crop_pct": EVAL_CROP_PCT,
+        "mean": [float(v) for v in dc.mean],
+        "std": [float(v) for v in dc.std],
+        "channel_order": "RGB",
+        "value_range": [0.0, 1.0],
+        "layout": "NCHW",
+        "steps": (
+            "RGB image; resize the shorter side to resize_size (the longer side floor(long * resize_size "
+            "/ short)) with PIL's interpolation filter; center-crop input_size x input_size (offsets "
+            "round((side - input_size) / 2), half to even); uint8 / 255; (x - mean) / std; NCHW float32"
+        ),
+    }
+
+
 @dataclass
 class ModelRecipe:
     """Everything needed to rebuild a model from a checkpoint without its original weights file."""

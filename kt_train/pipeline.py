@@ -41,6 +41,7 @@ from .models import (
     create_student,
     create_teacher,
     load_checkpoint,
+    preprocessing,
     save_checkpoint,
     set_norm_eval,
 )
@@ -840,10 +841,8 @@ def export(
     dc = model.data_config
     card = {
         "classes": ckpt["classes"],
-        "preprocessing": {
-            **dc.to_dict(),
-            "input": "RGB, [0, 1] floats, NCHW; resize to input_size, then (x - mean) / std",
-        },
+        # what evaluate applied to reach metrics.test: the card's preprocessing is that very dict
+        "preprocessing": preprocessing(model),
         "metrics": {**ckpt.get("metrics", {}), **_test_metrics(inputs)},
         "lineage": {
             **ckpt.get("lineage", {}),

@@ -12,6 +12,7 @@ image and that dict. This lets teacher outputs be computed once for a stored vie
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,11 @@ from kt_train.errors import ConfigError
 __all__ = ["EvalTransform", "TrainAugment", "to_float", "to_rgb"]
 
 _BILINEAR = InterpolationMode.BILINEAR
+_INTERPOLATIONS = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "nearest": InterpolationMode.NEAREST,
+}
 _JITTER_OPS = ("brightness", "contrast", "saturation")
 
 
@@ -207,20 +213,56 @@ class TrainAugment:
 
 
 class EvalTransform:
-    """Resize the shorter side to round(size / crop_pct), then center-crop to [3, size, size] uint8."""
+    """Resize the shorter side to round(size / crop_pct), then center-crop to [3, size, size] uint8.
 
-    def __init__(self, size: int, crop_pct: float = 1.0) -> None:
+    Evaluation builds it from ``kt_train.models.preprocessing(model)`` (``from_preprocessing``), the
+    dict the model card carries, so a deployment that follows the card sees the same pixels.
+    """
+
+    def __init__(self, size: int, crop_pct: float = 1.0, interpolation: str = "bilinear") -> None:
         self.size = _check_size(size)
         if not (0.0 < crop_pct <= 1.0):
             raise ConfigError(f"crop_pct must be in (0, 1], got {crop_pct}; use 1.0 for no border crop")
+        if interpolation not in _INTERPOLATIONS:
+            raise ConfigError(
+                f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {interpolation!r}"
+            )
         self.crop_pct = float(crop_pct)
+        self.interpolation = interpolation
         self.resize_to = max(self.size, round(self.size / self.crop_pct))
 
+    @classmethod
+    def from_preprocessing(cls, pre: Mapping[str, Any]) -> EvalTransform:
+        """The transform a ``preprocessing`` dict (``kt_train.models.preprocessing``, a model card's
+        section) describes; a ConfigError for one that asks for something else."""
+        try:
+            size = int(pre["input_size"])
+            resize_size = int(pre.get("resize_size", size))
+            crop_pct = float(pre.get("crop_pct", 1.0))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(
+                f"the preprocessing needs input_size, resize_size and crop_pct numbers: {e}"
+            ) from e
+        for key, want in (("resize", "shorter_side"), ("crop", "center"), ("channel_order", "RGB")):
+            if pre.get(key, want) != want:
+                raise ConfigError(f"preprocessing {key}={pre.get(key)!r} is not supported; only {want!r}")
+        tf = cls(size, crop_pct=crop_pct, interpolation=str(pre.get("interpolation", "bilinear")))
+        if tf.resize_to != resize_size:
+            raise ConfigError(
+                f"preprocessing resize_size {resize_size} does not match input_size {size} / crop_pct "
+                f"{crop_pct} = {tf.resize_to}"
+            )
+        return tf
+
     def __repr__(self) -> str:
-        return f"EvalTransform(size={self.size}, crop_pct={self.crop_pct})"
+        return (
+            f"EvalTransform(size={self.size}, crop_pct={self.crop_pct}, interpolation={self.interpolation!r})"
+        )
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         img = to_rgb(img)
-        img = F.resize(img, [self.resize_to], interpolation=_BILINEAR, antialias=True)
+        img = F.resize(
+            img, [self.resize_to], interpolation=_INTERPOLATIONS[self.interpolation], antialias=True
+        )
         img = F.center_crop(img, [self.size, self.size])
         return F.pil_to_tensor(img).contiguous()
