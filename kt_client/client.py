@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import json
 import os
 import random
 import tempfile
@@ -144,6 +145,13 @@ def _retry_after(resp: httpx.Response, default: float) -> float:
         return max(0.0, float(value))
     except ValueError:
         return default
+
+
+def card_path(model_path: str | os.PathLike[str]) -> Path:
+    """Where a downloaded model's card goes: ``<file stem>.model_card.json`` beside it (the name
+    ``kt_train.predict.CARD_SUFFIX`` looks for; not ``.card.json``, a teacher weights card's name)."""
+    path = Path(model_path)
+    return path.with_name(path.stem + ".model_card.json")
 
 
 def _dest_for(dest: str | os.PathLike[str] | None, default_name: str) -> Path:
@@ -428,12 +436,51 @@ class Models:
         return dict(self._c.get_json(f"/models/{model_id}"))
 
     def download(
-        self, model_id: str, format: str = "safetensors", dest: str | os.PathLike[str] | None = None
+        self,
+        model_id: str,
+        format: str = "safetensors",
+        dest: str | os.PathLike[str] | None = None,
+        *,
+        card: bool = False,
     ) -> Path:
-        """Download one exported format (safetensors, onnx, torchscript) to ``dest`` (file or folder)."""
+        """Download one exported format (safetensors, onnx, torchscript) to ``dest`` (file or folder).
+
+        ``card=True`` also writes the model card beside it as ``<file stem>.model_card.json``, where
+        ``kt predict`` (``kt_train.predict``) finds it."""
         suffix = {"torchscript": "pt"}.get(format, format)
         path = _dest_for(dest, f"model-{model_id}.{suffix}")
-        return self._c.download(f"/models/{model_id}/download", path, {"format": format})
+        path = self._c.download(f"/models/{model_id}/download", path, {"format": format})
+        if card:
+            card_path(path).write_text(
+                json.dumps(self.get(model_id)["card"], indent=2) + "\n", encoding="utf-8"
+            )
+        return path
+
+    def predict(
+        self,
+        model_id: str,
+        images: str | os.PathLike[str] | builtins.list[str | os.PathLike[str]],
+        *,
+        format: str = "onnx",
+        dest: str | os.PathLike[str] | None = None,
+        top_k: int = 5,
+    ) -> builtins.list[dict[str, Any]]:
+        """Predict ``images`` (files, folders, zips) on this machine with the model's ``format`` file,
+        preprocessed exactly as its card says: ``{path, label, prob, top_k}`` per image.
+
+        Runs ``kt_train.predict.predict_files``, so it needs the training library (torch, timm,
+        onnxruntime). The file is downloaded into the folder ``dest`` (a temporary one by default)."""
+        from kt_train.predict import predict_files  # here: importing kt_client must not import torch
+
+        paths = [os.fspath(p) for p in images] if isinstance(images, builtins.list) else [os.fspath(images)]
+        meta = self.get(model_id)["card"]
+        with contextlib.ExitStack() as stack:
+            folder = (
+                Path(dest) if dest is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            )
+            folder.mkdir(parents=True, exist_ok=True)
+            path = self.download(model_id, format, folder)
+            return [p.to_dict() for p in predict_files(path, meta, paths, format=format, top_k=top_k)]
 
 
 class Galleries:

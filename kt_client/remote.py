@@ -721,9 +721,10 @@ def models_download(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="File or folder to write.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Download one exported format of a model."""
+    """Download one exported format of a model, and its card beside it (<name>.model_card.json),
+    so that `kt predict FILE IMAGES...` runs it with the card's preprocessing."""
     with _client() as client:
-        path = client.models.download(model_id, format, output)
+        path = client.models.download(model_id, format, output, card=True)
     _saved(path, as_json)
 
 

@@ -245,7 +245,8 @@ def predict(
     card: Annotated[
         Path | None,
         typer.Option(
-            help="model card JSON (default: <model>.card.json or model_card.json beside the model; "
+            help="model card JSON (default: <model stem>.model_card.json, as `kt models download` writes it, "
+            "or model_card.json beside the model; "
             "`kt models show ID --json` output works too)"
         ),
     ] = None,

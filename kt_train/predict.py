@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +24,12 @@ from .errors import ConfigError, KTError
 from .io import atomic_write_text
 from .transforms import EvalTransform
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "FORMATS",
     "Prediction",
+    "card_preprocessing",
     "find_card",
     "format_of",
     "predict_files",
@@ -36,6 +40,9 @@ __all__ = [
 FORMATS: tuple[str, ...] = ("onnx", "safetensors", "torchscript")
 _SUFFIXES = {".onnx": "onnx", ".safetensors": "safetensors", ".pt": "torchscript", ".pth": "torchscript"}
 CARD_NAME = "model_card.json"  # what the export writes beside its files (kt_train.export.CARD_NAME)
+# what `kt models download` writes beside a downloaded file (not ``<stem>.card.json``: that name is
+# a teacher weights file's card, which `kt admin register-model` reads with another schema)
+CARD_SUFFIX = ".model_card.json"
 
 
 @dataclass
@@ -73,14 +80,15 @@ def format_of(model_path: str | Path, format: str | None = None) -> str:
 
 def find_card(model_path: str | Path, card: str | Path | Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The model card of ``model_path``: ``card`` (a dict, or a JSON file: a card or the output of
-    ``kt models show --json``), else ``<model stem>.card.json`` or ``model_card.json`` beside it."""
+    ``kt models show --json``), else ``<model stem>.model_card.json`` (what ``kt models download``
+    writes) or ``model_card.json`` (the export's) beside it."""
     if isinstance(card, Mapping):
         return _check_card(dict(card), "the card given")
     model = Path(model_path)
     if card is not None:
         candidates = [Path(card)]
     else:
-        candidates = [model.with_name(model.stem + ".card.json"), model.with_name(CARD_NAME)]
+        candidates = [model.with_name(model.stem + CARD_SUFFIX), model.with_name(CARD_NAME)]
     for path in candidates:
         if path.is_file():
             try:
@@ -105,6 +113,32 @@ def _check_card(card: Any, where: str) -> dict[str, Any]:
     if missing:
         raise ConfigError(f"{where} is not a model card: it has no {' and no '.join(missing)}")
     return card
+
+
+def card_preprocessing(card: Mapping[str, Any]) -> dict[str, Any]:
+    """The card's ``preprocessing``, read the way evaluation applied it.
+
+    A card written before the card described evaluation (no ``resize`` field) carries timm's
+    pretrained defaults (e.g. bicubic, crop_pct 0.875), which evaluation never applied: its test
+    metrics were measured with the shorter side resized bilinearly and nothing cropped off, so
+    that is what such a card gets here (with a warning), to predict what the metrics counted.
+    """
+    pre = dict(card["preprocessing"])
+    if "resize" not in pre:
+        log.warning(
+            "the model card predates the card's description of evaluation's preprocessing; using "
+            "what evaluation did (bilinear, crop_pct 1.0) instead of its interpolation=%s, crop_pct=%s",
+            pre.get("interpolation"),
+            pre.get("crop_pct"),
+        )
+        pre.update(
+            resize="shorter_side",
+            resize_size=pre.get("input_size"),
+            interpolation="bilinear",
+            crop="center",
+            crop_pct=1.0,
+        )
+    return pre
 
 
 def preprocess(pre: Mapping[str, Any]) -> Callable[[Any], np.ndarray]:
@@ -204,7 +238,7 @@ def predict_files(
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-    prep = preprocess(meta["preprocessing"])
+    prep = preprocess(card_preprocessing(meta))
     run = _onnx_runner(model, threads) if fmt == "onnx" else _torch_runner(model, fmt, meta)
     ds = load_unlabeled(list(paths) if isinstance(paths, (list, tuple)) else paths)
     k = min(top_k, len(classes))

@@ -18,7 +18,7 @@ runner = CliRunner()
 def test_kt_lists_library_and_service_commands() -> None:
     res = runner.invoke(app, ["--help"])
     assert res.exit_code == 0, res.output
-    for cmd in ("train", "config", "demo", "curate", "gallery", "serve", "admin"):
+    for cmd in ("train", "config", "demo", "predict", "curate", "gallery", "serve", "admin"):
         assert f"  {cmd} " in res.output, cmd
 
 

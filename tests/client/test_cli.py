@@ -209,6 +209,21 @@ def test_models_download_onnx_gives_a_loadable_model(
     assert res.exit_code == 1 and "was not exported as torchscript" in res.stderr
 
 
+def test_kt_predict_on_the_downloaded_onnx_reproduces_the_cards_test_metric(
+    kt_env: dict[str, str], finished_job: dict[str, Any], data: dict[str, Path], tmp_path: Path
+) -> None:
+    model_id = finished_job["model_id"]
+    out = kt_json("models", "download", model_id, "--format", "onnx", "-o", str(tmp_path))
+    model = Path(out["path"])
+    card = json.loads(model.with_name(model.stem + ".model_card.json").read_text())  # written beside it
+    assert card == kt_json("models", "show", model_id)["card"]
+    rows = kt_json("predict", str(model), str(data["test"]))
+    test = card["metrics"]["test"]
+    assert len(rows) == test["n"] == 12
+    correct = sum(r["path"].split(":")[-1].split("/")[0] == r["label"] for r in rows)
+    assert abs(correct - test["top1"] * test["n"] / 100) <= 1
+
+
 def test_kt_help_documents_exit_codes_and_does_not_import_httpx() -> None:
     res = kt("--help")
     assert "Exit codes: 0 ok; 1" in res.stdout

@@ -24,7 +24,7 @@ from kt_train.data import load_labeled
 from kt_train.errors import ConfigError
 from kt_train.evaluate import predict as evaluate_logits
 from kt_train.models import create_student, load_checkpoint, preprocessing
-from kt_train.predict import find_card, predict_files, write_predictions
+from kt_train.predict import CARD_SUFFIX, card_preprocessing, find_card, predict_files, write_predictions
 from kt_train.transforms import EvalTransform
 
 from ..conftest import STUDENT, small_config_dict
@@ -142,6 +142,10 @@ def test_kt_predict_on_the_onnx_export_reproduces_the_evaluate_metric(
     assert sum(a["label"] != r["label"] for a, r in zip(again, rows, strict=True)) <= 1
     assert all(len(a["top_k"]) == 2 for a in again)
 
+    res = CliRunner().invoke(app, ["predict", str(onnx), str(run["test"]), "--top-k", "2"])  # a table
+    assert res.exit_code == 0, res.output
+    assert "kt predict" in res.stdout and {r["label"] for r in rows} <= set(res.stdout.split())
+
 
 def test_predict_files_csv_and_card_lookup(run: dict[str, Any], odd_images: Path, tmp_path: Path) -> None:
     export = Path(run["results"]["export"]["onnx"]).parent
@@ -158,6 +162,16 @@ def test_predict_files_csv_and_card_lookup(run: dict[str, Any], odd_images: Path
     csv_path = write_predictions(preds, tmp_path / "p.csv")
     lines = csv_path.read_text().splitlines()
     assert lines[0] == '"path","label","prob","top_k"' and len(lines) == 6
+
+    # `kt models download` puts the card beside the file; a card written before this fix (timm's
+    # pretrained bicubic / crop_pct 0.875, never applied by evaluation) is read as evaluation did
+    pre = run["card"]["preprocessing"]
+    old = {**run["card"], "preprocessing": {"input_size": 32, "mean": pre["mean"], "std": pre["std"],
+                                             "interpolation": "bicubic", "crop_pct": 0.875}}  # fmt: skip
+    alone.with_name("model-7" + CARD_SUFFIX).write_text(json.dumps(old))
+    assert card_preprocessing(find_card(alone))["interpolation"] == "bilinear"
+    again = predict_files(alone, None, [odd_images / "a", str(next((odd_images / "b").iterdir()))], top_k=1)
+    assert again == preds
 
 
 def test_the_card_carries_size_parameters_and_cpu_latency(run: dict[str, Any]) -> None:
