@@ -182,3 +182,25 @@ def test_the_card_carries_size_parameters_and_cpu_latency(run: dict[str, Any]) -
     assert card["file_bytes"] == {f: (export / name).stat().st_size for f, name in card["files"].items()}
     lat = card["cpu_latency"]
     assert lat["median_ms"] > 0 and (lat["batch_size"], lat["threads"]) == (1, 1) and lat["runs"] >= 3
+
+
+def test_client_models_predict_downloads_the_file_and_predicts_with_its_card(
+    run: dict[str, Any], tmp_path: Path
+) -> None:
+    import httpx
+
+    from kt_client import Client
+
+    onnx = Path(run["results"]["export"]["onnx"])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models/7":
+            return httpx.Response(200, json={"id": "7", "card": run["card"], "formats": ["onnx"]})
+        assert request.url.path == "/v1/models/7/download" and request.url.params["format"] == "onnx"
+        return httpx.Response(200, content=onnx.read_bytes())
+
+    with Client("http://kt.test", "k", transport=httpx.MockTransport(handler)) as kt:
+        rows = kt.models.predict("7", run["test"], top_k=1)
+        path = kt.models.download("7", "onnx", tmp_path, card=True)
+    assert json.loads((tmp_path / "model-7.model_card.json").read_text()) == run["card"]
+    assert [r["label"] for r in rows] == [p.label for p in predict_files(path, None, run["test"])]
