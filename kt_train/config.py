@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 
@@ -53,8 +53,18 @@ class OptimConfig(_Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="training augmentation")
 
 
+def _image_size(value: Any) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("must be a side in pixels (an integer >= 8) or 'auto'")
+    if value < 8:
+        raise ValueError("must be at least 8 pixels (or 'auto')")
+    return value
+
+
 # An input side in pixels, "auto" (follows the labeled images, kt_train.sizing) or None (the model's).
-ImageSize = Annotated[int, Field(ge=8)] | Literal["auto"] | None
+ImageSize = Annotated[int | str | None, BeforeValidator(_image_size)]
 
 
 class TeacherConfig(_Strict):

@@ -5,7 +5,7 @@ measured 154 img/s with 1 thread and did not finish 13 steps in 60 s with 2 thre
 2-core machine (BLAS threads spin waiting for cores another process holds). So every process that
 trains sizes its threads explicitly:
 
-- ``KT_THREADS=N`` wins everywhere (``kt train``, workers, benchmarks);
+- ``KT_THREADS=N`` wins everywhere (``kt train``, workers, benchmarks), then ``OMP_NUM_THREADS``;
 - otherwise a process that shares the machine with ``processes`` others (worker concurrency,
   parallel benchmark seeds) takes ``cores // processes`` threads, at least one;
 - ``kt train --threads N`` sets it for one run.
@@ -30,12 +30,16 @@ def usable_cores() -> int:
 def thread_count(threads: int | None = None, *, processes: int = 1) -> int:
     """The intra-op thread count for one of ``processes`` processes sharing this machine."""
     if threads is None:
-        env = os.environ.get("KT_THREADS", "").strip()
-        if env:
-            try:
-                threads = int(env)
-            except ValueError:
-                raise ValueError(f"KT_THREADS must be a positive integer, got {env!r}") from None
+        # KT_THREADS, else an OMP_NUM_THREADS the process was started with (an explicit choice
+        # torch already follows: never raise it behind the caller's back)
+        for name in ("KT_THREADS", "OMP_NUM_THREADS"):
+            env = os.environ.get(name, "").strip()
+            if env:
+                try:
+                    threads = int(env)
+                except ValueError:
+                    raise ValueError(f"{name} must be a positive integer, got {env!r}") from None
+                break
     if threads is not None:
         if threads < 1:
             raise ValueError(f"thread count must be >= 1, got {threads}")

@@ -119,12 +119,15 @@ def test_bad_size_is_refused() -> None:
 
 def test_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KT_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("kt_train.threads.usable_cores", lambda: 8)
     assert thread_count() == 8
     assert thread_count(processes=3) == 2
     assert thread_count(processes=16) == 1
     assert thread_count(5, processes=4) == 5
-    monkeypatch.setenv("KT_THREADS", "3")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the process was started with one thread: kept
+    assert thread_count(processes=1) == 1
+    monkeypatch.setenv("KT_THREADS", "3")  # KT_THREADS wins
     assert thread_count(processes=4) == 3
     monkeypatch.setenv("KT_THREADS", "zero")
     with pytest.raises(ValueError, match="KT_THREADS"):

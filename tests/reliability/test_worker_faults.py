@@ -145,10 +145,22 @@ def test_worker_killed_mid_distill_resumes_from_its_checkpoint(
 # --- the broker ----------------------------------------------------------------------------------
 
 
+def poll_job(client: TestClient, job_id: str) -> dict[str, Any] | None:
+    """The job, or None when the API answered 429 (the poll loop outran the key's rate limit; it
+    waits Retry-After) — a long job polled every 50 ms makes more requests than a key may."""
+    response = client.get(f"/v1/jobs/{job_id}")
+    if response.status_code == 429:
+        time.sleep(float(response.headers.get("Retry-After", "1")))
+        return None
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
 def wait_job(client: TestClient, job_id: str, timeout: float, worker: Proc) -> dict[str, Any]:
     def final() -> dict[str, Any] | None:
-        body: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").json()
-        return body if body["status"] in FINAL else None
+        body = poll_job(client, job_id)
+        return body if body is not None and body["status"] in FINAL else None
 
     result: dict[str, Any] = wait_until(final, timeout, f"job {job_id} to finish", worker.tail)
     return result
@@ -197,7 +209,9 @@ def test_redis_restarted_mid_job(tmp_path: Path, private_redis: RedisServer, pg_
         running_id = response.json()["id"]
 
         def distilling() -> bool:
-            body = client.get(f"/v1/jobs/{running_id}").json()
+            body = poll_job(client, running_id)
+            if body is None:
+                return False
             assert body["status"] not in FINAL, f"{body['status']} before Redis went down: {body['error']}"
             return body["status"] == "running" and body["stage"] == "distill"
 
