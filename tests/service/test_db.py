@@ -254,7 +254,9 @@ def test_service_does_not_import_torch() -> None:
         "assert not bad, bad;"
         "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] == 'kt_train')))"
     )
-    done = subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=REPO, timeout=60, capture_output=True, text=True
+    )
     assert set(done.stdout.split()) <= SERVICE_KT_TRAIN_MODULES, done.stdout
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
 
