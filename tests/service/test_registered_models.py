@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from service.admin import cli, create_tenant_key
 from service.api.errors import Invalid
-from service.db.models import Job, RegisteredModel, Tenant
+from service.db.models import RegisteredModel, Tenant
 from service.db.session import init_db, make_engine, make_session_factory
 from service.registry import (
     CARD_FILE,
@@ -32,6 +32,7 @@ from service.registry import (
 )
 from service.settings import Settings, get_settings
 from tests.service.test_api import Api, imagefolder_zip, make_settings, running_api, upload
+from tests.service.test_jobs_api import stored_config
 
 CARD = {
     "arch": "resnet10t",
@@ -130,17 +131,6 @@ def job_body(dataset_id: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-def job_config(api: Api, job_id: str) -> dict[str, Any]:
-    engine = make_engine(api.settings.database_url)
-    try:
-        with make_session_factory(engine)() as session:
-            job = session.get(Job, job_id)
-            assert job is not None
-            return dict(job.params["config"])
-    finally:
-        engine.dispose()
-
-
 def submit(world: dict[str, Any], key: str = "acme", **extra: Any) -> httpx.Response:
     with world["api"].client(world[key]) as client:
         return client.post("/v1/jobs", json=job_body(world["datasets"][key], **extra))
@@ -174,7 +164,7 @@ def test_job_config_names_the_stored_file_and_the_card(world: dict[str, Any]) ->
     response = submit(world)
     assert response.status_code == 202, response.text
     assert response.json()["request"]["teacher"] == "timm:resnet10t@registered:tiny"
-    teacher = job_config(world["api"], response.json()["id"])["teacher"]
+    teacher = stored_config(world["api"], response.json()["id"])["teacher"]
     stored = world["api"].settings.data_dir / "registry" / "tiny" / WEIGHTS_FILE
     assert teacher["model"] == f"timm:resnet10t@{stored}"
     assert teacher["model_kwargs"] == {"drop_rate": 0.25}  # the task decides num_classes
@@ -190,7 +180,7 @@ def test_job_config_names_the_stored_file_and_the_card(world: dict[str, Any]) ->
 def test_the_requests_norm_eval_wins_over_the_cards(world: dict[str, Any]) -> None:
     response = submit(world, recipe={"teacher": {"norm_eval": False}})
     assert response.status_code == 202, response.text
-    assert job_config(world["api"], response.json()["id"])["teacher"]["norm_eval"] is False
+    assert stored_config(world["api"], response.json()["id"])["teacher"]["norm_eval"] is False
 
 
 def test_listing_shows_what_the_tenant_may_use(world: dict[str, Any]) -> None:
@@ -222,7 +212,7 @@ def test_gallery_build_resolves_a_registered_encoder(world: dict[str, Any]) -> N
         response = client.post("/v1/admin/galleries", json=body)
         assert response.status_code == 202, response.text
         stored = world["api"].settings.data_dir / "registry" / "acme-only" / WEIGHTS_FILE
-        assert job_config(world["api"], response.json()["id"])["encoder"] == f"timm:resnet10t@{stored}"
+        assert stored_config(world["api"], response.json()["id"])["encoder"] == f"timm:resnet10t@{stored}"
         refused = client.post(
             "/v1/admin/galleries", json={**body, "name": "x", "encoder": "timm:resnet10t@registered:nope"}
         )
