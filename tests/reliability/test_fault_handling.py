@@ -88,7 +88,9 @@ def test_connect_gate_fails_fast_while_down_and_reopens_by_itself(pg_url: str, p
         for _ in range(20):
             with pytest.raises(Exception, match="trying again in the background"):
                 engine.connect()
-        assert time.monotonic() - t0 < 0.5
+        # the message proves the gate answered (no network attempt); the bound only catches a gate that
+        # waits: 20 calls on a loaded 2-core CI machine took 0.93 s, a connect_timeout wait takes seconds each
+        assert time.monotonic() - t0 < 5.0
         accepted = pg_proxy.accepted
         pg_proxy.restore()
 
