@@ -611,6 +611,7 @@ def distill_task_agnostic(
             model_kwargs=cfg.student.model_kwargs,
         ),
         device,
+        channels_last=_channels_last(cfg, device),
     )
     with torch.no_grad():
         probe = torch.zeros(
@@ -652,7 +653,7 @@ def distill_task_agnostic(
         cache_info = {"path": str(cache.path), "built": built, "views": cache.views, "features": t_dim}
 
         def step(batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-            x = _views(batch, device)
+            x = _views(batch, device, channels_last=cfg.channels_last)
             vals, idx = batch[1].to(device).float(), batch[2].to(device).long()
             target = torch.zeros(vals.shape[0], t_dim, device=device).scatter_(1, idx, vals)
             return loss_fn(projection(student.features(x)), target), {}
@@ -661,7 +662,7 @@ def distill_task_agnostic(
         transfer = with_transform(images, augment)
 
         def step(batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-            x = _views(batch, device)
+            x = _views(batch, device, channels_last=cfg.channels_last)
             with torch.no_grad():
                 target = backbone(x.contiguous(memory_format=torch.channels_last))
             return loss_fn(projection(student.features(x)), target), {}
