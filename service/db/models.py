@@ -105,11 +105,20 @@ def _tenant_fk() -> Mapped[str]:
 
 
 class Tenant(Base):
+    """A tenant. The ``max_*`` columns override the service-wide quotas (``KT_MAX_*_PER_TENANT``)
+    for this tenant (``None``: the setting's; 0: no limit); ``kt admin set-limits`` writes them.
+    ``last_started_at`` is when a worker last started one of its jobs: the fair scheduler
+    (``worker.scheduler``) serves the tenant that waited longest among those with fewest running."""
+
     __tablename__ = "tenants"
 
     id: Mapped[str] = _id_column()
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = _created_at_column()
+    max_running_jobs: Mapped[int | None] = mapped_column(Integer, default=None)
+    max_queued_jobs: Mapped[int | None] = mapped_column(Integer, default=None)
+    max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    last_started_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class ApiKey(Base):
@@ -187,6 +196,8 @@ class Job(Base):
     queue: Mapped[str] = mapped_column(String(16), default="cpu", server_default="cpu")
     # written by the worker holding a running job; a stale one means the worker is gone (the reaper)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    # a job waiting out a retry's backoff is not started before this (None: at once)
+    run_after: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = _created_at_column()
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
