@@ -271,3 +271,28 @@ class RegisteredModel(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     card: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = _created_at_column()
+
+
+class Worker(Base):
+    """A Celery worker process that is (or was) alive: the one sign of life that does not depend
+    on where the worker runs. It writes ``heartbeat_at`` every few seconds (``worker.liveness.WorkerBeat``)
+    and names the job attempt it holds, so ``/readyz`` can tell whether any worker is alive and
+    ``kt serve`` can hand back the job of a worker process it saw die (``service.workers``).
+    A worker that stops cleanly deletes its row; one that dies leaves it (silent, or marked
+    ``stopped_at`` with the cause by the supervisor that saw it)."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = _id_column()
+    name: Mapped[str] = mapped_column(String(255))  # Celery's node name, e.g. kt-worker0@host
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = _created_at_column()
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, nullable=False)
+    # the job attempt this process runs now (None when idle)
+    job_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), default=None)
+    attempt: Mapped[int | None] = mapped_column(Integer, default=None)
+    stopped_at: Mapped[datetime | None] = mapped_column(default=None)
+    stop_reason: Mapped[str | None] = mapped_column(Text, default=None)
+
+    __table_args__ = (Index("ix_workers_host_pid", "host", "pid"),)

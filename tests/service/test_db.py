@@ -31,6 +31,7 @@ TABLES = {
     "jobs",
     "models",
     "registered_models",
+    "workers",
 }
 
 
