@@ -116,6 +116,25 @@ class Settings(BaseSettings):
         ge=1,
         description="Requests an API key may make at once, above its per-minute average (the bucket's size).",
     )
+    max_running_jobs_per_tenant: int = Field(
+        default=2,
+        ge=0,
+        description="Jobs of one tenant the workers run at once; its other jobs wait `queued` while free "
+        "workers take other tenants' jobs (workers pick the tenant with the fewest running jobs, then the "
+        "one that started a job longest ago). 0: no cap. `kt admin set-limits` overrides it per tenant.",
+    )
+    max_queued_jobs_per_tenant: int = Field(
+        default=20,
+        ge=0,
+        description="Jobs one tenant may have waiting (`queued`); a submission or retry past it answers "
+        "429 with `Retry-After` and creates nothing. 0: no limit. Overridable per tenant.",
+    )
+    max_storage_bytes_per_tenant: int = Field(
+        default=20 * 1024**3,
+        ge=0,
+        description="Bytes of images one tenant's datasets may hold on disk (default 20 GiB); an upload "
+        "that would pass it answers 413 and keeps nothing. 0: no limit. Overridable per tenant.",
+    )
     gallery_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="Folders on the server an admin gallery build (`POST /v1/admin/galleries`) may read "

@@ -1,7 +1,9 @@
 """Run one job: the glue between a ``jobs`` row and kt_train, without Celery.
 
 The row is the source of truth. ``run_job`` claims it by id (``claim``: a conditional update, so
-two deliveries of one job never run it at once), then runs it: a ``pipeline`` or ``curate`` job
+two deliveries of one job never run it at once), then runs it (the Celery task instead asks the
+fair scheduler, ``worker.scheduler.claim_next``, which job to start, and runs it with
+``run_claimed``): a ``pipeline`` or ``curate`` job
 runs the stages of its training config one by one under ``<data_dir>/jobs/<job_id>/run``; a
 ``build_gallery`` job builds a gallery under ``<data_dir>/galleries/<job_id>`` and registers it.
 Meanwhile the current stage, progress, ETA and a heartbeat go to the row, and stage starts and
@@ -383,7 +385,32 @@ def run_job(
         else:
             log.info("job %s is already %s; nothing to do", job_id, status)
         return status
+    return run_claimed(
+        session_factory,
+        job,
+        settings,
+        can_retry=can_retry,
+        progress_interval_s=progress_interval_s,
+        log_interval_s=log_interval_s,
+    )
 
+
+def run_claimed(
+    session_factory: sessionmaker[Session],
+    job: Job,
+    settings: Settings,
+    *,
+    can_retry: bool = False,
+    retry_delay_s: float = 0.0,
+    progress_interval_s: float = 2.0,
+    log_interval_s: float = 30.0,
+) -> str:
+    """Run ``job``, which this worker has just claimed (``claim``, or the fair scheduler's
+    ``worker.scheduler.claim_next``), to a final status; see ``run_job``. An unexpected error on
+    an attempt that ``can_retry`` requeues the job not to be started before ``retry_delay_s``
+    from now (``jobs.run_after``: the backoff lives in the row, so no worker takes it early)."""
+    job_id = job.id
+    joblog = JobLog(job_log_path(settings, job_id))
     joblog.write(
         f"attempt {job.attempts} of {job.kind} job started on {socket.gethostname()} (queue {job.queue})"
     )
@@ -428,8 +455,14 @@ def run_job(
         log.exception("job %s: unexpected error", job_id)
         joblog.write(f"unexpected error on attempt {job.attempts}:\n{traceback.format_exc()}")
         if can_retry:
+            run_after = utcnow() + timedelta(seconds=retry_delay_s) if retry_delay_s > 0 else None
             _set(
-                session_factory, job_id, status="queued", eta_s=None, error=f"retrying after {_message(err)}"
+                session_factory,
+                job_id,
+                status="queued",
+                eta_s=None,
+                run_after=run_after,
+                error=f"retrying after {_message(err)}",
             )
             joblog.write("job requeued: it will be retried")
             raise JobRetry(_message(err)) from err

@@ -1,7 +1,9 @@
-"""Celery tasks: thin wrappers over ``worker.runner``.
+"""Celery tasks: thin wrappers over ``worker.runner`` and ``worker.scheduler``.
 
 The API enqueues a job by name, after committing its row:
-``celery_app.send_task("kt.run_job", args=[job_id], queue="cpu")``.
+``celery_app.send_task("kt.run_job", args=[job_id], queue="cpu")``. The message wakes a worker on
+that queue, which then starts jobs in the fair order of ``worker.scheduler`` (the message's own
+job, or another tenant's that has waited longer) until none is left that it may start.
 """
 
 from __future__ import annotations
@@ -11,10 +13,14 @@ import os
 from typing import Any
 
 from celery.signals import worker_init, worker_ready
+from celery.worker import state as worker_state
+from sqlalchemy.orm import Session, sessionmaker
 
+from service.db.models import Job
 from service.db.session import SessionLocal
-from service.settings import get_settings
-from worker import liveness, runner
+from service.queue import DEFAULT_QUEUE, QUEUES
+from service.settings import Settings, get_settings
+from worker import liveness, runner, scheduler
 from worker.app import celery_app
 
 # Worker processes on this machine, recorded by the main process (children inherit the
@@ -57,17 +63,60 @@ def _size_threads() -> None:
     _threads_set = True
 
 
-@celery_app.task(name="kt.run_job", bind=True, max_retries=MAX_RETRIES, acks_late=True)
-def run_job(self, job_id: str) -> str:
-    """Run job ``job_id`` (see ``worker.runner.run_job``); unexpected errors retry with backoff."""
-    can_retry = self.request.retries < self.max_retries
-    _size_threads()
+def _shutting_down() -> bool:
+    """Celery was told to shut down (SIGTERM, SIGINT): start no further job."""
+    return worker_state.should_stop not in (None, False) or worker_state.should_terminate not in (None, False)
+
+
+def _queue_of(request: Any, session_factory: sessionmaker[Session], job_id: str) -> str:
+    """The queue the message came from (its routing key), else the queue of the job it names."""
+    routing_key = (getattr(request, "delivery_info", None) or {}).get("routing_key")
+    if routing_key in QUEUES:
+        return str(routing_key)
+    with session_factory() as session:
+        job = session.get(Job, job_id)
+        return job.queue if job is not None and job.queue in QUEUES else DEFAULT_QUEUE
+
+
+def _wake_later(job: Job, delay_s: float) -> None:
+    """Send a message for ``job`` to arrive once its retry backoff is over."""
     try:
-        return runner.run_job(SessionLocal(), job_id, get_settings(), can_retry=can_retry)
+        run_job.apply_async(args=[job.id], queue=job.queue, countdown=delay_s)
+    except Exception:  # the broker is down: the next message on the queue, or a free worker, starts it
+        log.exception("job %s: could not send its retry message", job.id)
+
+
+def _run_claimed(session_factory: sessionmaker[Session], settings: Settings, job: Job) -> str:
+    """Run a claimed job; an unexpected error on one of its first ``MAX_RETRIES`` attempts (since
+    a manual retry) requeues it, not to start before ``backoff_s`` (10, 20, 40 s) has passed."""
+    attempt = liveness.attempts_since_retry(job)
+    delay = backoff_s(max(0, attempt - 1))
+    try:
+        return runner.run_claimed(
+            session_factory, job, settings, can_retry=attempt <= MAX_RETRIES, retry_delay_s=delay
+        )
     except runner.JobRetry as err:
-        delay = backoff_s(self.request.retries)
-        log.warning("job %s: %s; retry %d in %.0f s", job_id, err, self.request.retries + 1, delay)
-        raise self.retry(exc=err, countdown=delay) from err
+        log.warning("job %s: %s; retry %d in %.0f s", job.id, err, attempt, delay)
+        _wake_later(job, delay)
+        return "queued"
+
+
+@celery_app.task(name="kt.run_job", bind=True, acks_late=True)
+def run_job(self: Any, job_id: str) -> str:
+    """Woken by a message for job ``job_id``: start the jobs ``worker.scheduler.claim_next`` picks
+    on this message's queue, one after the other, until none is left that this worker may start
+    (or the worker is stopping). So a worker that becomes free always takes the fairest next job,
+    whichever message woke it; a message whose job another worker already ran finds nothing."""
+    _size_threads()
+    session_factory, settings = SessionLocal(), get_settings()
+    queue = _queue_of(self.request, session_factory, job_id)
+    outcomes: list[str] = []
+    while not _shutting_down():
+        job = scheduler.claim_next(session_factory, settings, queue)
+        if job is None:
+            break
+        outcomes.append(f"{job.id}: {_run_claimed(session_factory, settings, job)}")
+    return "; ".join(outcomes) or f"nothing to start on {queue!r} (job {job_id} was started already)"
 
 
 _reaper: liveness.Reaper | None = None

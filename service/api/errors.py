@@ -58,6 +58,17 @@ class Conflict(UserError):
     status_code = 409
 
 
+class QuotaExceeded(UserError):
+    """The tenant has as many queued jobs as its quota allows (``service.quotas``): 429 with
+    ``Retry-After``, since waiting (for jobs to start) is one fix; the message names the others."""
+
+    status_code = 429
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(max(1, int(retry_after_s)))}
+
+
 class Unavailable(UserError):
     """A dependency (the job queue) is unreachable; the request may be retried later."""
 
@@ -72,7 +83,8 @@ class Invalid(UserError):
 
 def _user_error_handler(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, UserError)
-    return JSONResponse(status_code=exc.status_code, content={"detail": str(exc)})
+    headers = getattr(exc, "headers", None)  # e.g. QuotaExceeded's Retry-After
+    return JSONResponse(status_code=exc.status_code, content={"detail": str(exc)}, headers=headers)
 
 
 def _location(loc: tuple[Any, ...] | list[Any]) -> str:
