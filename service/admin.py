@@ -1,8 +1,9 @@
-"""Operator commands: create tenants and their API keys, revoke keys.
+"""Operator commands: create tenants and their API keys, revoke keys, set a tenant's quotas.
 
 python -m service.admin create-key --tenant acme     # prints the key, once
 python -m service.admin create-key --tenant ops --admin   # a key that may also call /v1/admin/...
 python -m service.admin revoke-key 1a2b3c4d
+python -m service.admin limits acme --max-queued-jobs 50 --max-storage 100GiB   # or `default`, or 0
 python -m service.admin register-gallery runs/gallery [--name web]   # a `kt gallery build` output
 python -m service.admin register-model proxy w.safetensors [--card w.card.json] [--tenant acme]
 """
@@ -17,6 +18,7 @@ import typer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service import quotas
 from service.db.models import ApiKey, Gallery, Tenant, utcnow
 from service.db.session import init_db, make_engine, make_session_factory
 from service.registry import RegistrationError, input_side, register_model
@@ -51,6 +53,74 @@ def revoke_key(session: Session, prefix: str) -> int:
         key.revoked_at = now
     session.commit()
     return len(keys)
+
+
+# what `kt admin limits` takes: a count (or bytes), `default` (the KT_MAX_*_PER_TENANT setting), 0: none
+DEFAULT_LIMIT = "default"
+_SIZE_UNITS = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4, "kb": 1000, "mb": 1000**2,
+               "gb": 1000**3, "tb": 1000**4, "b": 1}  # fmt: skip
+LIMIT_COLUMNS = {
+    "running_jobs": "max_running_jobs",
+    "queued_jobs": "max_queued_jobs",
+    "storage_bytes": "max_storage_bytes",
+}
+
+
+def parse_limit(text: str, *, size: bool = False) -> int | None:
+    """A limit as given on the command line: ``default`` -> ``None`` (the setting's), else a
+    whole number >= 0 (0: no limit); with ``size``, bytes with an optional unit (``20GiB``, ``500MB``)."""
+    value = text.strip().lower().replace(" ", "")
+    if value == DEFAULT_LIMIT:
+        return None
+    factor = 1
+    if size:
+        unit = next((u for u in sorted(_SIZE_UNITS, key=len, reverse=True) if value.endswith(u)), None)
+        if unit is not None:
+            value, factor = value[: -len(unit)], _SIZE_UNITS[unit]
+    try:
+        number = float(value) if size else int(value)
+    except ValueError:
+        number = -1
+    if number < 0 or number != number:  # NaN
+        what = "bytes, e.g. 20GiB" if size else "a whole number"
+        raise ValueError(
+            f"{text!r} is not a limit: give {what}, 0 for no limit, or `default` for the setting"
+        )
+    return int(number * factor)
+
+
+def set_tenant_limits(session: Session, tenant_name: str, **limits: int | None) -> Tenant:
+    """Set the tenant's own limits (keys of ``LIMIT_COLUMNS``; ``None``: back to the setting's);
+    limits not named are left as they are. ``LookupError`` for an unknown tenant."""
+    tenant = session.scalar(select(Tenant).where(Tenant.name == tenant_name.strip()))
+    if tenant is None:
+        raise LookupError(f"no tenant named {tenant_name!r}; `kt admin create-key --tenant NAME` creates one")
+    for name, value in limits.items():
+        setattr(tenant, LIMIT_COLUMNS[name], value)
+    session.commit()
+    return tenant
+
+
+def _amount(name: str, n: int) -> str:
+    return quotas.human_bytes(n) if name == "storage_bytes" else str(n)
+
+
+def describe_limits(session: Session, tenant: Tenant) -> str:
+    """The tenant's limits in force, where each comes from, and what it uses now."""
+    settings = get_settings()
+    limits = quotas.tenant_limits(session, settings, tenant.id)
+    used = {
+        "running_jobs": quotas.count_jobs(session, tenant.id, "running"),
+        "queued_jobs": quotas.count_jobs(session, tenant.id, "queued"),
+        "storage_bytes": quotas.stored_bytes(session, tenant.id),
+    }
+    lines = [f"tenant {tenant.name}:"]
+    for name in LIMIT_COLUMNS:
+        limit = getattr(limits, name)
+        shown = _amount(name, limit) if limit else "no limit"
+        origin = "this tenant's own" if name in limits.own else quotas.SETTING[name]
+        lines.append(f"  {name.replace('_', ' ')}: {_amount(name, used[name])} of {shown} ({origin})")
+    return "\n".join(lines)
 
 
 def read_gallery_json(path: str | Path) -> dict[str, Any]:
@@ -141,6 +211,39 @@ def revoke_key_command(
         f"revoked {count} key(s) with prefix {prefix}; the API refuses them within "
         f"{API_KEY_CACHE_TTL_S:g} s (each API process trusts a key it has seen for that long)"
     )
+
+
+@cli.command("limits")
+def limits_command(
+    tenant: Annotated[str, typer.Argument(help="Tenant name.")],
+    max_running_jobs: Annotated[
+        str | None, typer.Option(help="Jobs it may run at once (0: no cap; `default`: the setting's).")
+    ] = None,
+    max_queued_jobs: Annotated[
+        str | None, typer.Option(help="Jobs it may have waiting (0: no limit; `default`: the setting's).")
+    ] = None,
+    max_storage: Annotated[
+        str | None,
+        typer.Option(
+            help="Bytes its datasets may hold, e.g. 100GiB (0: no limit; `default`: the setting's)."
+        ),
+    ] = None,
+) -> None:
+    """Show a tenant's quotas and usage; with options, set its own limits first (they override
+    KT_MAX_RUNNING_JOBS_PER_TENANT, KT_MAX_QUEUED_JOBS_PER_TENANT, KT_MAX_STORAGE_BYTES_PER_TENANT)."""
+    given = {"running_jobs": max_running_jobs, "queued_jobs": max_queued_jobs, "storage_bytes": max_storage}
+    with _session() as session:
+        try:
+            changes = {
+                name: parse_limit(text, size=name == "storage_bytes")
+                for name, text in given.items()
+                if text is not None
+            }
+            row = set_tenant_limits(session, tenant, **changes)
+        except (LookupError, ValueError) as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from err
+        typer.echo(describe_limits(session, row))
 
 
 @cli.command("register-gallery")

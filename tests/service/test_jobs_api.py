@@ -38,8 +38,12 @@ def broker() -> Iterator[redis.Redis]:
 
 @pytest.fixture(scope="module")
 def japi(tmp_path_factory: pytest.TempPathFactory, broker: redis.Redis) -> Iterator[Api]:
+    # no worker runs, so every job submitted here stays queued: more than a tenant's default quota
     settings = make_settings(
-        tmp_path_factory.mktemp("jobs") / "data", broker_url=REDIS_URL, result_backend=REDIS_URL
+        tmp_path_factory.mktemp("jobs") / "data",
+        broker_url=REDIS_URL,
+        result_backend=REDIS_URL,
+        max_queued_jobs_per_tenant=0,
     )
     with running_api(settings) as running:
         yield running

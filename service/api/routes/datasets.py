@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request, Response, status
 from sqlalchemy import delete, func, select
 from starlette.concurrency import run_in_threadpool
 
-from service import storage
+from service import quotas, storage
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep
 from service.api.errors import Conflict, Invalid, NotFound
 from service.db.models import Dataset, Job, Tenant, new_id, utcnow
@@ -70,7 +70,9 @@ def _get_owned(session: SessionDep, tenant: Tenant, dataset_id: str) -> Dataset:
 async def create_dataset(
     request: Request, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
 ) -> Dataset:
-    """Upload a zip of labeled images; it is validated, every image decoded, and stored."""
+    """Upload a zip of labeled images; it is validated, every image decoded, and stored. 413 when
+    the images would take the tenant's datasets past its storage quota (nothing is kept)."""
+    await run_in_threadpool(quotas.refuse_if_storage_full, session, settings, tenant)
     upload = await receive_upload(request, settings)
     try:
         name = upload.name or name_from_filename(upload.filename) or "dataset"
@@ -93,6 +95,7 @@ async def create_dataset(
         created_at=utcnow(),
     )
     try:
+        await run_in_threadpool(quotas.check_storage_room, session, settings, tenant, ingested.bytes)
         session.add(dataset)
         await run_in_threadpool(session.commit)
     except BaseException:

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from kt_train.config import parse_config
 from kt_train.errors import ConfigError
 from kt_train.recipe import merge, recipe
-from service import registry, storage
+from service import quotas, registry, storage
 from service.api.deps import CurrentTenant, ReadSessionDep, SessionDep, SettingsDep
 from service.api.errors import Conflict, Invalid, NotFound, Unavailable
 from service.api.routes.datasets import referenced_dataset_ids
@@ -141,9 +141,12 @@ def submit_job(
 ) -> Job:
     """Commit a queued job row (and whatever ``link`` adds for it, in the same transaction), then
     enqueue it on the queue for ``device`` (``gpu`` for cuda, see ``queue_for``). The datasets the
-    request reads are held until that commit (``hold_datasets``). If the broker is unreachable the
-    job is marked failed (nothing will run it) and the request answers 503."""
+    request reads are held until that commit (``hold_datasets``), and so is the tenant row, after
+    checking its queued-jobs quota (``quotas.check_queue_room``: 429 past it, nothing created). If
+    the broker is unreachable the job is marked failed (nothing will run it) and the request
+    answers 503."""
     hold_datasets(session, tenant, referenced_dataset_ids(request))
+    quotas.check_queue_room(session, settings, tenant)
     job = Job(
         id=new_id(),
         tenant_id=tenant.id,
@@ -377,7 +380,8 @@ def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobPu
 def retry_job(job_id: str, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep) -> JobPublic:
     """Run a failed or canceled job again: it goes back to its queue and resumes where it stopped
     (stages it finished are kept, training continues from its last checkpoint), with a fresh
-    allowance of attempts. 409 for a job that is queued, running or succeeded."""
+    allowance of attempts. 409 for a job that is queued, running or succeeded; 429 when the tenant
+    has as many queued jobs as its quota allows (as at submit)."""
     job = owned_job(session, tenant, job_id)
     if job.status not in RETRYABLE_STATUSES:
         raise Conflict(
@@ -386,6 +390,7 @@ def retry_job(job_id: str, session: SessionDep, tenant: CurrentTenant, settings:
         )
     # a failed job's dataset may be deleted since; held until the requeue commits, as at submit
     hold_datasets(session, tenant, referenced_dataset_ids((job.params or {}).get("request") or {}))
+    quotas.check_queue_room(session, settings, tenant)
     params = dict(job.params or {})
     params[ATTEMPTS_BEFORE_RETRY] = job.attempts
     params["retries"] = int(params.get("retries") or 0) + 1
@@ -400,6 +405,7 @@ def retry_job(job_id: str, session: SessionDep, tenant: CurrentTenant, settings:
             finished_at=None,
             eta_s=None,
             heartbeat_at=None,
+            run_after=None,
             params=params,
         )
     )
