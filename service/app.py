@@ -28,6 +28,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import cleanup
+from service.api.docs import install_docs
 from service.api.errors import DATABASE_RETRY_AFTER_S, install_error_handlers
 from service.api.openapi import install_openapi
 from service.api.routes import api_router, health
@@ -239,7 +240,8 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         title="vfm-kt",
         summary="Distill a vision foundation model into a small model for your labeled images.",
         version="0.1.0",
-        docs_url="/docs",
+        docs_url=None,  # served by install_docs, with local files instead of a CDN's
+        redoc_url=None,
         openapi_url=f"{API_PREFIX}/openapi.json",
         lifespan=lifespan,
     )
@@ -250,6 +252,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     app.state.schema = schema
     install_error_handlers(app)
     install_openapi(app)
+    install_docs(app)  # /docs and /redoc
     app.add_middleware(SchemaGate, state=schema)
     app.add_middleware(RejectNulInUrl)  # outside the gate: answered while the database is down too
     app.add_middleware(MetricsMiddleware, registry=app.state.metrics_registry)

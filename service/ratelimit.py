@@ -1,4 +1,6 @@
-"""Per-API-key rate limit: a token bucket per key, in this process.
+"""Per-API-key rate limit: a token bucket per key, in this process. The same buckets, keyed by client
+address and charged only on failures (``peek`` first, ``hit`` after a failure), limit failed
+authentications (``service.api.deps.check_auth_failures``).
 
 Each key may make ``per_min`` requests a minute on average, and up to ``burst`` at once: its
 bucket holds at most ``burst`` tokens, refills at ``per_min / 60`` tokens a second, and every
@@ -86,6 +88,21 @@ class RateLimiter:
             while len(self._buckets) > self.max_keys:
                 self._buckets.popitem(last=False)
         if allowed:
+            return Decision(True)
+        return Decision(False, (1.0 - tokens) / self.rate_per_s)
+
+    def peek(self, key: str) -> Decision:
+        """Whether ``key`` has a token now, taking none: for limits counted on failures only (the
+        request is let through, or refused, before anyone knows whether it will fail)."""
+        if not self.enabled:
+            return Decision(True)
+        now = self._clock()
+        with self._lock:
+            entry = self._buckets.get(key)
+        if entry is None:
+            return Decision(True)
+        tokens = min(float(self.burst), entry[0] + (now - entry[1]) * self.rate_per_s)
+        if tokens >= 1.0:
             return Decision(True)
         return Decision(False, (1.0 - tokens) / self.rate_per_s)
 

@@ -116,6 +116,26 @@ class Settings(BaseSettings):
         ge=1,
         description="Requests an API key may make at once, above its per-minute average (the bucket's size).",
     )
+    auth_failures_per_min: float = Field(
+        default=60.0,
+        ge=0,
+        description="Failed authentications (a malformed, unknown or revoked API key, an ended `/ui` "
+        "session) a client address may make a minute on average, per API process; past it (and "
+        "`auth_failures_burst`), that address gets 429 with `Retry-After` before any key lookup, until "
+        "the bucket refills. 0 turns the limit off.",
+    )
+    auth_failures_burst: int = Field(
+        default=60,
+        ge=1,
+        description="Failed authentications a client address may make at once, above its per-minute average.",
+    )
+    thumbnail_decodes: int = Field(
+        default=1,
+        ge=1,
+        description="Images the API decodes at once to make `/ui` dataset thumbnails (each made once, "
+        "then cached under the dataset's directory); one decode needs up to 4 bytes a pixel of "
+        "`max_image_pixels` (~360 MB at the default), so this bounds the memory thumbnails take.",
+    )
     max_running_jobs_per_tenant: int = Field(
         default=2,
         ge=0,

@@ -6,6 +6,9 @@ round trip: keys that authenticated in the last ``API_KEY_CACHE_TTL_S`` seconds 
 the app's ``ApiKeyCache`` (see ``service.security``; a revocation takes effect within that TTL).
 It also applies the per-key rate limit (``service.ratelimit``: 429 with ``Retry-After``), so every
 authenticated route is limited and the unauthenticated ones (/healthz, /readyz, /metrics) are not.
+Failed authentications are limited per client address (``check_auth_failures``): every lookup of
+an unknown key is a database query, so an address past ``KT_AUTH_FAILURES_PER_MIN`` gets 429 before
+any lookup, whatever key it sends, until its bucket refills.
 """
 
 from __future__ import annotations
@@ -116,10 +119,15 @@ def rate_limiter(app: FastAPI) -> RateLimiter:
 
 def check_rate_limit(app: FastAPI, key: str) -> None:
     """Count one request of ``key``; 429 with ``Retry-After`` (seconds) when its bucket is empty."""
+    check_rate_limit_of_hash(app, hash_api_key(key))
+
+
+def check_rate_limit_of_hash(app: FastAPI, key_hash: str) -> None:
+    """``check_rate_limit`` for a key known by its stored hash (a ``/ui`` session's key)."""
     limiter = rate_limiter(app)
     if not limiter.enabled:
         return
-    decision = limiter.hit(hash_api_key(key))
+    decision = limiter.hit(key_hash)
     if not decision.allowed:
         wait = decision.retry_after_header
         raise HTTPException(
@@ -128,6 +136,61 @@ def check_rate_limit(app: FastAPI, key: str) -> None:
             f"Retry in {wait} s (the Retry-After header), and poll less often.",
             headers={"Retry-After": wait},
         )
+
+
+def auth_failure_limiter(app: FastAPI) -> RateLimiter:
+    """The app's limiter of failed authentications, keyed by client address (one per process)."""
+    limiter: RateLimiter | None = getattr(app.state, "auth_failure_limiter", None)
+    if limiter is None:
+        settings: Settings = app.state.settings
+        limiter = RateLimiter(settings.auth_failures_per_min, settings.auth_failures_burst)
+        app.state.auth_failure_limiter = limiter
+    return limiter
+
+
+def client_address(request: Request) -> str:
+    """The client's address as uvicorn reports it (behind a proxy, the one its ``X-Forwarded-For``
+    names when uvicorn trusts the proxy: ``--forwarded-allow-ips``)."""
+    return request.client.host if request.client else "unknown"
+
+
+def check_auth_failures(request: Request) -> None:
+    """429 with ``Retry-After`` when the client's address failed authentication more often than
+    its limit allows, before any lookup (so a stream of unknown keys costs no database queries)."""
+    limiter = auth_failure_limiter(request.app)
+    decision = limiter.peek(client_address(request))
+    if not decision.allowed:
+        wait = decision.retry_after_header
+        raise HTTPException(
+            status_code=status.HTTP_429_TOO_MANY_REQUESTS,
+            detail=f"Too many failed authentications from this address: the limit is "
+            f"{limiter.per_min:g} a minute, in bursts of at most {limiter.burst}. Check the API key "
+            f"(a revoked or mistyped key fails every time) and retry in {wait} s (the Retry-After header).",
+            headers={"Retry-After": wait},
+        )
+
+
+def count_auth_failure(request: Request) -> None:
+    """Charge one failed authentication to the client's address."""
+    auth_failure_limiter(request.app).hit(client_address(request))
+
+
+async def resolve_key(request: Request, key: str) -> TenantSnapshot:
+    """The tenant of ``key``: from the key cache, else looked up in the threadpool (unless the
+    client's address is past its failed-authentication limit: 429). 401 when the key is malformed,
+    unknown or revoked, and that failure is charged to the address."""
+    cache = api_key_cache(request.app)
+    snapshot = cache.get(key)
+    if snapshot is None:
+        check_auth_failures(request)
+        try:
+            snapshot = await run_in_threadpool(lookup_tenant, request.app.state.session_factory, key)
+        except HTTPException as err:
+            if err.status_code == status.HTTP_401_UNAUTHORIZED:
+                count_auth_failure(request)
+            raise
+        cache.put(key, snapshot)
+    return snapshot
 
 
 def lookup_tenant(session_factory: Any, key: str) -> TenantSnapshot:
@@ -161,15 +224,12 @@ async def get_current_tenant(
 
     A key seen in the last ``API_KEY_CACHE_TTL_S`` seconds is answered from the cache, on the event
     loop, with no database access; otherwise the lookup runs in the threadpool, in its own session.
-    Then the key's rate limit: 429 with ``Retry-After`` once it is spent (see ``check_rate_limit``)."""
+    Then the key's rate limit: 429 with ``Retry-After`` once it is spent (see ``check_rate_limit``);
+    failed lookups are limited per client address (``resolve_key``)."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise _unauthorized("Missing API key: send `Authorization: Bearer <key>`.")
     key = credentials.credentials
-    cache = api_key_cache(request.app)
-    snapshot = cache.get(key)
-    if snapshot is None:
-        snapshot = await run_in_threadpool(lookup_tenant, request.app.state.session_factory, key)
-        cache.put(key, snapshot)
+    snapshot = await resolve_key(request, key)
     check_rate_limit(request.app, key)
     return snapshot.tenant()
 

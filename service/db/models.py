@@ -296,3 +296,19 @@ class Worker(Base):
     stop_reason: Mapped[str | None] = mapped_column(Text, default=None)
 
     __table_args__ = (Index("ix_workers_host_pid", "host", "pid"),)
+
+
+class UiSession(Base):
+    """A login to the ``/ui`` pages: the cookie holds a random token, this row its sha256 (so the
+    table gives no usable session to whoever reads it) and the API key it was opened with, which
+    every page authenticates again (revoking the key ends its sessions). Logging out deletes the
+    row; a row past ``expires_at`` is refused, and removed at the next login."""
+
+    __tablename__ = "ui_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 hex of the cookie's token
+    api_key_id: Mapped[str] = mapped_column(
+        String(ID_LENGTH), ForeignKey("api_keys.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime] = _created_at_column()
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)

@@ -8,7 +8,6 @@ page is the tenant's own: an id of another tenant is a 404 page, a missing login
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,26 +17,31 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from service import storage
 from service.api.deps import SessionDep, SettingsDep
 from service.api.routes.jobs import PIPELINE_STAGES, job_dir
 from service.api.routes.models import EXPORT_FORMATS
+from service.api.routes.transfer_sets import REPORT_HEADERS, curate_dir
 from service.api.routes.transfer_sets import _sync as sync_transfer_set
-from service.api.routes.transfer_sets import curate_dir
 from service.db.models import JOB_FINAL_STATUSES, Dataset, Job, Model, Tenant, TransferSet
 from service.schemas import ExportFormat
 from service.settings import Settings
+from service.thumbnails import thumb_path, thumbnails
 from service.ui.auth import (
     COOKIE_MAX_AGE_S,
     COOKIE_NAME,
     COOKIE_PATH,
+    LEGACY_COOKIE_NAME,
     LoginRequired,
     PageNotFound,
     TooManyRequests,
     UiTenant,
     authenticate,
+    close_session,
     login_url,
+    open_session,
     safe_next,
 )
 from service.ui.charts import Chart, line_chart
@@ -56,11 +60,6 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 PAGE_CSP = (
     "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
     "script-src 'self' 'unsafe-inline'; frame-src 'self'; frame-ancestors 'self'; form-action 'self'"
-)
-# The curation report is self-contained (data: images, inline CSS/JS): it may load nothing else.
-REPORT_CSP = (
-    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
-    "frame-ancestors 'self'"
 )
 HEADERS = {
     "Content-Security-Policy": PAGE_CSP,
@@ -128,29 +127,48 @@ async def login(
     key = api_key.strip()
     try:
         await authenticate(request, key)
+        token = await run_in_threadpool(open_session, request.app.state.session_factory, key)
     except HTTPException as err:
-        return _page(
+        page = _page(
             request, "login.html", status_code=err.status_code, next=safe_next(next), error=err.detail
         )
+        if err.headers and "Retry-After" in err.headers:
+            page.headers["Retry-After"] = err.headers["Retry-After"]
+        return page
     response = RedirectResponse(safe_next(next), status_code=303)
     response.set_cookie(
         COOKIE_NAME,
-        key,
+        token,
         max_age=COOKIE_MAX_AGE_S,
         path=COOKIE_PATH,
         secure=True,
         httponly=True,
         samesite="strict",
     )
+    _forget_legacy_cookie(request, response)
     return response
+
+
+def _forget_legacy_cookie(request: Request, response: Response) -> None:
+    """Clear the cookie of older versions, which held the API key itself."""
+    if LEGACY_COOKIE_NAME in request.cookies:
+        response.delete_cookie(
+            LEGACY_COOKIE_NAME, path=COOKIE_PATH, secure=True, httponly=True, samesite="strict"
+        )
 
 
 @router.post("/logout", response_class=RedirectResponse)
 def logout(request: Request) -> Response:
+    """End the session: its row is deleted (so the cookie is dead wherever it was copied), then
+    the cookie is cleared."""
     if _cross_site(request):
         return _page(request, "error.html", status_code=403, title="Forbidden", message=CROSS_SITE)
+    token = request.cookies.get(COOKIE_NAME)
+    if token:
+        close_session(request.app.state.session_factory, token)
     response = RedirectResponse("/ui/login", status_code=303)
     response.delete_cookie(COOKIE_NAME, path=COOKIE_PATH, secure=True, httponly=True, samesite="strict")
+    _forget_legacy_cookie(request, response)
     return response
 
 
@@ -351,11 +369,7 @@ def job_status(job_id: str, session: SessionDep, tenant: UiTenant) -> dict[str, 
 def _report_response(path: Path) -> Response:
     if not path.is_file():
         raise PageNotFound(str(path.name))
-    return FileResponse(
-        path,
-        media_type="text/html; charset=utf-8",
-        headers={"Content-Security-Policy": REPORT_CSP, "Cache-Control": "private, no-cache"},
-    )
+    return FileResponse(path, media_type="text/html; charset=utf-8", headers=REPORT_HEADERS)
 
 
 @router.get("/jobs/{job_id}/transfer-set", response_class=HTMLResponse)
@@ -567,32 +581,38 @@ def dataset_page(
     return _page(request, "dataset.html", tenant=tenant, section="datasets", ds=ds, rows=rows)
 
 
-@router.get("/datasets/{dataset_id}/thumbs/{cls}/{name}")
-def dataset_thumb(
-    dataset_id: str, cls: str, name: str, session: SessionDep, settings: SettingsDep, tenant: UiTenant
-) -> Response:
-    """A JPEG thumbnail (at most ``THUMB_PX`` px) of one image of the tenant's dataset."""
-    ds: Dataset = _owned(session, Dataset, tenant, dataset_id)
+def _dataset_image(settings: Settings, ds: Dataset, cls: str, name: str) -> Path:
+    """The stored image ``<cls>/<name>`` of ``ds``; ``PageNotFound`` for anything else (another
+    class, a hidden file, a path that leaves the dataset's folder)."""
     if cls not in (ds.classes or []) or "/" in name or "\\" in name or name.startswith("."):
         raise PageNotFound(name)
     root = _images_dir(settings, ds).resolve()
     path = (root / cls / name).resolve()
     if not path.is_relative_to(root) or not path.is_file():
         raise PageNotFound(name)
-    from PIL import Image
+    return path
 
-    try:
-        with Image.open(path) as src:
-            src.draft("RGB", (THUMB_PX, THUMB_PX))  # JPEG: decode at a reduced size
-            thumb = src.convert("RGB")
-        thumb.thumbnail((THUMB_PX, THUMB_PX))
-        buf = io.BytesIO()
-        thumb.save(buf, format="JPEG", quality=80)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise PageNotFound(name) from err
-    return Response(
-        buf.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"}
-    )
+
+@router.get("/datasets/{dataset_id}/thumbs/{cls}/{name}")
+async def dataset_thumb(
+    request: Request,
+    dataset_id: str,
+    cls: str,
+    name: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: UiTenant,
+) -> Response:
+    """A JPEG thumbnail (at most ``THUMB_PX`` px) of one image of the tenant's dataset: made once,
+    on a bounded pool of decoders, then read from its cache beside the dataset (``service.thumbnails``).
+    Async, so a request waiting for a decode holds no thread."""
+    ds: Dataset = await run_in_threadpool(_owned, session, Dataset, tenant, dataset_id)
+    source = await run_in_threadpool(_dataset_image, settings, ds, cls, name)
+    folder = storage.dataset_dir(settings.data_dir, ds.tenant_id, ds.id)
+    thumb = await thumbnails(request.app, THUMB_PX).get(source, thumb_path(folder, cls, name, THUMB_PX))
+    if thumb is None:
+        raise PageNotFound(name)
+    return Response(thumb, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
 
 # --------------------------------------------------------------------------- wiring

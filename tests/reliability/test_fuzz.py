@@ -43,8 +43,9 @@ SENT: dict[str, int] = {}
 def fuzz_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]:
     data_dir = tmp_path_factory.mktemp("fuzz") / "data"
     data_dir.mkdir()
-    # no rate limit here: the fuzzer sends far more than a client should, as fast as it can
-    app_settings = Settings(data_dir=data_dir, rate_limit_per_min=0)  # type: ignore[call-arg]
+    # no rate limits here: the fuzzer sends far more than a client should, as fast as it can, and
+    # checks every operation with bad credentials (which must answer 401, not the failures' 429)
+    app_settings = Settings(data_dir=data_dir, rate_limit_per_min=0, auth_failures_per_min=0)  # type: ignore[call-arg]
     init_db(app_settings.database_url)
     engine = make_engine(app_settings.database_url)
     try:

@@ -32,6 +32,7 @@ TABLES = {
     "models",
     "registered_models",
     "workers",
+    "ui_sessions",
 }
 
 

@@ -38,6 +38,18 @@ _STATUS = {
     "canceled": "failed",
 }
 _MEDIA = {"jsonl": "application/x-ndjson", "csv": "text/csv", "parquet": "application/vnd.apache.parquet"}
+# The curation report is self-contained (data: images, inline CSS/JS) and shows names taken from the
+# tenant's data and the gallery: it may load nothing and run nothing but its own inline code, may be
+# framed only by our pages, and is never sniffed as another type. The same headers on /v1 and /ui.
+REPORT_CSP = (
+    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+    "frame-ancestors 'self'"
+)
+REPORT_HEADERS = {
+    "Content-Security-Policy": REPORT_CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "private, no-cache",
+}
 
 
 def curate_dir(settings: Settings, job_id: str) -> Path:
@@ -225,4 +237,4 @@ def get_report(
         raise NotFound(
             f"Transfer set {transfer_set_id!r} has no report (its job wrote none); the manifest has the items."
         )
-    return FileResponse(path, media_type="text/html")
+    return FileResponse(path, media_type="text/html; charset=utf-8", headers=REPORT_HEADERS)
