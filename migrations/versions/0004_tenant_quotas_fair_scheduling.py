@@ -36,9 +36,12 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("jobs") as batch:
+    # recreate="never": SQLite (>= 3.35) drops the columns in place. Copying the tables, batch mode's
+    # default there, would drop the old `tenants` with foreign keys on, and its ON DELETE CASCADE
+    # would delete every tenant's rows (dropping the old `jobs` would unlink models and transfer sets).
+    with op.batch_alter_table("jobs", recreate="never") as batch:
         batch.drop_column("run_after")
-    with op.batch_alter_table("tenants") as batch:
+    with op.batch_alter_table("tenants", recreate="never") as batch:
         batch.drop_column("last_started_at")
         batch.drop_column("max_storage_bytes")
         batch.drop_column("max_queued_jobs")
