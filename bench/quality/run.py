@@ -151,6 +151,30 @@ def arm_config(base: dict[str, Any], out_dir: Path, **data: DatasetRef | None) -
     return parse_config(d, "bench/quality/config.yaml")
 
 
+STUDENT_SIDE = ("student", "distill", "finetune_student", "curate")
+DISTILL_SIDE = ("student", "distill", "curate")
+
+
+def config_key(d: Any) -> str:
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def teacher_key(base: dict[str, Any]) -> str:
+    """The work directory's key: what decides the teacher (and so its output caches). Student-side
+    changes (student, distillation, finetune, curation) reuse the teacher and the caches."""
+    return config_key({k: v for k, v in base.items() if k not in STUDENT_SIDE})
+
+
+def student_key(base: dict[str, Any]) -> str:
+    """An arm directory's key: what decides the distilled student (the finetune after it has its own
+    key, so finetune variants reuse the distillation)."""
+    return config_key({k: base.get(k) for k in DISTILL_SIDE})
+
+
+def ccfg_dict(base: dict[str, Any]) -> dict[str, Any]:
+    return {"curate": base.get("curate"), "seed": base.get("seed")}
+
+
 def test_acc(ckpt: str, ref: DatasetRef, device: torch.device) -> float:
     """Top-1 of a checkpoint on ``ref``; remembered beside the checkpoint (keyed by its bytes' size
     and mtime and by the split's lines), so a resumed run re-reports a finished arm in seconds."""
@@ -216,7 +240,7 @@ def run_seed(
         t1 = time.perf_counter()
         row: dict[str, Any] = {}
         inputs: dict[str, Any] = {"teacher": teacher["checkpoint"], "classes": classes}
-        arm_dir = work / arm.replace(":", "_n").replace("@", "_steps")
+        arm_dir = work / f"{arm.replace(':', '_n').replace('@', '_steps')}-{student_key(base)}"
         arm_base = base if steps is None else {**base, "distill": {**base["distill"], "steps": steps}}
         if steps is not None:
             row["distill_steps"] = steps
@@ -229,7 +253,8 @@ def run_seed(
                 {**base, "curate": {**base.get("curate", {}), "gallery": gallery, "size": n}}, work, **common
             )
             # one curated set per (seed, size): the steps-curve arms train on the set A5 trained on
-            cur = pipeline.curate(ccfg, inputs, work / ("A5" if n == size else f"A5_n{n}") / "curate")
+            curate_dir = work / f"{'A5' if n == size else f'A5_n{n}'}-curate-{config_key(ccfg_dict(base))}"
+            cur = pipeline.curate(ccfg, inputs, curate_dir)
             row["curate_s"] = cur["summary"]["seconds"]
             row["transfer_set_size"] = cur["size"]
             row["per_class_fill"] = cur["summary"].get("per_class_fill")
@@ -260,12 +285,14 @@ def run_seed(
             row["test_acc"] = row["distill_acc"]
         else:
             cfg = arm_config(base, work, **common)
-            f = pipeline.finetune_student(cfg, inputs, arm_dir / "finetune_student")
+            f = pipeline.finetune_student(
+                cfg, inputs, arm_dir / f"finetune_student-{config_key(base.get('finetune_student'))}"
+            )
             row["test_acc"] = test_acc(f["checkpoint"], eval_ref, device)
             row["val_tune_acc"] = tune_acc(f["checkpoint"])
         row["wall_s"] = time.perf_counter() - t1 + (t_teacher if name in ("A3", "A4", "A5") else 0.0)
         res[arm] = row
-        log.info("seed %d %s %s", seed, arm, {k: round(v, 2) for k, v in row.items()})
+        log.info("seed %d %s %s", seed, arm, {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()})
     return res
 
 
@@ -594,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "cifar10" and args.eval_on != "test":
         raise SystemExit("cifar10 has no tuning split: the second task runs the default recipe untuned")
 
-    key = hashlib.sha1(json.dumps(base, sort_keys=True).encode()).hexdigest()[:10]
+    key = teacher_key(base)
     work = ROOT / "bench/work/quality" / (key if args.task == "eurosat" else f"{args.task}-{key}")
     splits = prepare_splits(
         shared, work / "splits", bench["labels_per_class"], test_limit, seed=0, task=args.task
@@ -611,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_ref = DatasetRef(path=zip_, split=str(splits[args.eval_on]))
     # labels of the unlabeled sets are never read: load_unlabeled ignores folder names
     device = resolve_device("auto")
-    (work / "config.json").write_text(json.dumps(base, indent=2))
+    (work / f"config-{config_key({k: base.get(k) for k in STUDENT_SIDE})}.json").write_text(json.dumps(base, indent=2))
     log.info("work dir %s; arms %s; seeds %s; eval on %s", work, arms, seeds, args.eval_on)
 
     commit = git_commit()  # the code that runs, not whatever is checked out when it ends
