@@ -63,9 +63,15 @@ def _size_threads() -> None:
     _threads_set = True
 
 
+def _flag_set(value: Any) -> bool:
+    """Celery's shutdown flags hold an exit code once set: a warm shutdown's is 0 (EX_OK), which
+    ``in (None, False)`` would take for unset (0 == False)."""
+    return value is not None and value is not False
+
+
 def _shutting_down() -> bool:
     """Celery was told to shut down (SIGTERM, SIGINT): start no further job."""
-    return worker_state.should_stop not in (None, False) or worker_state.should_terminate not in (None, False)
+    return _flag_set(worker_state.should_stop) or _flag_set(worker_state.should_terminate)
 
 
 def _queue_of(request: Any, session_factory: sessionmaker[Session], job_id: str) -> str:
