@@ -7,7 +7,8 @@
 
 # ---------------------------------------------------------------------------------------------
 # api: python:3.11-slim, the project installed WITHOUT its ML dependencies (--no-deps), plus the
-# packages the service needs, listed here (keep in step with pyproject.toml's "service:" groups).
+# packages the service needs, listed here (keep in step with pyproject.toml's "service:" groups;
+# pyarrow: the API rewrites server paths out of Parquet manifests, service/redact.py).
 # ---------------------------------------------------------------------------------------------
 FROM python:3.11-slim AS api
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -20,7 +21,7 @@ WORKDIR /app
 RUN pip install \
       "sqlalchemy>=2" "alembic>=1.16" "pydantic>=2.7" "pydantic-settings>=2.3" "psycopg[binary]>=3.1" \
       "fastapi>=0.115" "uvicorn[standard]>=0.30" "python-multipart>=0.0.9" "prometheus-client>=0.20" \
-      "jinja2>=3.1" \
+      "jinja2>=3.1" "pyarrow>=15" \
       "celery[redis]>=5.4" "redis>=5" \
       "pillow>=10" "numpy>=1.26" "pyyaml>=6" "typer>=0.12" "rich>=13"
 COPY pyproject.toml README.md alembic.ini ./

@@ -68,8 +68,13 @@ def main(
     help="Start the service: the HTTP API and Celery worker processes (`kt serve --help` for options).",
 )
 def serve(ctx: typer.Context) -> None:
-    from service.serve import main
+    import os
 
+    from service.serve import main
+    from service.storage import PRIVATE_UMASK
+
+    # before the database, the logs and the workers are made: every tenant's data stays this user's
+    os.umask(PRIVATE_UMASK)
     raise typer.Exit(main(list(ctx.args)))
 
 

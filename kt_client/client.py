@@ -345,8 +345,10 @@ class Datasets:
     def get(self, dataset_id: str) -> dict[str, Any]:
         return dict(self._c.get_json(f"/datasets/{dataset_id}"))
 
-    def delete(self, dataset_id: str) -> None:
-        self._c.request("DELETE", f"/datasets/{dataset_id}")
+    def delete(self, dataset_id: str, cascade: bool = False) -> None:
+        """Delete a dataset. The server refuses (``Conflict``, 409) while transfer sets, jobs'
+        curated sets or galleries made from its images exist; ``cascade=True`` deletes those too."""
+        self._c.request("DELETE", f"/datasets/{dataset_id}", params={"cascade": "true"} if cascade else None)
 
 
 class TransferSets:
@@ -615,8 +617,10 @@ class AsyncDatasets:
     async def get(self, dataset_id: str) -> dict[str, Any]:
         return dict(await self._c.get_json(f"/datasets/{dataset_id}"))
 
-    async def delete(self, dataset_id: str) -> None:
-        await self._c.request("DELETE", f"/datasets/{dataset_id}")
+    async def delete(self, dataset_id: str, cascade: bool = False) -> None:
+        await self._c.request(
+            "DELETE", f"/datasets/{dataset_id}", params={"cascade": "true"} if cascade else None
+        )
 
 
 class AsyncTransferSets:

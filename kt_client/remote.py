@@ -63,6 +63,7 @@ _ROUTE_COMMANDS: list[tuple[str, str, str]] = [
     ("POST", r"/v1/datasets", "kt datasets upload PATH"),
     ("GET", rf"/v1/datasets/{_ID}", "kt datasets show {0}"),
     ("DELETE", rf"/v1/datasets/{_ID}", "kt datasets delete {0}"),
+    ("DELETE", rf"/v1/datasets/{_ID}\?cascade=true", "kt datasets delete {0} --cascade"),
     ("GET", r"/v1/transfer-sets", "kt transfer-sets list"),
     ("POST", r"/v1/transfer-sets", "kt transfer-sets create DATASET_ID --gallery GALLERY_ID"),
     ("GET", rf"/v1/transfer-sets/{_ID}", "kt transfer-sets show {0}"),
@@ -79,7 +80,9 @@ _ROUTE_COMMANDS: list[tuple[str, str, str]] = [
     ("GET", rf"/v1/models/{_ID}/download", "kt models download {0}"),
     ("GET", r"/v1/galleries", "kt galleries list"),
 ]
-_ROUTE_IN_TEXT = re.compile(r"(`?)\b(GET|POST|DELETE|PUT|PATCH) (/v1/[A-Za-z0-9_\-/{}]*[A-Za-z0-9_\-}])\1")
+_ROUTE_IN_TEXT = re.compile(
+    r"(`?)\b(GET|POST|DELETE|PUT|PATCH) (/v1/[A-Za-z0-9_\-/{}]*[A-Za-z0-9_\-}](?:\?[A-Za-z0-9_=&]+)?)\1"
+)
 
 
 def _command_for(method: str, path: str) -> str | None:
@@ -314,14 +317,28 @@ def datasets_show(dataset_id: str, as_json: JsonOpt = False) -> None:
 
 
 @datasets_app.command("delete")
-def datasets_delete(dataset_id: str, as_json: JsonOpt = False) -> None:
-    """Delete a dataset and its files."""
+def datasets_delete(
+    dataset_id: str,
+    cascade: Annotated[
+        bool,
+        typer.Option(
+            "--cascade",
+            help="Also delete what shows its images: transfer sets curated for it, jobs' curated sets, "
+            "galleries built from it (models trained on it are kept). Without it, the server refuses "
+            "while any exist and lists them.",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete a dataset and its files (with --cascade, what was made from its images too)."""
     with _client() as client:
-        client.datasets.delete(dataset_id)
+        client.datasets.delete(dataset_id, cascade=cascade)
     if as_json:
-        _print_json({"deleted": dataset_id})
+        _print_json({"deleted": dataset_id, "cascade": cascade})
     else:
-        typer.echo(f"Deleted dataset {dataset_id}")
+        typer.echo(
+            f"Deleted dataset {dataset_id}" + (" and what was made from its images" if cascade else "")
+        )
 
 
 # --- transfer sets

@@ -27,13 +27,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import cleanup
+from service import cleanup, storage
 from service.api.docs import install_docs
 from service.api.errors import DATABASE_RETRY_AFTER_S, install_error_handlers
 from service.api.openapi import install_openapi
 from service.api.routes import api_router, health
 from service.api.routes.health import check_database
 from service.db.session import init_db, make_engine, make_session_factory
+from service.redact import RedactPaths
 from service.settings import Settings, get_settings
 from service.ui import install_ui
 
@@ -198,7 +199,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        storage.secure_data_dir(settings.data_dir)  # umask 077, the data dir 0700
         stop = threading.Event()
         threads = [
             threading.Thread(
@@ -255,6 +256,8 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     install_docs(app)  # /docs and /redoc
     app.add_middleware(SchemaGate, state=schema)
     app.add_middleware(RejectNulInUrl)  # outside the gate: answered while the database is down too
+    # what a tenant reads never names a server path (service.redact)
+    app.add_middleware(RedactPaths, settings=settings, session_factory=app.state.session_factory)
     app.add_middleware(MetricsMiddleware, registry=app.state.metrics_registry)
     app.include_router(health.router)
     app.include_router(api_router, prefix=API_PREFIX)

@@ -7,10 +7,14 @@ Redis in production, kombu's SQLite-backed SQLAlchemy transport (``sqla+sqlite:/
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
+from celery.signals import worker_init
 from kombu import Exchange, Queue
 
 from service.settings import Settings, get_settings
+from service.storage import secure_data_dir
 
 QUEUES = ("cpu", "gpu")
 # Longer than the longest stage: a task not acked within it is handed to another worker.
@@ -53,3 +57,10 @@ def make_celery(settings: Settings) -> Celery:
 
 
 celery_app = make_celery(get_settings())
+
+
+@worker_init.connect
+def _private_files(**_: Any) -> None:
+    """Before the worker connects or runs anything: what it writes (job runs, models, logs, the
+    SQLite result backend) is 0600 in 0700 folders, whatever umask it was started with."""
+    secure_data_dir(get_settings().data_dir)

@@ -26,6 +26,7 @@ from service.api.routes.models import EXPORT_FORMATS
 from service.api.routes.transfer_sets import REPORT_HEADERS, curate_dir
 from service.api.routes.transfer_sets import _sync as sync_transfer_set
 from service.db.models import JOB_FINAL_STATUSES, Dataset, Job, Model, Tenant, TransferSet
+from service.redact import Redactor, public_copy, session_redactor
 from service.schemas import ExportFormat
 from service.settings import Settings
 from service.thumbnails import thumb_path, thumbnails
@@ -366,9 +367,11 @@ def job_status(job_id: str, session: SessionDep, tenant: UiTenant) -> dict[str, 
     }
 
 
-def _report_response(path: Path) -> Response:
+def _report_response(path: Path, redactor: Redactor) -> Response:
+    """The report, from its copy that names no server path (``service.redact.public_copy``)."""
     if not path.is_file():
         raise PageNotFound(str(path.name))
+    path = public_copy(path, redactor)
     return FileResponse(path, media_type="text/html; charset=utf-8", headers=REPORT_HEADERS)
 
 
@@ -399,7 +402,7 @@ def job_transfer_set_report(
     job_id: str, session: SessionDep, settings: SettingsDep, tenant: UiTenant
 ) -> Response:
     job: Job = _owned(session, Job, tenant, job_id)
-    return _report_response(curate_dir(settings, job.id) / "report.html")
+    return _report_response(curate_dir(settings, job.id) / "report.html", session_redactor(settings, session))
 
 
 # --------------------------------------------------------------------------- transfer sets
@@ -451,7 +454,9 @@ def transfer_set_report(
     )
     if ts.status != "ready" or ts.job_id is None:
         raise PageNotFound(transfer_set_id)
-    return _report_response(curate_dir(settings, ts.job_id) / "report.html")
+    return _report_response(
+        curate_dir(settings, ts.job_id) / "report.html", session_redactor(settings, session)
+    )
 
 
 # --------------------------------------------------------------------------- models

@@ -7,6 +7,7 @@ from pathlib import PurePath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response, status
+from fastapi.responses import JSONResponse
 from sqlalchemy import delete, func, select
 from starlette.concurrency import run_in_threadpool
 
@@ -14,6 +15,7 @@ from service import quotas, storage
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep
 from service.api.errors import Conflict, Invalid, NotFound
 from service.db.models import Dataset, Job, Tenant, new_id, utcnow
+from service.derived import delete_rows, find_derived, remove_files, unfinished_users
 from service.schemas import MAX_OFFSET, DatasetPublic, DatasetsPublic
 from service.uploads import ingest_zip, receive_upload
 
@@ -137,12 +139,60 @@ def referenced_dataset_ids(request: dict[str, Any]) -> set[str]:
     return {i for i in ids if isinstance(i, str)}
 
 
-@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses={404: {}, 409: {}})
+_DEPENDENTS_409: dict[str, Any] = {
+    "description": "A queued or running job reads the dataset, or (without `cascade=true`) things "
+    "derived from it still show its images: `dependents` lists them.",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "detail": {"type": "string"},
+                    "dependents": {
+                        "type": "object",
+                        "description": "Your transfer sets and jobs (ids) and the galleries that show the "
+                        "dataset's images, and how many transfer sets of other tenants were curated from "
+                        "those galleries.",
+                    },
+                },
+            }
+        }
+    },
+}
+
+
+@router.delete(
+    "/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses={404: {}, 409: _DEPENDENTS_409}
+)
 def delete_dataset(
-    dataset_id: str, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
+    dataset_id: str,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    settings: SettingsDep,
+    cascade: Annotated[
+        bool,
+        Query(
+            description="Also delete what shows the dataset's images: transfer sets curated for it "
+            "(their reports and files), the curate stage of jobs that curated from it, and galleries "
+            "built from it with the transfer sets curated from those. Without it, the delete is "
+            "refused (409) while any of these exist. Models trained on the dataset are kept."
+        ),
+    ] = False,
 ) -> Response:
-    """Delete the dataset and its files (not while a queued or running job reads it)."""
-    _get_owned(session, tenant, dataset_id)
+    """Delete the dataset and its files; never while a queued or running job reads it (or what
+    is derived from it). Transfer sets, curated sets of jobs and galleries made from its images
+    show them too: the delete is refused (409, listing them) unless `cascade=true` deletes them
+    with it."""
+    dataset = _get_owned(session, tenant, dataset_id)
+    found = find_derived(session, settings, dataset)
+    if found and not cascade:
+        session.rollback()
+        return _refused(
+            f"Dataset {dataset_id!r} is not deleted: its images are shown by {found.describe(tenant.id)}. "
+            f"To delete those with it, use `DELETE /v1/datasets/{dataset_id}?cascade=true` (models "
+            "trained on it are kept).",
+            found.listing(tenant.id),
+        )
     # Delete first, then look for jobs, in one transaction: the DELETE locks the row (PostgreSQL) or
     # the database (SQLite) until the commit, and a job being submitted holds the row the same way
     # (``jobs.hold_datasets``), so a job committed before this look is seen here, and one that
@@ -164,6 +214,25 @@ def delete_dataset(
                 f"Dataset {dataset_id!r} is used by {job.status} job {job.id!r}; wait for it to finish "
                 f"or cancel it (`POST /v1/jobs/{job.id}/cancel`), then delete the dataset."
             )
+    busy = unfinished_users(session, found)
+    if busy:
+        session.rollback()
+        mine = [job.id for job in busy if job.tenant_id == tenant.id]
+        which = f"job {mine[0]!r}" if mine else "a job of another tenant"
+        raise Conflict(
+            f"Dataset {dataset_id!r} is not deleted: {which} is {busy[0].status} on a transfer set or "
+            "gallery made from it; wait for it to finish"
+            + (f" or cancel it (`POST /v1/jobs/{mine[0]}/cancel`)" if mine else "")
+            + ", then delete the dataset."
+        )
+    delete_rows(session, found)
     session.commit()
     storage.remove_tree(storage.dataset_dir(settings.data_dir, tenant.id, dataset_id))
+    remove_files(settings, found)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def _refused(detail: str, dependents: dict[str, Any]) -> JSONResponse:
+    return JSONResponse(
+        status_code=status.HTTP_409_CONFLICT, content={"detail": detail, "dependents": dependents}
+    )

@@ -32,6 +32,7 @@ from service.db.models import (
     Job,
     Model,
     Tenant,
+    TransferSet,
     new_id,
     utcnow,
 )
@@ -94,6 +95,34 @@ def hold_datasets(session: Session, tenant: Tenant, dataset_ids: Iterable[str]) 
             f"Dataset {gone[0]!r} was deleted (or is no longer ready), so nothing was queued; "
             "`GET /v1/datasets` lists your datasets: upload it again and submit a new request."
         )
+
+
+def refuse_if_inputs_gone(session: Session, tenant: Tenant, request: dict[str, Any]) -> None:
+    """409 when a retried job's transfer set or gallery is gone (deleted, or a dataset's delete
+    took it along): run again, it would only fail on the missing files. Its datasets are checked
+    (and held) by ``hold_datasets``."""
+    ts_id, gallery_id = request.get("transfer_set_id"), request.get("gallery_id")
+    if isinstance(ts_id, str):
+        ts = session.get(TransferSet, ts_id)
+        if (
+            ts is None
+            or ts.tenant_id != tenant.id
+            or not ts.manifest_path
+            or not Path(ts.manifest_path).is_file()
+        ):
+            session.rollback()
+            raise Conflict(
+                f"Transfer set {ts_id!r} was deleted, so the job can't run again and was not queued; "
+                "curate a new one (`POST /v1/transfer-sets`) and submit a new job (`POST /v1/jobs`)."
+            )
+    if isinstance(gallery_id, str):
+        gallery = session.get(Gallery, gallery_id)
+        if gallery is None or not Path(gallery.path).is_dir():
+            session.rollback()
+            raise Conflict(
+                f"Gallery {gallery_id!r} was deleted, so the job can't run again and was not queued; "
+                "`GET /v1/galleries` lists the galleries: submit a new request with one of them."
+            )
 
 
 def dataset_images(settings: Settings, dataset: Dataset) -> str:
@@ -389,7 +418,9 @@ def retry_job(job_id: str, session: SessionDep, tenant: CurrentTenant, settings:
             + (f" (poll it with `GET /v1/jobs/{job_id}`)." if job.status in ("queued", "running") else ".")
         )
     # a failed job's dataset may be deleted since; held until the requeue commits, as at submit
-    hold_datasets(session, tenant, referenced_dataset_ids((job.params or {}).get("request") or {}))
+    request = (job.params or {}).get("request") or {}
+    hold_datasets(session, tenant, referenced_dataset_ids(request))
+    refuse_if_inputs_gone(session, tenant, request)
     quotas.check_queue_room(session, settings, tenant)
     params = dict(job.params or {})
     params[ATTEMPTS_BEFORE_RETRY] = job.attempts

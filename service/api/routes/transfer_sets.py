@@ -18,6 +18,7 @@ from service.api.deps import CurrentTenant, SessionDep, SettingsDep
 from service.api.errors import Conflict, NotFound
 from service.api.routes.jobs import dataset_images, get_gallery, job_dir, owned_dataset, submit_job
 from service.db.models import Job, Tenant, TransferSet, new_id
+from service.redact import public_copy, session_redactor
 from service.schemas import (
     MAX_OFFSET,
     ManifestFormat,
@@ -224,6 +225,7 @@ def get_manifest(
             f"Transfer set {transfer_set_id!r} has no {format} manifest; ask for another `format` "
             "(jsonl, csv, parquet)."
         )
+    path = public_copy(path, session_redactor(settings, session))  # its `source`s name no server path
     return FileResponse(path, media_type=_MEDIA[format], filename=f"transfer-set-{transfer_set_id}.{format}")
 
 
@@ -237,4 +239,5 @@ def get_report(
         raise NotFound(
             f"Transfer set {transfer_set_id!r} has no report (its job wrote none); the manifest has the items."
         )
+    path = public_copy(path, session_redactor(settings, session))
     return FileResponse(path, media_type="text/html; charset=utf-8", headers=REPORT_HEADERS)
