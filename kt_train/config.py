@@ -176,6 +176,11 @@ class DistillConfig(OptimConfig):
 
 
 class FinetuneStudentConfig(OptimConfig):
+    after_distillation: bool = Field(
+        True,
+        description="finetune a task-distilled student too; false keeps it as distilled (the labeled images "
+        "then train only a student from scratch or after task-agnostic distillation, whose head is untrained)",
+    )
     norm_eval: bool = Field(
         False,
         description="keep the student's batch-norm statistics (from distillation) frozen while finetuning",

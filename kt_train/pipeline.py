@@ -703,7 +703,8 @@ def distill_task_agnostic(
 def finetune_student(
     cfg: TrainConfig, inputs: Outputs, out_dir: str | Path, reporter: Reporter | None = None
 ) -> Outputs:
-    """Cross-entropy on the labeled images, from the distilled student (or from scratch if none)."""
+    """Cross-entropy on the labeled images, from the distilled student (or from scratch if none).
+    A task-distilled student is kept as it is when ``finetune_student.after_distillation`` is false."""
     cfg = resolve_sizes(cfg)
     out = _stage_begin(out_dir, cfg)
     if out is None:
@@ -726,6 +727,11 @@ def finetune_student(
         lineage["method"] = "scratch"
     student = _to_device(student, device, channels_last=_channels_last(cfg, device))
     fs = cfg.finetune_student
+    if lineage.get("method") == "task_oriented" and not fs.after_distillation:
+        # bench/quality/FINDINGS.md: after a long distillation every finetune on the few labeled
+        # images cost val_tune points (0.4-2.5), so the recipe keeps the distilled student
+        fs = fs.model_copy(update={"steps": 0})
+        lineage["finetune"] = "skipped: finetune_student.after_distillation is false"
     train = open_labeled(
         cfg.data.train, what="train", classes=classes, seed=cfg.seed, cache=cfg.data.cache_images
     )

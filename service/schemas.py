@@ -251,6 +251,11 @@ class FinetuneStudentRecipe(_Request):
     )
     steps: int | None = Field(None, ge=0, le=100_000, description="Finetuning steps." + _FROM_BUDGET)
     lr: float | None = Field(None, gt=0, le=1, description="Peak learning rate." + _FROM_BUDGET)
+    after_distillation: bool | None = Field(
+        None,
+        description="Finetune a task-distilled student too; `false` keeps it as distilled (the stage then "
+        "trains only a student without task distillation)." + _FROM_BUDGET,
+    )
 
 
 class RecipeOverrides(_Request):
@@ -395,6 +400,7 @@ class JobCreate(_Request):
                 for name, value in (
                     ("recipe.finetune_student.steps", student.steps),
                     ("recipe.finetune_student.lr", student.lr),
+                    ("recipe.finetune_student.after_distillation", student.after_distillation),
                     ("steps.finetune_student", self.steps.finetune_student),
                     ("batch_size.finetune_student", self.batch_size.finetune_student),
                     ("lr.finetune_student", self.lr.finetune_student),

@@ -415,6 +415,25 @@ def test_finetune_student_scratch_lr_and_norm_eval(
         assert torch.equal(ckpt["state_dict"][k], v), k
 
 
+def test_finetune_student_keeps_a_task_distilled_student_when_after_distillation_is_false(
+    base: dict[str, Any], demo_data: dict[str, Path], tmp_path: Path
+) -> None:
+    distilled = base["distill"]["checkpoint"]
+    _, src = load_checkpoint(distilled)
+    assert src["lineage"]["method"] == "task_oriented"
+    cfg = _cfg(demo_data, tmp_path, finetune_student__steps=3, finetune_student__after_distillation=False)
+    res = pipeline.finetune_student(cfg, {"student": distilled}, tmp_path / "kept")
+    assert_stage_contract(tmp_path / "kept", res)
+    _, ckpt = load_checkpoint(res["checkpoint"])
+    assert ckpt["lineage"]["finetune"].startswith("skipped")
+    for k, v in src["state_dict"].items():
+        assert torch.equal(ckpt["state_dict"][k], v), k
+    # a student from scratch is still trained: the flag only keeps a task-distilled one
+    res = pipeline.finetune_student(cfg, {"classes": CLASSES}, tmp_path / "scratch")
+    hist = json.loads((tmp_path / "scratch" / "history.json").read_text())["finetune"]
+    assert len(hist) >= 1
+
+
 # --------------------------------------------------------------------------- evaluate and export
 
 

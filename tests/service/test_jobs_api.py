@@ -512,7 +512,7 @@ def test_per_job_recipe_overrides_land_in_the_config(japi: Api, tenant: dict[str
             "teacher_rerank": 0.5,
             "dedup_threshold": 0.9,
         },
-        "finetune_student": {"steps": 9, "lr": 0.002},
+        "finetune_student": {"steps": 9, "lr": 0.002, "after_distillation": True},
     }
     body = minimal_body(tenant["dataset"]["id"], gallery_id=tenant["gallery_id"], budget="fast", seed=1234)
     job, cfg = submit_config(japi, tenant["key"], {**body, "recipe": overrides})
@@ -531,6 +531,8 @@ def test_per_job_recipe_overrides_land_in_the_config(japi: Api, tenant: dict[str
     assert (distill["cache"]["views"], distill["cache"]["mode"]) == (4, "online")
     assert {k: cfg["curate"][k] for k in overrides["curate"]} == overrides["curate"]
     assert (student["steps"], student["lr"]) == (9, 0.002)
+    # the recipe keeps a task-distilled student as distilled; a job can ask for the finetune anyway
+    assert student["after_distillation"] is True and recipe("fast")["finetune_student"]["after_distillation"] is False
     assert cfg["seed"] == 1234
     # what was not overridden is still the budget's
     fast = recipe("fast")

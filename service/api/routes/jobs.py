@@ -327,6 +327,7 @@ def _overrides(body: JobCreate) -> dict[str, Any]:
             "steps": _first(student.steps, body.steps.finetune_student),
             "lr": _first(student.lr, body.lr.finetune_student),
             "batch_size": body.batch_size.finetune_student,
+            "after_distillation": student.after_distillation,
         },
         "curate": {**_set_fields(r.curate), "size": _first(r.curate.size, body.transfer_set_size)},
     }
