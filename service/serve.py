@@ -8,6 +8,14 @@ unless ``KT_*`` variables say otherwise), runs the migrations, starts the API in
 ``<data_dir>/logs/worker-<i>.log``). The workers are subprocesses so that this process never
 imports torch, ``kt_train`` or ``worker``. SIGINT / SIGTERM stop the API, then the workers
 (SIGTERM, SIGKILL after ``--stop-timeout`` seconds), and the process exits 0.
+
+The workers are supervised (``Supervisor``): one that exits, however it ends, is started again
+after a backoff (0.5 s, doubling at each death in a row up to 30 s; a worker that had stayed up a
+minute starts over), each restart printed with the exit code or signal. The supervisor knows the
+dead process's pid, so it hands back the job that process held at once (``service.workers.
+process_died``: ``queued`` again, the next attempt resumes from the finished stages) instead of
+leaving it ``running`` until the job heartbeat times out; ``/readyz`` answers 503 while no worker
+is alive (``KT_READY_MIN_WORKERS`` is 1 here).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import argparse
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,9 +35,15 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from sqlalchemy.orm import Session, sessionmaker
+
 from service.settings import Settings
 
 READY_TIMEOUT_S = 120.0
+RESTART_BASE_S = 0.5
+RESTART_MAX_S = 30.0
+STABLE_AFTER_S = 60.0  # a worker that stayed up this long before it died starts the backoff over
+SUPERVISE_EVERY_S = 0.2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,6 +76,8 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         os.environ["KT_API_HOST"] = args.host
     if args.port is not None:
         os.environ["KT_API_PORT"] = str(args.port)
+    if args.workers > 0:  # /readyz: 503 while none of this server's workers is alive
+        os.environ.setdefault("KT_READY_MIN_WORKERS", "1")
     settings = Settings()
     # pin the resolved values so worker subprocesses (any working directory) use the same ones
     os.environ["KT_DATA_DIR"] = str(settings.data_dir)
@@ -98,26 +115,149 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def start_workers(settings: Settings, count: int) -> tuple[list[subprocess.Popen[bytes]], list[IO[bytes]]]:
-    log_dir = settings.data_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    procs: list[subprocess.Popen[bytes]] = []
-    logs: list[IO[bytes]] = []
-    for index in range(count):
-        log = open(log_dir / f"worker-{index}.log", "ab")  # noqa: SIM115 - kept open while the worker runs
-        logs.append(log)
-        procs.append(
-            subprocess.Popen(
-                worker_command(index),
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},  # the log shows progress as it happens
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches this process only; it stops the workers in order
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-            )
+def worker_log_path(settings: Settings, index: int) -> Path:
+    return settings.data_dir / "logs" / f"worker-{index}.log"
+
+
+def start_worker(index: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """Worker ``index`` as a subprocess writing to ``log``."""
+    return subprocess.Popen(
+        worker_command(index),
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},  # the log shows progress as it happens
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # Ctrl-C reaches this process only; it stops the workers in order
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+    )
+
+
+def exit_cause(returncode: int) -> str:
+    """How a process ended, in words: "was killed by SIGKILL", "exited with code 1"."""
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+class Backoff:
+    """Seconds to wait before restarting a worker that died: ``base_s``, doubled at each death in
+    a row up to ``max_s``, so a worker that cannot start (a broken install, a full disk) does not
+    spin; one that had stayed up ``stable_s`` before it died is restarted after ``base_s`` again."""
+
+    def __init__(
+        self, base_s: float = RESTART_BASE_S, max_s: float = RESTART_MAX_S, stable_s: float = STABLE_AFTER_S
+    ) -> None:
+        self.base_s, self.max_s, self.stable_s = base_s, max_s, stable_s
+        self.deaths = 0  # in a row
+
+    def next_delay(self, uptime_s: float) -> float:
+        if uptime_s >= self.stable_s:
+            self.deaths = 0
+        delay = min(self.max_s, self.base_s * 2**self.deaths)
+        self.deaths += 1
+        return delay
+
+
+class WorkerSlot:
+    """One of ``--workers``: its current process, log file, backoff and pending restart."""
+
+    def __init__(self, index: int, log: IO[bytes]) -> None:
+        self.index, self.log = index, log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self.backoff = Backoff()
+        self.restart_at: float | None = None
+        self.restarts = 0
+
+    def start(self, now: float) -> None:
+        self.proc, self.started, self.restart_at = start_worker(self.index, self.log), now, None
+
+
+class Supervisor:
+    """Keeps ``count`` workers running (see the module docstring): ``check`` is one look, run every
+    ``SUPERVISE_EVERY_S`` by ``run`` (a thread) until ``stop`` is set."""
+
+    def __init__(
+        self, settings: Settings, count: int, stop: threading.Event, session_factory: sessionmaker[Session]
+    ) -> None:
+        self.settings, self.stop, self.session_factory = settings, stop, session_factory
+        log_dir = settings.data_dir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        # kept open while the workers run; a restarted worker appends to the same file
+        self.slots = [WorkerSlot(i, open(worker_log_path(settings, i), "ab")) for i in range(count)]  # noqa: SIM115
+        self.host = socket.gethostname()
+        self.thread = threading.Thread(target=self.run, name="kt-supervisor", daemon=True)
+
+    def start(self) -> Supervisor:
+        now = time.monotonic()
+        for slot in self.slots:
+            slot.start(now)
+        self.thread.start()
+        return self
+
+    def procs(self) -> list[subprocess.Popen[bytes]]:
+        return [slot.proc for slot in self.slots if slot.proc is not None]
+
+    def run(self) -> None:
+        while not self.stop.wait(SUPERVISE_EVERY_S):
+            self.check(time.monotonic())
+
+    def check(self, now: float) -> None:
+        for slot in self.slots:
+            if slot.restart_at is not None:
+                if now >= slot.restart_at and not self.stop.is_set():
+                    self._restart(slot, now)
+            elif slot.proc is not None and slot.proc.poll() is not None:
+                self._died(slot, now)
+
+    def _died(self, slot: WorkerSlot, now: float) -> None:
+        assert slot.proc is not None and slot.proc.returncode is not None
+        cause, uptime = exit_cause(slot.proc.returncode), now - slot.started
+        jobs = self.release(slot.proc.pid, cause)
+        delay = slot.backoff.next_delay(uptime)
+        slot.restart_at = now + delay
+        print(
+            f"worker {slot.index} (pid {slot.proc.pid}) {cause} after {uptime:.1f} s; {jobs}"
+            f"restarting it in {delay:g} s (restart {slot.restarts + 1}; log: "
+            f"{worker_log_path(self.settings, slot.index)})",
+            flush=True,
         )
-    return procs, logs
+
+    def _restart(self, slot: WorkerSlot, now: float) -> None:
+        old = slot.proc.pid if slot.proc is not None else None
+        slot.restarts += 1
+        slot.start(now)
+        assert slot.proc is not None
+        print(f"worker {slot.index} restarted as pid {slot.proc.pid} (was pid {old})", flush=True)
+
+    def release(self, pid: int, cause: str) -> str:
+        """Hand back the job dead worker ``pid`` held (``service.workers.process_died``); what was
+        done, for the log line ("" when it held none)."""
+        from service.workers import process_died
+
+        try:
+            released = process_died(self.session_factory, self.settings, self.host, pid, cause)
+        except Exception as err:  # the database is down: the reaper requeues it after the timeout
+            return f"its job could not be handed back ({type(err).__name__}: {err}); "
+        return "".join(f"job {job_id} {status}; " for job_id, status in released)
+
+    def shutdown(self, timeout: float) -> None:
+        """No more restarts; stop the workers (``stop_workers``) and hand back the jobs of any that
+        had to be killed."""
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        procs = self.procs()
+        stop_workers(procs, timeout)
+        for proc in procs:
+            killed = proc.returncode is not None and proc.returncode < 0
+            if killed and (jobs := self.release(proc.pid, exit_cause(proc.returncode))):
+                print(f"worker pid {proc.pid}: {jobs.rstrip('; ')}", flush=True)
+        for slot in self.slots:
+            slot.log.close()
 
 
 def stop_workers(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
@@ -181,11 +321,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from service.db.session import init_db
+    from service.db.session import init_db, make_engine, make_session_factory
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     print(f"migrating {settings.database_url} ...", flush=True)
     init_db(settings.database_url)
+    engine = make_engine(settings.database_url)  # the supervisor's: it hands back dead workers' jobs
 
     config = uvicorn.Config(
         "service.app:create_app",
@@ -206,31 +347,17 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    procs, logs = start_workers(settings, args.workers)
+    supervisor = Supervisor(settings, args.workers, stop, make_session_factory(engine)).start()
     base_url = f"http://{_client_host(settings.api_host)}:{settings.api_port}"
 
     def announce() -> None:
         if wait_ready(f"{base_url}/readyz", stop):
-            print(banner(settings, base_url, len(procs)), flush=True)
+            print(banner(settings, base_url, args.workers), flush=True)
             print("ready", flush=True)
         elif not stop.is_set():
             print(f"{base_url}/readyz did not answer 200 within {READY_TIMEOUT_S:g} s", flush=True)
 
-    def watch_workers() -> None:
-        reported: set[int] = set()
-        while not stop.wait(1.0):
-            for index, proc in enumerate(procs):
-                if proc.poll() is not None and index not in reported:
-                    reported.add(index)
-                    print(
-                        f"worker {index} (pid {proc.pid}) exited with {proc.returncode}; "
-                        f"see {settings.data_dir / 'logs'}/worker-{index}.log",
-                        flush=True,
-                    )
-
-    threads = [threading.Thread(target=fn, daemon=True) for fn in (announce, watch_workers)]
-    for thread in threads:
-        thread.start()
+    threading.Thread(target=announce, daemon=True).start()
     failed = False
     try:
         server.run()
@@ -238,9 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop.set()
         print("stopping workers ...", flush=True)
-        stop_workers(procs, args.stop_timeout)
-        for log in logs:
-            log.close()
+        supervisor.shutdown(args.stop_timeout)
+        engine.dispose()
     print("stopped", flush=True)
     return 1 if failed else 0
 

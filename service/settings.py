@@ -104,6 +104,19 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds between two looks of a worker's reaper for lost jobs (0: no reaper in this worker).",
     )
+    worker_heartbeat_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A worker process that wrote no heartbeat (`workers` table, written every quarter of "
+        "this) for this long is not counted as alive by `/readyz`.",
+    )
+    ready_min_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        default="auto",
+        description="Workers that must be alive for `/readyz` to answer 200. `auto`: at least one once "
+        "any worker has died or gone silent in the last day (a deployment whose workers stopped cleanly, "
+        "or never started, is not held unready); a number N: N (`kt serve` sets 1 when it runs workers); "
+        "0: workers never make `/readyz` fail (it still reports how many are alive).",
+    )
     rate_limit_per_min: float = Field(
         default=600.0,
         ge=0,

@@ -11,11 +11,19 @@ several reapers (and a worker whose heartbeat comes back) never both act on one 
 Celery's own redelivery (``acks_late`` + ``reject_on_worker_lost``, and Redis' visibility timeout)
 may hand the same job to a worker too; ``claim`` in ``worker.runner`` refuses a job whose
 heartbeat is fresh, so a job never runs twice at once.
+
+The job heartbeat only times out after minutes, so two things act sooner (``service.workers``):
+each worker process keeps a row of its own (``WorkerBeat``: a heartbeat, and the job attempt it
+holds, from ``HOLDINGS``), which ``/readyz`` counts and by which ``kt serve`` hands back the job of a
+worker process it saw die; and a worker told to stop hands its running job back itself
+(``request_stop``, from Celery's shutdown signal), not counted as an attempt.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +36,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.db.models import Job, utcnow
 from service.queue import enqueue_job
 from service.settings import Settings
+from service.workers import (  # noqa: F401 - ATTEMPTS_BEFORE_RETRY: re-exported
+    ATTEMPTS_BEFORE_RETRY,
+    attempts_since_retry,
+    beat_worker,
+    mark_stopped,
+    register_worker,
+    release_job,
+    unregister_worker,
+    worker_beat_interval_s,
+)
 from worker.joblog import JobLog, job_log_path
 
 log = logging.getLogger(__name__)
@@ -44,6 +62,39 @@ def stale(cutoff: datetime) -> ColumnElement[bool]:
     """The job's last sign of life is older than ``cutoff`` (rows without a heartbeat, written
     before there were heartbeats, count from their last update)."""
     return or_(Job.heartbeat_at < cutoff, and_(Job.heartbeat_at.is_(None), Job.updated_at < cutoff))
+
+
+class Holdings:
+    """The job attempts this process runs now (one, with ``--pool solo``), as ``Heartbeat`` enters
+    and leaves them. The worker's row (``WorkerBeat``) announces them at once, so a supervisor that
+    sees the process die knows which job to hand back; a stopping worker hands them back itself."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: dict[str, int | None] = {}
+        self.worker: WorkerBeat | None = None
+
+    def add(self, job_id: str, attempt: int | None) -> None:
+        with self._lock:
+            self._jobs[job_id] = attempt
+        self._announce()
+
+    def discard(self, job_id: str) -> None:
+        with self._lock:
+            self._jobs.pop(job_id, None)
+        self._announce()
+
+    def held(self) -> list[tuple[str, int]]:
+        """(job id, attempt) of each job held now (attempts unknown to it are left out)."""
+        with self._lock:
+            return [(job_id, attempt) for job_id, attempt in self._jobs.items() if attempt is not None]
+
+    def _announce(self) -> None:
+        if self.worker is not None:
+            self.worker.beat()
+
+
+HOLDINGS = Holdings()
 
 
 class Heartbeat:
@@ -81,12 +132,14 @@ class Heartbeat:
             self.beat()
 
     def __enter__(self) -> Heartbeat:
+        HOLDINGS.add(self.job_id, self.attempt)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        HOLDINGS.discard(self.job_id)
 
 
 @dataclass
@@ -94,18 +147,6 @@ class ReapResult:
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     canceled: list[str] = field(default_factory=list)
-
-
-# ``jobs.params`` key where ``POST /v1/jobs/{id}/retry`` notes the attempts made before it: a
-# retried job gets KT_JOB_MAX_ATTEMPTS fresh attempts (``attempts`` itself keeps counting, since it
-# tells attempts apart).
-ATTEMPTS_BEFORE_RETRY = "attempts_before_retry"
-
-
-def attempts_since_retry(job: Job) -> int:
-    """Attempts the job made since it was last retried by hand (all of them if never)."""
-    base = (job.params or {}).get(ATTEMPTS_BEFORE_RETRY) or 0
-    return job.attempts - int(base) if isinstance(base, int) else job.attempts
 
 
 def lost_message(attempts: int, settings: Settings, job_id: str = "{id}") -> str:
@@ -221,3 +262,121 @@ def start_reaper(session_factory: sessionmaker[Session], settings: Settings) -> 
         settings.job_max_attempts,
     )
     return Reaper(session_factory, settings, settings.reaper_interval_s).start()
+
+
+# --- the worker process itself ----------------------------------------------------------------
+
+
+class WorkerBeat:
+    """This worker process's row in ``workers`` (see ``service.workers``): registered at start,
+    then a heartbeat, with the job attempt held (``HOLDINGS``), every ``interval_s`` from a daemon
+    thread and whenever a job starts or ends. ``stopping`` marks it no longer alive (told to stop),
+    ``close`` deletes it (a clean exit). A database blip costs a beat, never the worker."""
+
+    def __init__(self, session_factory: sessionmaker[Session], settings: Settings, name: str) -> None:
+        self.session_factory = session_factory
+        self.settings = settings
+        self.name = name
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.id: str | None = None
+        self.interval_s = worker_beat_interval_s(settings)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kt-worker-beat", daemon=True)
+
+    def start(self) -> WorkerBeat:
+        try:
+            self.id = register_worker(self.session_factory, self.name, self.host, self.pid)
+        except Exception:  # the database is down: the first beat registers
+            log.warning("worker %s: not registered yet", self.name, exc_info=True)
+        HOLDINGS.worker = self
+        self._thread.start()
+        return self
+
+    def beat(self) -> None:
+        if self._stop.is_set():
+            return
+        held = HOLDINGS.held()
+        job_id, attempt = held[0] if held else (None, None)
+        with self._lock:
+            try:
+                if self.id is None or not beat_worker(self.session_factory, self.id, job_id, attempt):
+                    # never registered (database down at start) or the row was removed: again
+                    self.id = register_worker(self.session_factory, self.name, self.host, self.pid)
+                    beat_worker(self.session_factory, self.id, job_id, attempt)
+            except Exception:
+                log.warning("worker %s: heartbeat not written", self.name, exc_info=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.beat()
+
+    def stopping(self, reason: str) -> None:
+        """Told to stop: no more beats, and the row says why (``/readyz`` stops counting it)."""
+        self._stop.set()
+        with self._lock:
+            if self.id is not None:
+                try:
+                    mark_stopped(self.session_factory, self.id, reason)
+                except Exception:
+                    log.warning("worker %s: stop not recorded", self.name, exc_info=True)
+
+    def close(self) -> None:
+        """A clean exit: the row is deleted."""
+        self._stop.set()
+        if HOLDINGS.worker is self:
+            HOLDINGS.worker = None
+        with self._lock:
+            if self.id is not None:
+                try:
+                    unregister_worker(self.session_factory, self.id)
+                except Exception:
+                    log.warning("worker %s: row not removed", self.name, exc_info=True)
+
+
+_stop_requested = threading.Event()
+
+
+def stop_requested() -> bool:
+    """This worker was told to stop: the running attempt stops at its next progress report."""
+    return _stop_requested.is_set()
+
+
+def hand_back(session_factory: sessionmaker[Session], settings: Settings, why: str) -> list[tuple[str, str]]:
+    """Give every job this process holds back to its queue now (``service.workers.release_job``,
+    not counted as an attempt): another worker, or this one restarted, resumes it from its
+    finished stages instead of waiting out the heartbeat timeout. (job id, new status) each."""
+    released = []
+    for job_id, attempt in HOLDINGS.held():
+        try:
+            status = release_job(
+                session_factory, settings, job_id, attempt, why, counts_as_attempt=False, source="worker"
+            )
+        except Exception:  # the database is down: the reaper requeues it after the timeout
+            log.exception("job %s: could not be handed back", job_id)
+            continue
+        if status is not None:
+            released.append((job_id, status))
+    return released
+
+
+def request_stop(
+    session_factory: sessionmaker[Session], settings: Settings, worker: WorkerBeat | None, why: str
+) -> threading.Thread | None:
+    """The worker was told to stop (called from Celery's signal handler, so the database work runs
+    in a thread): mark its row stopping and hand its jobs back. Once per process; the thread, or
+    ``None`` when already asked."""
+    if _stop_requested.is_set():
+        return None
+    _stop_requested.set()
+
+    def run() -> None:
+        if worker is not None:
+            worker.stopping(why)
+        for job_id, status in hand_back(session_factory, settings, why):
+            log.warning("job %s handed back (%s): %s", job_id, why, status)
+
+    thread = threading.Thread(target=run, name="kt-hand-back", daemon=True)
+    thread.start()
+    return thread

@@ -39,7 +39,7 @@ from service.admin import register_gallery
 from service.db.models import JOB_FINAL_STATUSES, Job, Model, utcnow
 from service.settings import Settings
 from worker.joblog import JobLog, job_log_path
-from worker.liveness import Heartbeat, heartbeat_interval_s, stale
+from worker.liveness import Heartbeat, heartbeat_interval_s, stale, stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,8 @@ class JobReporter:
         self.loop_step = step
         values = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
         self._log_progress(f"{task} step {step}/{self.loop_total} {values}".rstrip())
-        self.flush(force=False)
+        # a worker told to stop handed the job back: notice it at this step, not the next interval
+        self.flush(force=stop_requested())
 
     def finish(self, task: str) -> None:
         self.stage_done += self.loop_total
@@ -225,7 +226,8 @@ def check_held(job: Job, attempt: int | None) -> None:
     """Raise ``ClaimLost`` unless ``job`` is still running as ``attempt`` (``None``: any)."""
     if job.status != "running" or (attempt is not None and job.attempts != attempt):
         raise ClaimLost(
-            f"the job is now {job.status} as attempt {job.attempts}: it was taken for lost and handed on"
+            f"the job is now {job.status} as attempt {job.attempts}: it was handed on (taken for lost, "
+            "or handed back by a worker told to stop)"
         )
 
 
@@ -416,14 +418,17 @@ def run_claimed(
     )
     where: dict[str, Any] = {}  # the stage running now and its directory (for error messages)
     try:
-        if job.attempts > 1:
-            stale_temps = remove_stale_temp_files(
-                job_run_dir(settings, job_id), heartbeat_interval_s(settings)
-            )
-            if stale_temps:
-                joblog.write(f"removed {len(stale_temps)} temp file(s) an earlier attempt left unfinished")
+        # the heartbeat first: it also tells this worker's row (and so a supervisor) which job it holds
         beat = Heartbeat(session_factory, job_id, heartbeat_interval_s(settings), attempt=job.attempts)
         with beat, joblog.capture():
+            if job.attempts > 1:
+                stale_temps = remove_stale_temp_files(
+                    job_run_dir(settings, job_id), heartbeat_interval_s(settings)
+                )
+                if stale_temps:
+                    joblog.write(
+                        f"removed {len(stale_temps)} temp file(s) an earlier attempt left unfinished"
+                    )
             if job.kind == "build_gallery":
                 where.update(stage="build_gallery", dir=gallery_dir(settings, job_id))
                 _run_build_gallery(

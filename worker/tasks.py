@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
+from types import ModuleType
 from typing import Any
 
-from celery.signals import worker_init, worker_ready
+from celery.exceptions import Reject
+from celery.signals import worker_init, worker_ready, worker_shutdown, worker_shutting_down
 from celery.worker import state as worker_state
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -20,7 +24,7 @@ from service.db.models import Job
 from service.db.session import SessionLocal
 from service.queue import DEFAULT_QUEUE, QUEUES
 from service.settings import Settings, get_settings
-from worker import liveness, runner, scheduler
+from worker import liveness, scheduler
 from worker.app import celery_app
 
 # Worker processes on this machine, recorded by the main process (children inherit the
@@ -70,8 +74,13 @@ def _flag_set(value: Any) -> bool:
 
 
 def _shutting_down() -> bool:
-    """Celery was told to shut down (SIGTERM, SIGINT): start no further job."""
-    return _flag_set(worker_state.should_stop) or _flag_set(worker_state.should_terminate)
+    """Celery was told to shut down (SIGTERM, SIGINT): start no further job (this worker has just
+    handed its running one back, ``hand_back_jobs``)."""
+    return (
+        liveness.stop_requested()
+        or _flag_set(worker_state.should_stop)
+        or _flag_set(worker_state.should_terminate)
+    )
 
 
 def _queue_of(request: Any, session_factory: sessionmaker[Session], job_id: str) -> str:
@@ -92,9 +101,24 @@ def _wake_later(job: Job, delay_s: float) -> None:
         log.exception("job %s: could not send its retry message", job.id)
 
 
+def _runner() -> ModuleType:
+    """``worker.runner``, imported on first use: it pulls in torch and kt_train, seconds of work a
+    worker needs to run a job but not to be ready (a restarted worker counts as alive, and takes
+    messages, that much sooner); ``warm_up`` starts the import as soon as the worker is ready."""
+    from worker import runner
+
+    return runner
+
+
+@worker_ready.connect
+def warm_up(**_: Any) -> None:
+    threading.Thread(target=_runner, name="kt-warm-up", daemon=True).start()
+
+
 def _run_claimed(session_factory: sessionmaker[Session], settings: Settings, job: Job) -> str:
     """Run a claimed job; an unexpected error on one of its first ``MAX_RETRIES`` attempts (since
     a manual retry) requeues it, not to start before ``backoff_s`` (10, 20, 40 s) has passed."""
+    runner = _runner()
     attempt = liveness.attempts_since_retry(job)
     delay = backoff_s(max(0, attempt - 1))
     try:
@@ -112,7 +136,13 @@ def run_job(self: Any, job_id: str) -> str:
     """Woken by a message for job ``job_id``: start the jobs ``worker.scheduler.claim_next`` picks
     on this message's queue, one after the other, until none is left that this worker may start
     (or the worker is stopping). So a worker that becomes free always takes the fairest next job,
-    whichever message woke it; a message whose job another worker already ran finds nothing."""
+    whichever message woke it; a message whose job another worker already ran finds nothing.
+
+    A stopping worker still takes one more message after its last task (Celery drains the broker
+    once more on its way out), often the one its own hand-back just sent: that message goes back to
+    the queue (``Reject(requeue=True)``) for the next worker, never acknowledged and lost."""
+    if _shutting_down():
+        raise Reject("this worker is stopping; the message is left for the next one", requeue=True)
     _size_threads()
     session_factory, settings = SessionLocal(), get_settings()
     queue = _queue_of(self.request, session_factory, job_id)
@@ -126,6 +156,9 @@ def run_job(self: Any, job_id: str) -> str:
 
 
 _reaper: liveness.Reaper | None = None
+_beat: liveness.WorkerBeat | None = None
+_stopping: threading.Thread | None = None
+HAND_BACK_WAIT_S = 10.0
 
 
 @worker_ready.connect
@@ -134,3 +167,30 @@ def start_reaper(**_: Any) -> None:
     global _reaper
     if _reaper is None:
         _reaper = liveness.start_reaper(SessionLocal(), get_settings())
+
+
+@worker_ready.connect
+def announce_worker(sender: Any = None, **_: Any) -> None:
+    """This process's row in ``workers``: ``/readyz`` counts it, ``kt serve`` finds its job by pid."""
+    global _beat
+    if _beat is None:
+        name = str(getattr(sender, "hostname", None) or f"celery@{socket.gethostname()}")
+        _beat = liveness.WorkerBeat(SessionLocal(), get_settings(), name).start()
+
+
+@worker_shutting_down.connect
+def hand_back_jobs(sig: Any = None, how: Any = None, **_: Any) -> None:
+    """Told to stop (SIGTERM: warm shutdown; SIGINT, SIGQUIT: cold): the running job goes back to
+    its queue at once instead of holding the worker until it ends (``liveness.request_stop``)."""
+    global _stopping
+    why = f"was told to stop ({sig}, {str(how or 'warm').lower()} shutdown)"
+    _stopping = liveness.request_stop(SessionLocal(), get_settings(), _beat, why) or _stopping
+
+
+@worker_shutdown.connect
+def remove_worker(**_: Any) -> None:
+    """A clean exit: the hand-back finished, then the row goes."""
+    if _stopping is not None:
+        _stopping.join(HAND_BACK_WAIT_S)
+    if _beat is not None:
+        _beat.close()

@@ -1,4 +1,5 @@
-"""Unversioned operational endpoints: ``/healthz`` (alive), ``/readyz`` (dependencies), ``/metrics``."""
+"""Unversioned operational endpoints: ``/healthz`` (alive), ``/readyz`` (dependencies and workers),
+``/metrics``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
+
+from service.settings import Settings
+from service.workers import readiness
 
 router = APIRouter(tags=["health"])
 
@@ -86,20 +91,40 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "a dependency is not reachable"}})
+def check_workers(engine: Engine, settings: Settings) -> tuple[int | None, str | None]:
+    """(workers alive, ``None`` or why too few are for ``KT_READY_MIN_WORKERS``), from the
+    workers' heartbeats in the shared database (``service.workers``), so workers on other
+    machines count as much as local ones."""
+    try:
+        with Session(engine) as session:
+            return readiness(session, settings)
+    except Exception as err:  # e.g. the schema predates the workers table
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        return None, f"worker heartbeats unreadable ({type(err).__name__}: {first_line})"
+
+
+@router.get(
+    "/readyz", responses={503: {"description": "a dependency is not reachable, or no worker is alive"}}
+)
 def readyz(request: Request) -> JSONResponse:
-    """The database answers and the broker is reachable; 503 names which one failed."""
+    """The database answers, the broker is reachable and enough workers are alive (see
+    ``KT_READY_MIN_WORKERS``); 503 names what failed. The body says how many workers are alive."""
     failures: dict[str, str] = {}
+    settings = request.app.state.settings
+    alive: int | None = None
     if problem := check_database(request.app.state.engine):
         failures["database"] = problem
-    if problem := check_broker(request.app.state.settings.broker_url):
+    else:
+        alive, problem = check_workers(request.app.state.engine, settings)
+        if problem:
+            failures["workers"] = problem
+    if problem := check_broker(settings.broker_url):
         failures["broker"] = problem
     if failures:
         detail = "Not ready: " + "; ".join(f"{name}: {why}" for name, why in failures.items())
-        return JSONResponse(
-            status_code=503, content={"status": "unavailable", "detail": detail, "failed": failures}
-        )
-    return JSONResponse(content={"status": "ok"})
+        content = {"status": "unavailable", "detail": detail, "failed": failures, "workers_alive": alive}
+        return JSONResponse(status_code=503, content=content)
+    return JSONResponse(content={"status": "ok", "workers_alive": alive})
 
 
 @router.get("/metrics", include_in_schema=False)
