@@ -52,9 +52,9 @@ def test_merge_is_deep_and_skips_unset_values() -> None:
 @pytest.mark.parametrize(
     ("sides", "expected"),
     [
-        ([64] * 5, (96, 64)),  # EuroSAT tiles: the sizes tuned on val_tune
-        ([32] * 5, (96, 64)),  # CIFAR: not below the student's floor
-        ([150, 150, 140], (256, 160)),  # 200x150 photos: 1.5 x 160 = 240 -> 256
+        ([64] * 5, (96, 96)),  # EuroSAT tiles: the sizes tuned on val_tune
+        ([32] * 5, (96, 96)),  # CIFAR: not below the floor
+        ([150, 150, 140], (256, 224)),  # 200x150 photos: 1.5 x 160 = 240 -> 256; the student at most 224
         ([480, 360, 720], (336, 224)),  # large photos: clamped
     ],
 )
@@ -87,7 +87,7 @@ def test_resolve_sizes_follows_the_labeled_images(tmp_path: Path) -> None:
         }
     )
     out = pipeline.resolve_sizes(cfg)
-    assert (out.teacher.image_size, out.student.image_size) == (256, 160)
+    assert (out.teacher.image_size, out.student.image_size) == (256, 224)
     assert cfg.teacher.image_size == "auto"  # a copy
 
 
@@ -101,7 +101,7 @@ def test_explicit_sizes_are_kept(tmp_path: Path) -> None:
         }
     )
     out = pipeline.resolve_sizes(cfg)
-    assert out.teacher.image_size == 48 and out.student.image_size == 64
+    assert out.teacher.image_size == 48 and out.student.image_size == 96
 
 
 def test_auto_without_train_data_is_a_clear_error() -> None:
