@@ -62,14 +62,22 @@ def load_spec(config: str | Path, shared: Path) -> tuple[dict[str, Any], dict[st
     return base, bench
 
 
-def resolved_sizes(base: dict[str, Any], shared: Path, labels_per_class: int = 10) -> tuple[int, int]:
-    """The (teacher, student) input sides ``image_size: auto`` gives on the labeled EuroSAT images."""
-    ref = DatasetRef(
-        path=str(shared / "data/eurosat/eurosat_rgb.zip"),
-        split=str(shared / f"data/eurosat/splits/labeled_{labels_per_class}_per_class.txt"),
-    )
-    cfg = pipeline.resolve_sizes(parse_config({**base, "data": {"train": ref.model_dump()}}))
+def resolved_sizes(base: dict[str, Any], images: str | Path) -> tuple[int, int]:
+    """The (teacher, student) input sides ``image_size: auto`` gives on the task's images (EuroSAT
+    tiles and CIFAR images all have one size, so the whole archive answers as the labeled set would)."""
+    data = {**base.get("data", {}), "train": DatasetRef(path=str(images)).model_dump()}
+    cfg = pipeline.resolve_sizes(parse_config({**base, "data": data}))
     return int(cfg.teacher.image_size or 0), int(cfg.student.image_size or 0)
+
+
+def pin_sizes(base: dict[str, Any], images: str | Path) -> None:
+    """Replace ``auto`` sizes in ``base`` by the sides they resolve to, so the work directories are
+    keyed by the real sizes (a changed sizing rule never reuses a model trained at the old size)."""
+    if "auto" in (base["teacher"].get("image_size"), base["student"].get("image_size")):
+        teacher, student = resolved_sizes(base, images)
+        for side, size in (("teacher", teacher), ("student", student)):
+            if base[side].get("image_size") == "auto":
+                base[side]["image_size"] = size
 
 
 def prepare_splits(
@@ -621,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "cifar10" and args.eval_on != "test":
         raise SystemExit("cifar10 has no tuning split: the second task runs the default recipe untuned")
 
+    pin_sizes(base, shared / task["zip"])
     key = teacher_key(base)
     work = ROOT / "bench/work/quality" / (key if args.task == "eurosat" else f"{args.task}-{key}")
     splits = prepare_splits(

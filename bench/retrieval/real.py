@@ -48,7 +48,7 @@ def load_base(shared: Path, config: Path) -> tuple[dict[str, Any], dict[str, Any
     """The quality benchmark's config (the default recipe + the task), teacher sizes resolved."""
     base, bench = quality.load_spec(config, shared)
     base["teacher"]["image_size"], base["student"]["image_size"] = quality.resolved_sizes(
-        base, shared, bench["labels_per_class"]
+        base, shared / "data/eurosat/eurosat_rgb.zip"
     )
     return base, bench
 
@@ -74,7 +74,7 @@ def ensure_gallery(
         sources or gallery_sources(shared, work),
         work / "gallery",
         encoder=base["teacher"]["model"],
-        image_size=quality.resolved_sizes(base, shared)[0],
+        image_size=quality.resolved_sizes(base, shared / "data/eurosat/eurosat_rgb.zip")[0],
         name="eurosat-a5",
         batch_size=batch_size,
         shard_size=20_000,
