@@ -85,7 +85,7 @@ def test_upload_a_zip_with_json_output(kt_env: dict[str, str], data: dict[str, P
     assert dataset["class_counts"] == {"checker": 6, "circle": 6, "square": 6, "stripes": 6}
     assert kt_json("datasets", "show", dataset["id"])["id"] == dataset["id"]
     assert dataset["id"] in [row["id"] for row in kt_json("datasets", "list")]
-    assert kt_json("datasets", "delete", dataset["id"]) == {"deleted": dataset["id"]}
+    assert kt_json("datasets", "delete", dataset["id"]) == {"deleted": dataset["id"], "cascade": False}
 
 
 def test_upload_a_directory_shows_a_progress_bar(kt_env: dict[str, str], data: dict[str, Path]) -> None:
