@@ -623,11 +623,53 @@ def jobs_show(job_id: str, as_json: JsonOpt = False) -> None:
         _show(client.jobs.get(job_id), as_json, f"job {job_id}")
 
 
+def job_line(job: dict[str, Any]) -> str:
+    """``job 3f2a…: running distill, 45%, ETA 12m03s`` (``kt jobs watch`` off a terminal)."""
+    from kt_train.progress import format_duration
+
+    done = 1.0 if job["status"] == "succeeded" else float(job.get("progress") or 0.0)
+    line = f"job {job['id']}: {job['status']} {job.get('stage') or '-'}, {100 * done:.0f}%"
+    eta = job.get("eta_s")
+    if isinstance(eta, int | float) and job["status"] == "running":
+        line += f", ETA {format_duration(eta)}"
+    return line
+
+
+def _watch_lines(
+    client: Client, job_id: str, *, poll_s: float, timeout: float | None, interval_s: float | None
+) -> dict[str, Any]:
+    """``_watch`` where stderr is not a terminal (logs, CI, nohup): a ``job_line`` when the status
+    or stage changes and every ``interval_s`` seconds (``KT_PROGRESS_INTERVAL``, else 30)."""
+    import time
+
+    from kt_train.progress import progress_interval
+
+    every = progress_interval(interval_s)
+    state: dict[str, Any] = {"key": None, "at": float("-inf")}
+
+    def update(job: dict[str, Any]) -> None:
+        now = time.monotonic()
+        key = (job["status"], job.get("stage"))
+        if key != state["key"] or now - state["at"] >= every:
+            state["key"], state["at"] = key, now
+            _stderr(job_line(job))
+
+    return client.jobs.wait(job_id, poll_s=poll_s, timeout=timeout, callback=update)
+
+
 def _watch(
-    client: Client, job_id: str, *, poll_s: float, timeout: float | None, quiet: bool
+    client: Client,
+    job_id: str,
+    *,
+    poll_s: float,
+    timeout: float | None,
+    quiet: bool,
+    interval_s: float | None = None,
 ) -> dict[str, Any]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    if not _console(stderr=True).is_terminal:
+        return _watch_lines(client, job_id, poll_s=poll_s, timeout=timeout, interval_s=interval_s)
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -667,12 +709,26 @@ def jobs_watch(
     job_id: str,
     poll: Annotated[float, typer.Option(help="Seconds between polls.")] = 1.0,
     timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds (exit 1).")] = None,
+    progress_interval: Annotated[
+        float | None,
+        typer.Option(
+            "--progress-interval",
+            min=0.0,
+            help="Off a terminal (logs, CI, nohup): seconds between progress lines "
+            "(default: KT_PROGRESS_INTERVAL, else 30); a line also when the status or stage changes.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Follow a job (stage and progress bar) until it ends: exit 0 succeeded, 4 failed or canceled."""
+    """Follow a job (stage and progress bar) until it ends: exit 0 succeeded, 4 failed or canceled.
+
+    Off a terminal the bar is a line on stderr, `job ID: running distill, 45%, ETA 12m03s`, when the
+    status or stage changes and every --progress-interval seconds."""
     with _client() as client:
         try:
-            job = _watch(client, job_id, poll_s=poll, timeout=timeout, quiet=as_json)
+            job = _watch(
+                client, job_id, poll_s=poll, timeout=timeout, quiet=as_json, interval_s=progress_interval
+            )
         except TimeoutError as err:
             _stderr(f"Error: {err}")
             raise typer.Exit(EXIT_API_ERROR) from err

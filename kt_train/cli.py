@@ -78,6 +78,27 @@ def _progress() -> Progress:
     )
 
 
+ProgressIntervalOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--progress-interval",
+        min=0.0,
+        help="seconds between progress lines when stderr is not a terminal (logs, CI, nohup), "
+        "where the progress bars would stay silent (default: KT_PROGRESS_INTERVAL, else 30)",
+    ),
+]
+
+
+def _line_reporter(phases: list[Any], interval_s: float | None) -> Any:
+    """Periodic progress lines on the console's stream (``kt_train.progress.LineReporter``); the
+    rate is sampled at least four times per line (and at most every second)."""
+    from .progress import LineReporter, ProgressTracker, progress_interval
+
+    every = progress_interval(interval_s)
+    tracker = ProgressTracker(phases, min_sample_s=min(1.0, every / 4))
+    return LineReporter(tracker, stream=console.file, interval_s=every)
+
+
 def _summary(results: dict[str, dict[str, Any]], out_dir: Path) -> Table:
     table = Table(title=f"kt train — {out_dir}", title_justify="left")
     table.add_column("stage")
@@ -130,15 +151,19 @@ def train(
         ),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    progress_interval: ProgressIntervalOpt = None,
 ) -> None:
     """Run the pipeline stages of a config: finetune_teacher, distill, finetune_student, evaluate, export.
 
     Each stage writes into <out_dir>/<stage>/ and is skipped when it finished before; an interrupted
     training stage resumes from its last.ckpt. Stages run alone take the outputs of the earlier stages
     a previous run finished: --stages export --set export.formats=[onnx] adds a format to the export.
-    The resolved config is saved as <out_dir>/config.yaml.
+    The resolved config is saved as <out_dir>/config.yaml. On a terminal each loop has a progress bar;
+    elsewhere (a log file, CI, nohup) a line like `distill: step 1200/4000 (30%), 410 img/s, ETA 6m48s;
+    run 45%, ETA 12m03s` is printed every --progress-interval seconds.
     """
     from .pipeline import run_pipeline
+    from .progress import plan_phases
     from .threads import configure_threads
 
     logging.basicConfig(
@@ -152,8 +177,11 @@ def train(
         overrides.append(f"stages=[{stages}]")
     try:
         cfg = load_config(config, overrides)
-        with _progress() as progress:
-            results = run_pipeline(cfg, reporter=RichReporter(progress))
+        if console.is_terminal:
+            with _progress() as progress:
+                results = run_pipeline(cfg, reporter=RichReporter(progress))
+        else:
+            results = run_pipeline(cfg, reporter=_line_reporter(plan_phases(cfg), progress_interval))
     except KTError as e:
         _fail(e)
     console.print(_summary(results, Path(cfg.out_dir)))
@@ -336,31 +364,45 @@ def gallery_build(
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when present)")
     ] = None,
+    progress_interval: ProgressIntervalOpt = None,
 ) -> None:
-    """Embed images into a gallery (resumable: finished shards are kept), then index it."""
+    """Embed images into a gallery (resumable: finished shards are kept), then index it.
+
+    On a terminal the embedding has a progress bar; elsewhere (a log file, CI, nohup) a line like
+    `embed: image 12000/50000 (24%), 410 img/s, ETA 1m33s` is printed every --progress-interval seconds.
+    """
     from .gallery import DEFAULT_ENCODER, build_gallery
+    from .progress import EMBED, Phase
 
     parsed: list[Any] = []
     for s in sources:
         src, sep, split = s.partition("::")
         parsed.append((src, split) if sep else src)
+
+    def build(progress: Any) -> Any:
+        return build_gallery(
+            parsed,
+            out,
+            encoder=encoder or DEFAULT_ENCODER,
+            image_size=image_size,
+            name=name,
+            batch_size=batch_size,
+            shard_size=shard_size,
+            index_kind=index,
+            memory_budget_bytes=int(memory_gb * 2**30) if memory_gb else None,
+            overwrite=overwrite,
+            num_workers=num_workers,
+            device=device,
+            progress=progress,
+        )
+
     try:
-        with _progress() as progress:
-            g = build_gallery(
-                parsed,
-                out,
-                encoder=encoder or DEFAULT_ENCODER,
-                image_size=image_size,
-                name=name,
-                batch_size=batch_size,
-                shard_size=shard_size,
-                index_kind=index,
-                memory_budget_bytes=int(memory_gb * 2**30) if memory_gb else None,
-                overwrite=overwrite,
-                num_workers=num_workers,
-                device=device,
-                progress=_gallery_progress(progress, "embed"),
-            )
+        if console.is_terminal:
+            with _progress() as bars:
+                g = build(_gallery_progress(bars, EMBED))
+        else:
+            lines = _line_reporter([Phase(EMBED, 1, unit="image", group=EMBED)], progress_interval)
+            g = build(lambda done, total, _rate: lines.report(EMBED, done, total))
     except KTError as e:
         _fail(e)
     console.print(f"gallery {g.name}: {g.count} images, {g.dim}-d, in {g.path}")

@@ -1088,6 +1088,9 @@ def run_pipeline(cfg: TrainConfig, reporter: Reporter | None = None) -> dict[str
     inputs: Outputs = finished_inputs(root, cfg.stages)
     for name in run_order(cfg.stages):
         t0 = time.perf_counter()
+        finished_before = is_done(root / name)
+        if hasattr(reporter, "begin_stage"):  # a reporter that tracks stages (kt_train.progress)
+            reporter.begin_stage(name)  # type: ignore[union-attr]
         parallel = name in DATA_PARALLEL_STAGES and cfg.distill.method == "task_oriented"
         if parallel or not is_distributed():
             res = STAGE_FUNCS[name](cfg, dict(inputs), root / name, reporter)
@@ -1099,6 +1102,8 @@ def run_pipeline(cfg: TrainConfig, reporter: Reporter | None = None) -> dict[str
         res = {**res, "seconds": round(time.perf_counter() - t0, 2)}
         results[name] = res
         wire_outputs(name, res, inputs)
+        if hasattr(reporter, "end_stage"):
+            reporter.end_stage(name, done=finished_before)  # type: ignore[union-attr]
     if main:
         atomic_write_json(root / "summary.json", results)
     log.info("pipeline done: %s", json.dumps({k: v.get("metrics") for k, v in results.items()}, default=str))

@@ -375,6 +375,8 @@ def build_teacher_cache(
     )
     if reporter is not None:
         reporter.start("teacher cache", total)
+        if start:  # a partial build resumed: progress picks up there
+            reporter.update("teacher cache", start, {})
 
     def flush(rows_done: int) -> None:
         for a in arrays.values():

@@ -58,7 +58,12 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 class Reporter(Protocol):
-    """Receives progress: the CLI draws bars from it, the worker writes it to the job row."""
+    """Receives progress: the CLI draws bars (or, off a terminal, prints lines) from it, the worker
+    writes it to the job row. Each ``task`` is one phase of the run (a training loop, the
+    teacher-output cache build); ``kt_train.progress`` weighs the phases by their work and measures
+    their rates. A loop resumed at step s reports ``update(task, s, ...)`` right after ``start``.
+    ``run_pipeline`` also calls ``begin_stage(name)`` / ``end_stage(name, done=...)`` on a reporter
+    that has them."""
 
     def start(self, task: str, total: int) -> None: ...
     def update(self, task: str, step: int, metrics: dict[str, float]) -> None: ...
@@ -301,6 +306,9 @@ def train_loop(
     if start >= steps:
         reporter.finish(task)
         return result
+    if start > 0:  # resumed: progress picks up where the interrupted run saved, not at step 0
+        last = {k: float(v) for k, v in (history[-1] if history else {}).items() if k not in ("step", "lr")}
+        reporter.update(task, start, last)
     (train_mode or (lambda: [m.train() for m in modules.values()]))()
     loader = batches(
         dataset,

@@ -22,7 +22,7 @@ import logging
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from kt_train.config import TrainConfig, parse_config
 from kt_train.errors import ConfigError, KTError
 from kt_train.gallery import DEFAULT_ENCODER, build_gallery
 from kt_train.io import SUCCESS, is_disk_full
+from kt_train.progress import EMBED, Phase, ProgressTracker, format_duration, plan_phases, rate_text
 from service.admin import register_gallery
 from service.db.models import JOB_FINAL_STATUSES, Job, Model, utcnow
 from service.settings import Settings
@@ -45,9 +46,6 @@ log = logging.getLogger(__name__)
 
 # Job kinds this worker runs: the first two run the stages of their training config.
 RUNNABLE_KINDS = ("pipeline", "curate", "build_gallery")
-# Weight, in training-step equivalents, of a stage that does not train (curate, export, evaluate):
-# a share of the run's training steps, at least one step.
-NON_TRAINING_WEIGHT = 0.02
 MAX_ERROR_CHARS = 4000
 
 
@@ -70,103 +68,87 @@ def job_run_dir(settings: Settings, job_id: str) -> Path:
 
 
 def stage_weights(cfg: TrainConfig) -> dict[str, float]:
-    """Each configured stage's share of the work, in training steps (see ``NON_TRAINING_WEIGHT``)."""
-    ft = cfg.finetune_teacher
-    steps = {
-        "finetune_teacher": ft.linear_probe.steps + ft.full_finetune.steps,
-        "distill": cfg.distill.steps,
-        "finetune_student": cfg.finetune_student.steps,
-    }
-    total = sum(steps.get(s, 0) for s in cfg.stages)
-    other = max(1.0, NON_TRAINING_WEIGHT * total)
-    return {s: float(steps[s]) if s in steps else other for s in cfg.stages}
-
-
-ETA_MIN_WINDOW_S = 1.0  # a rate observed over less time than this is noise
+    """Each configured stage's share of the work (``kt_train.progress.plan_phases``: model passes
+    over images, the teacher-output cache included in distill)."""
+    weights = dict.fromkeys(pipeline.run_order(cfg.stages), 0.0)
+    for phase in plan_phases(cfg):
+        if phase.stage is not None:
+            weights[phase.stage] = weights.get(phase.stage, 0.0) + phase.work
+    return weights
 
 
 class JobReporter:
-    """A kt_train ``Reporter`` that writes progress (0..1 over all stages, weighted by steps), ETA
-    and a heartbeat to the job row, and raises ``Cancelled`` once the row asks for cancellation.
-    Writes and cancel checks happen at most every ``interval_s`` seconds (and at every stage
-    boundary); progress lines go to the job log at most every ``log_interval_s`` seconds.
+    """A kt_train ``Reporter`` that writes progress (0..1 over the phases of all stages, weighted
+    by their work), ETA and a heartbeat to the job row, and raises ``Cancelled`` once the row asks
+    for cancellation. Writes and cancel checks happen at most every ``interval_s`` seconds (and at
+    every stage boundary); progress lines go to the job log at most every ``log_interval_s`` seconds.
 
-    The ETA is the remaining progress over the observed rate: the running stage's rate (progress
-    since the stage began over the time since), since stages run at different speeds per step;
-    before that stage has been observed for ``ETA_MIN_WINDOW_S``, this attempt's rate; ``None``
-    before any progress was seen. Stages finished by an earlier attempt (instant on resume) are
-    left out of the rate (``rebase``)."""
+    Progress, weights and ETA are ``kt_train.progress.ProgressTracker``'s: ``phases`` is the plan
+    (``plan_phases``); the teacher-output cache is a phase of its own; progress never goes down
+    within the attempt nor below ``floor`` (the row's progress when this attempt began: a resumed
+    job does not drop), and ``done_stages`` (finished by an earlier attempt) count as done from the
+    first write on. The ETA comes from the measured rates of this attempt's phases; ``None`` until
+    one was measured."""
 
     def __init__(
         self,
         session_factory: sessionmaker[Session],
         job_id: str,
-        weights: dict[str, float],
+        phases: Sequence[Phase],
         interval_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         joblog: JobLog | None = None,
         log_interval_s: float = 30.0,
         attempt: int | None = None,
+        *,
+        floor: float = 0.0,
+        done_stages: Sequence[str] = (),
+        min_sample_s: float = 1.0,
     ):
         self.session_factory = session_factory
         self.attempt = attempt
         self.job_id = job_id
-        self.weights = weights
-        self.total = sum(weights.values()) or 1.0
+        self.tracker = ProgressTracker(phases, clock=clock, floor=floor, min_sample_s=min_sample_s)
+        for stage in done_stages:
+            self.tracker.mark_done(stage)
         self.interval_s = interval_s
         self.clock = clock
         self.joblog = joblog
         self.log_interval_s = log_interval_s
         self.stage: str | None = None
-        self.done_before = 0.0  # weight of the finished stages
-        self.stage_done = 0.0  # steps of the finished loops inside the current stage
-        self.loop_total = 0
-        self.loop_step = 0
-        self.t0 = clock()
-        self.p0: float | None = None  # progress when this attempt first reported
-        self.stage_t0 = self.t0
-        self.stage_p0: float | None = None  # progress when the running stage began
         self.last_write = float("-inf")
         self.last_log = float("-inf")
 
     # --- pipeline side
     def begin_stage(self, name: str) -> None:
-        self.stage, self.stage_done, self.loop_total, self.loop_step = name, 0.0, 0, 0
-        self.stage_p0, self.stage_t0 = self.progress(), self.clock()
+        self.stage = name
+        self.tracker.begin_stage(name)
         self.flush(stage=name)
 
-    def end_stage(self, name: str) -> None:
-        self.done_before += self.weights.get(name, 0.0)
-        self.stage_done, self.loop_total, self.loop_step = 0.0, 0, 0
-        self.stage_p0 = None
+    def end_stage(self, name: str, *, done: bool = False) -> None:
+        """``name`` ended; ``done``: an earlier attempt had finished it (all its work is done)."""
+        self.tracker.end_stage(name, done=done)
 
-    def rebase(self) -> None:
-        """Measure the rate from here on (after a stage that an earlier attempt had finished)."""
-        self.p0, self.t0 = self.progress(), self.clock()
-
-    def report_fraction(self, fraction: float, what: str = "") -> None:
-        """Progress of a stage that counts in fractions rather than steps (gallery embedding)."""
-        if self.stage is not None:
-            self.stage_done = max(0.0, min(1.0, fraction)) * self.weights.get(self.stage, 0.0)
+    def report_units(self, task: str, done: int, total: int, what: str = "") -> None:
+        """Progress of a loop that reports (done, total) pairs (a gallery's embedding)."""
+        current = self.tracker.current
+        if current is None or current.name != task:
+            self.tracker.start(task, total)
+        elif total != current.units:
+            self.tracker._replan(lambda: setattr(current, "units", float(total)))
+        self.tracker.update(task, done)
         self._log_progress(what)
         self.flush(force=False)
 
     def progress(self) -> float:
-        within = 0.0
-        if self.stage is not None:
-            within = min(self.stage_done + self.loop_step, self.weights.get(self.stage, 0.0))
-        return min(1.0, (self.done_before + within) / self.total)
+        return self.tracker.progress()
 
-    def eta_s(self, p: float, now: float | None = None) -> float | None:
-        """Seconds left at progress ``p``, from the observed rate (see the class docstring)."""
-        if p >= 1.0:
+    def eta_s(self) -> float | None:
+        """Seconds left, from the measured rates (``ProgressTracker.eta_s``); 0 when done."""
+        if self.tracker.progress() >= 1.0:
             return 0.0
-        now = self.clock() if now is None else now
-        for p_start, t_start in ((self.stage_p0, self.stage_t0), (self.p0, self.t0)):
-            if p_start is not None and p > p_start and now - t_start >= ETA_MIN_WINDOW_S:
-                rate = (p - p_start) / (now - t_start)
-                return round((1.0 - p) / rate, 1)
-        return None
+        eta = self.tracker.eta_s()
+        return None if eta is None else round(eta, 1)
 
     def flush(self, *, stage: str | None = None, force: bool = True) -> None:
         """Write progress/ETA (and ``stage``) to the row; raise ``Cancelled`` if it asks for that."""
@@ -175,8 +157,6 @@ class JobReporter:
             return
         self.last_write = now
         p = self.progress()
-        if self.p0 is None:
-            self.p0, self.t0 = p, now
         with self.session_factory() as session:
             job = session.get(Job, self.job_id)
             if job is None:
@@ -185,7 +165,7 @@ class JobReporter:
             if job.cancel_requested:
                 raise Cancelled("cancel requested")
             job.progress = round(p, 4)
-            job.eta_s = self.eta_s(p, now)
+            job.eta_s = self.eta_s()
             job.heartbeat_at = utcnow()
             if stage is not None:
                 job.stage = stage
@@ -197,27 +177,32 @@ class JobReporter:
             return
         self.last_log = now
         p = self.progress()
-        eta = self.eta_s(p, now)
-        eta_text = f", eta {eta:.0f} s" if eta is not None else ""
+        eta = self.eta_s()
+        eta_text = f", eta {format_duration(eta)}" if eta is not None else ""
         what = f"{what} " if what else ""
         self.joblog.write(f"{self.stage}: {what}(job {100 * p:.0f}%{eta_text})")
 
     # --- kt_train Reporter protocol
     def start(self, task: str, total: int) -> None:
-        self.loop_total, self.loop_step = total, 0
+        phase = self.tracker.start(task, total)
         if self.joblog is not None:
-            self.joblog.write(f"{self.stage}: {task} started, {total} steps")
+            self.joblog.write(f"{self.stage}: {task} started, {total} {phase.unit}s")
 
     def update(self, task: str, step: int, metrics: dict[str, float]) -> None:
-        self.loop_step = step
-        values = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
-        self._log_progress(f"{task} step {step}/{self.loop_total} {values}".rstrip())
+        phase = self.tracker.update(task, step)
+        if self.joblog is not None and self.clock() - self.last_log >= self.log_interval_s:
+            values = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
+            rate = self.tracker.phase_rate(phase)
+            speed = ""
+            if rate is not None:
+                left = format_duration(self.tracker.phase_eta_s(phase))
+                speed = f", {rate_text(phase, rate)}, {task} ETA {left}"
+            self._log_progress(f"{task} {phase.unit} {step}/{phase.units:.0f} {values}".rstrip() + speed)
         # a worker told to stop handed the job back: notice it at this step, not the next interval
         self.flush(force=stop_requested())
 
     def finish(self, task: str) -> None:
-        self.stage_done += self.loop_total
-        self.loop_total, self.loop_step = 0, 0
+        self.tracker.finish(task)
         if self.joblog is not None:
             self.joblog.write(f"{self.stage}: {task} finished")
 
@@ -490,20 +475,24 @@ def _run_stages(
     job_id = job.id
     timings: dict[str, Any] = dict(job.stage_timings or {})
     cfg = _build_config(job, settings)
+    out_root = Path(cfg.out_dir)
+    out_root.mkdir(parents=True, exist_ok=True)
+    order = pipeline.run_order(cfg.stages)
     reporter = JobReporter(
         session_factory,
         job_id,
-        stage_weights(cfg),
+        plan_phases(cfg),
         interval_s=progress_interval_s,
         joblog=joblog,
         log_interval_s=log_interval_s,
         attempt=job.attempts,
+        # a resumed job: where the earlier attempt got to, and the stages it finished
+        floor=float(job.progress or 0.0),
+        done_stages=[name for name in order if (out_root / name / SUCCESS).is_file()],
     )
-    out_root = Path(cfg.out_dir)
-    out_root.mkdir(parents=True, exist_ok=True)
     inputs: dict[str, Any] = {}
     results: dict[str, dict[str, Any]] = {}
-    for name in pipeline.run_order(cfg.stages):
+    for name in order:
         resumed = (out_root / name / SUCCESS).is_file()
         if where is not None:
             where.update(stage=name, dir=out_root / name)
@@ -515,10 +504,8 @@ def _run_stages(
         timings.setdefault(name, round(time.perf_counter() - t0, 2))
         results[name] = res
         _wire(name, res, inputs)
-        reporter.end_stage(name)
-        if resumed:
-            reporter.rebase()
-        else:
+        reporter.end_stage(name, done=resumed)
+        if not resumed:
             joblog.write(f"stage {name}: finished in {timings[name]:.1f} s")
         for warning in _warnings(name, res):
             joblog.write(f"warning: {warning}")
@@ -559,11 +546,12 @@ def _run_build_gallery(
     reporter = JobReporter(
         session_factory,
         job.id,
-        {stage: 1.0},
+        [Phase(EMBED, 1, unit="image", group=EMBED, stage=stage)],  # sized by the first report
         interval_s=progress_interval_s,
         joblog=joblog,
         log_interval_s=log_interval_s,
         attempt=job.attempts,
+        floor=float(job.progress or 0.0),
     )
     out = gallery_dir(settings, job.id)
     device = raw.get("device")
@@ -572,9 +560,7 @@ def _run_build_gallery(
     t0 = time.perf_counter()
 
     def progress(done: int, total: int, images_per_s: float) -> None:
-        reporter.report_fraction(
-            done / total if total else 1.0, f"{done}/{total} images, {images_per_s:.1f}/s"
-        )
+        reporter.report_units(EMBED, done, total, f"{done}/{total} images, {images_per_s:.1f}/s")
 
     gallery = build_gallery(
         [str(s) for s in sources],

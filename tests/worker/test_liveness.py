@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from kt_train.progress import Phase
 from service.db.models import Job, utcnow
 from service.settings import Settings
 from tests.worker.conftest import add_job, get_job
@@ -195,56 +196,71 @@ class FakeClock:
         return self.now
 
 
-def test_eta_comes_from_the_observed_rate_of_the_running_stage(session_factory, tenant_id):
+def _two_stages() -> list[Phase]:
+    """Stages a and b, one phase each of 10 units (weights follow the work: equal)."""
+    return [Phase("a", 10, group="ga", stage="a"), Phase("b", 10, group="gb", stage="b")]
+
+
+def test_eta_comes_from_the_measured_rate_of_the_running_phase(session_factory, tenant_id):
     job_id = running_job(session_factory, tenant_id, silent_s=0)
     clock = FakeClock()
-    rep = runner.JobReporter(session_factory, job_id, {"a": 10.0, "b": 10.0}, interval_s=0, clock=clock)
+    rep = runner.JobReporter(session_factory, job_id, _two_stages(), interval_s=0, clock=clock)
 
     rep.begin_stage("a")
     job = get_job(session_factory, job_id)
     assert (job.stage, job.progress, job.eta_s) == ("a", 0.0, None)  # nothing observed yet
 
     rep.start("a", 10)
-    clock.now = 5.0
-    rep.update("a", 5, {})  # a quarter of the job in 5 s: 15 s to go at that rate
+    for step in range(1, 4):  # the first update is the baseline; two samples are not enough
+        rep.update("a", step, {})
+        assert get_job(session_factory, job_id).eta_s is None
+        clock.now += 1.0
+    rep.update("a", 4, {})  # 1 unit/s over 3 samples: 6 s of a, and b (not measured) at that rate
     job = get_job(session_factory, job_id)
-    assert (job.progress, job.eta_s) == (0.25, 15.0)
+    assert (job.progress, job.eta_s) == (0.2, 16.0)
     assert job.heartbeat_at is not None
 
-    clock.now = 10.0
-    rep.update("a", 10, {})
+    for step in range(5, 11):
+        clock.now += 1.0
+        rep.update("a", step, {})
     rep.finish("a")
     rep.end_stage("a")
-    rep.begin_stage("b")  # b not observed yet: the job's rate so far (0.5 in 10 s)
+    rep.begin_stage("b")  # b not observed yet: a's rate of work
     assert get_job(session_factory, job_id).eta_s == 10.0
 
     rep.start("b", 10)
-    clock.now = 14.0
-    rep.update("b", 1, {})  # b runs 4x slower than a: its own rate says 36 s, not the job's 9.3 s
+    rep.update("b", 0, {})
+    for step in range(1, 4):  # b runs 4x slower than a: its own rate, not the job's average
+        clock.now += 4.0
+        rep.update("b", step, {})
     job = get_job(session_factory, job_id)
-    assert job.progress == 0.55 and job.eta_s == pytest.approx(36.0)
-    assert rep.eta_s(1.0) == 0.0
+    assert job.progress == 0.65 and job.eta_s == pytest.approx(28.0)
+    rep.update("b", 10, {})
+    assert rep.eta_s() == 0.0
 
 
 def test_eta_leaves_out_stages_an_earlier_attempt_finished(session_factory, tenant_id):
     job_id = running_job(session_factory, tenant_id, silent_s=0)
     clock = FakeClock()
-    rep = runner.JobReporter(session_factory, job_id, {"a": 10.0, "b": 10.0}, interval_s=0, clock=clock)
-    rep.begin_stage("a")  # finished before the crash: returns at once
+    rep = runner.JobReporter(
+        session_factory, job_id, _two_stages(), interval_s=0, clock=clock, done_stages=["a"]
+    )
+    rep.begin_stage("a")  # finished before the crash: returns at once, and counts as done
+    assert get_job(session_factory, job_id).progress == 0.5
     clock.now = 0.1
-    rep.end_stage("a")
-    rep.rebase()
+    rep.end_stage("a", done=True)
     rep.begin_stage("b")
     assert get_job(session_factory, job_id).eta_s is None  # 50% in 0.1 s is not a rate
     rep.start("b", 10)
-    clock.now = 10.1
-    rep.update("b", 5, {})  # 25% of the job in the 10 s since the resume
-    assert get_job(session_factory, job_id).eta_s == pytest.approx(10.0)
+    for step in range(0, 6):
+        rep.update("b", step, {})
+        clock.now += 2.0
+    assert get_job(session_factory, job_id).eta_s == pytest.approx(10.0)  # 5 units at 0.5/s
 
 
 def test_cancel_is_seen_at_the_next_progress_report(session_factory, tenant_id):
     job_id = running_job(session_factory, tenant_id, silent_s=0)
-    rep = runner.JobReporter(session_factory, job_id, {"a": 4.0}, interval_s=0)
+    rep = runner.JobReporter(session_factory, job_id, [Phase("a", 4, stage="a")], interval_s=0)
     rep.begin_stage("a")
     set_job(session_factory, job_id, cancel_requested=True)
     with pytest.raises(runner.Cancelled):

@@ -16,6 +16,7 @@ from sqlalchemy import select, update
 
 from kt_train import pipeline
 from kt_train.config import STAGES, parse_config
+from kt_train.progress import plan_phases
 from service.db.models import Job, Model, utcnow
 from service.db.session import init_db, make_engine, make_session_factory
 from tests.conftest import VENV_BIN
@@ -181,20 +182,38 @@ def test_unexpected_error_is_retried_then_fails(
     )
 
 
-def test_progress_is_weighted_by_steps(job_config):
+def test_progress_is_weighted_by_work(job_config):
+    """Each phase weighs its model passes over images (kt_train.progress.plan_phases); the
+    teacher-output cache is a phase of the distill stage."""
     cfg = parse_config(job_config(stages=["finetune_teacher", "distill", "export"]))
-    weights = runner.stage_weights(cfg)
-    assert weights == {"finetune_teacher": 4.0, "distill": 3.0, "export": 1.0}
-    rep = runner.JobReporter(None, "x", weights)  # type: ignore[arg-type]
-    rep.stage = "finetune_teacher"
-    rep.start("probe", 4)
-    rep.loop_step = 2
-    assert rep.progress() == pytest.approx(2 / 8)
-    rep.finish("probe")
+    plan = plan_phases(cfg)
+    probe, cache, distill, export = plan
+    assert (probe.name, cache.name, distill.name, export.name) == (
+        "teacher linear probe",
+        "teacher cache",
+        "distill",
+        "export",
+    )
+    assert probe.work == 4 * 8 and distill.work == 3 * 8 * 3  # steps x batch (x 3: forward + backward)
+    assert export.work == pytest.approx(0.02 * (probe.work + cache.work + distill.work))
+    assert runner.stage_weights(cfg) == {
+        "finetune_teacher": probe.work,
+        "distill": cache.work + distill.work,
+        "export": export.work,
+    }
+    rep = runner.JobReporter(None, "x", plan)  # type: ignore[arg-type]
+    total = probe.work + distill.work + export.work + 16 * 2  # the cache's real size: 16 images x 2
+    rep.tracker.begin_stage("finetune_teacher")
+    rep.start("teacher linear probe", 4)
+    rep.tracker.update("teacher linear probe", 2)
+    assert rep.progress() == pytest.approx(16 / (probe.work + cache.work + distill.work + export.work))
+    rep.finish("teacher linear probe")
     rep.end_stage("finetune_teacher")
-    rep.stage = "distill"
-    rep.loop_step = 3
-    assert rep.progress() == pytest.approx(7 / 8)
+    rep.tracker.begin_stage("distill")
+    rep.start("teacher cache", 32)  # the plan's estimate replaced: progress so far stays
+    p = rep.progress()
+    rep.tracker.update("teacher cache", 32)
+    assert rep.progress() == pytest.approx(p + (1 - p) * 32 / (total - probe.work))
 
 
 def test_backoff_is_exponential_and_capped():
