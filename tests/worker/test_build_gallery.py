@@ -132,6 +132,8 @@ def test_a_gallery_job_with_unreadable_sources_fails_with_the_reason(
         job = client.post("/v1/admin/galleries", json=body).json()
         assert run_in_process(gallery_api, job["id"]) == "failed"
         failed = client.get(f"/v1/jobs/{job['id']}").json()
-        assert failed["error"] and str(empty) in failed["error"]
+        # named relative to its gallery root: a job's error never shows a server path (issue 14 item 10)
+        assert failed["error"] and "gallery-root:sources/empty" in failed["error"]
+        assert str(empty) not in failed["error"]
         assert client.get("/v1/galleries").json()["count"] == 0
         assert "job failed: " in client.get(f"/v1/jobs/{job['id']}/logs").text
