@@ -1,8 +1,8 @@
 """``kt``: one command for the library and the service.
 
-- library (``kt_train.cli``): ``kt train``, ``kt config``, ``kt demo``, ``kt predict``, ``kt gallery …``,
-  ``kt curate``
-- service: ``kt serve`` (API + worker on the embedded default, or KT_* settings), ``kt admin …``
+- library (``kt_train.cli``): ``kt train``, ``kt config``, ``kt predict``, ``kt gallery …``, ``kt curate``
+- service: ``kt serve`` (API + worker on the embedded default, or KT_* settings), ``kt admin …``,
+  ``kt demo`` (``service.demo``, what ``bash .ci/demo`` runs)
 - client of a running service (``kt_client.remote``): ``kt login``, ``kt logout``, ``kt datasets …``,
   ``kt transfer-sets …``, ``kt jobs …``, ``kt models …``, ``kt galleries …``
 
@@ -75,6 +75,18 @@ def serve(ctx: typer.Context) -> None:
 
     # before the database, the logs and the workers are made: every tenant's data stays this user's
     os.umask(PRIVATE_UMASK)
+    raise typer.Exit(main(list(ctx.args)))
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    help="The offline demo (what `bash .ci/demo` runs): a tiny stand-in VFM pretrained and registered, a "
+    "4-class task with 10 labels per class, the service started, a transfer set curated, then a distilled "
+    "and a scratch student trained and compared on the test set (`kt demo --help` for options).",
+)
+def demo(ctx: typer.Context) -> None:
+    from service.demo import main
+
     raise typer.Exit(main(list(ctx.args)))
 
 

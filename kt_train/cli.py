@@ -1,4 +1,7 @@
-"""The ``kt`` command line: ``kt train -c config.yaml``, ``kt config``, ``kt demo``, ``kt predict``."""
+"""The ``kt`` command line: ``kt train -c config.yaml``, ``kt config``, ``kt predict``.
+
+(``kt demo`` is in ``kt_client.cli``: the demo runs the service, which this library does not import.)
+"""
 
 from __future__ import annotations
 
@@ -222,40 +225,6 @@ def show_config(
     except KTError as e:
         _fail(e)
     sys.stdout.write(dump_config(cfg))
-
-
-@app.command()
-def demo(
-    out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="where the data and the run go")] = Path(
-        "runs/demo"
-    ),
-    teacher: Annotated[str, typer.Option(help="teacher model spec")] = "timm:test_vit",
-    student: Annotated[str, typer.Option(help="student model spec")] = "timm:mobilenetv3_small_050",
-) -> None:
-    """Generate a small synthetic labeled task offline and run the whole pipeline on it."""
-    import yaml
-
-    from .demo import make_demo_data
-
-    paths = make_demo_data(out_dir / "data", per_class=10, test_per_class=25, unlabeled=600)
-    cfg = {
-        "out_dir": str(out_dir / "run"),
-        "teacher": {"model": teacher, "image_size": 32},
-        "student": {"model": student, "image_size": 32},
-        "data": {k: {"path": str(v)} for k, v in paths.items()},
-        "finetune_teacher": {
-            "linear_probe": {"steps": 60, "batch_size": 32, "lr": 0.01, "weight_decay": 0.0},
-            "full_finetune": {"steps": 60, "batch_size": 32, "lr": 0.001, "warmup_steps": 5},
-            "layer_decay": 0.75,
-        },
-        "distill": {"steps": 150, "batch_size": 32, "lr": 0.003, "warmup_steps": 10},
-        "finetune_student": {"steps": 60, "batch_size": 32, "lr": 0.001},
-    }
-    path = out_dir / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    console.print(f"demo data in {out_dir / 'data'}; config {path}")
-    train(config=path, set_=None, out_dir=None, stages=None, verbose=False)
 
 
 @app.command()

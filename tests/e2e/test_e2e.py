@@ -6,7 +6,9 @@ downloaded safetensors loading into the timm student with ``strict=True``."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,8 +25,14 @@ from tests.service.conftest import flushed_redis, fresh_postgres_database
 
 REPO = Path(__file__).resolve().parents[2]
 STUDENT = "timm:test_efficientnet"
-STEPS = "3,6,3"  # a handful of steps per stage: the flow, not the accuracy, is under test
+STEPS = "3,6"  # a handful of steps per stage: the flow, not the accuracy, is under test
 REDIS_URL = os.environ.get("KT_TEST_E2E_REDIS_URL", "redis://127.0.0.1:6379/11")
+# the demo at a reduced size (about a minute on 2 cores): a shorter pretraining, a smaller gallery,
+# fewer steps; the distilled student must still beat the scratch one by the demo's own margin
+SMALL_DEMO = [
+    "--pretrain-steps", "200", "--gallery", "300", "--transfer-set-size", "150",
+    "--steps", "50,150", "--test-per-class", "10",
+]  # fmt: skip
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -40,9 +48,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def run_demo(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_demo(args: list[str], env: dict[str, str], timeout: float = 420) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "service.demo", "--steps", STEPS, "--student", STUDENT, *args],
+        [sys.executable, "-m", "service.demo", *args],
         cwd=REPO,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -56,12 +64,12 @@ def run_demo(args: list[str], env: dict[str, str], timeout: float = 300) -> subp
     return proc
 
 
-def assert_student_loads(path: Path, num_classes: int = 4) -> None:
+def assert_student_loads(path: Path, student: str = STUDENT, num_classes: int = 4) -> None:
     import timm
     import torch
     from safetensors.torch import load_file
 
-    model = timm.create_model(STUDENT.split(":", 1)[1], pretrained=False, num_classes=num_classes)
+    model = timm.create_model(student.split(":", 1)[1], pretrained=False, num_classes=num_classes)
     model.load_state_dict(load_file(str(path)), strict=True)
     model.eval()
     with torch.no_grad():
@@ -69,18 +77,51 @@ def assert_student_loads(path: Path, num_classes: int = 4) -> None:
     assert tuple(out.shape) == (1, num_classes)
 
 
+def printed_top1(stdout: str, who: str) -> float:
+    match = re.search(rf"^  {who} +([0-9.]+)%", stdout, re.M)
+    assert match, f"no {who} line in\n{stdout}"
+    return float(match.group(1))
+
+
 def test_demo_on_the_embedded_default(tmp_path: Path) -> None:
+    """The README's demo at a reduced size: a distilled student above the scratch one, and every
+    number printed is the service's own (the jobs' test metrics, the model card's lineage)."""
     out = tmp_path / "demo"
-    proc = run_demo(
-        ["--out-dir", str(out), "--unlabeled", "120", "--transfer-set-size", "60", "--test-per-class", "5"],
-        clean_env(),
-    )
-    assert "=== vfm-kt demo summary ===" in proc.stdout
-    assert "student accuracy:" in proc.stdout
-    for name in ("manifest.jsonl", "report.html", "model.safetensors", "model.onnx"):
+    proc = run_demo(["--out-dir", str(out), *SMALL_DEMO], clean_env())
+    stdout = proc.stdout
+    assert "=== vfm-kt demo summary ===" in stdout
+    for name in ("manifest.jsonl", "report.html", "model.safetensors", "model.onnx", "model_card.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    assert (out / "manifest.jsonl").read_text().strip()
-    assert_student_loads(out / "model.safetensors")
+    job = json.loads((out / "job.json").read_text())
+    scratch = json.loads((out / "scratch_job.json").read_text())
+    card = json.loads((out / "model_card.json").read_text())
+
+    teacher = printed_top1(stdout, "teacher")
+    distilled = printed_top1(stdout, "distilled student")
+    baseline = printed_top1(stdout, "scratch student")
+    assert teacher == round(job["metrics"]["test"]["teacher"]["top1"], 1)
+    assert distilled == round(job["metrics"]["test"]["student"]["top1"], 1)
+    assert baseline == round(scratch["metrics"]["test"]["student"]["top1"], 1)
+    assert distilled > baseline, stdout
+    assert teacher > 25.0  # above chance on 4 classes
+
+    # the transfer-set size printed is the one distillation read (the model card's lineage), which is
+    # the downloaded manifest's
+    match = re.search(r"^transfer set: +\S+: (\d+) unlabeled images distilled on", stdout, re.M)
+    assert match, stdout
+    lineage = card["lineage"]
+    assert lineage["method"] == "task_oriented"
+    assert int(match.group(1)) == lineage["transfer_set_size"]
+    manifest = [line for line in (out / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    assert lineage["transfer_set_size"] == len(manifest)
+
+    # the scratch student: no distillation, the distilled student's steps on the labeled images
+    steps = job["request"]["recipe"]["distill"]["steps"]
+    assert scratch["request"]["recipe"]["distill"]["steps"] == 0
+    assert scratch["request"]["recipe"]["finetune_student"]["steps"] == steps
+    assert f"the same {steps} steps on the labeled images only" in stdout
+
+    assert_student_loads(out / "model.safetensors", "timm:test_resnet")
     # the server stopped: nothing listens on its data dir's database any more, and its log says so
     assert "stopped" in (out / "data" / "serve.log").read_text()
 
@@ -173,16 +214,9 @@ def test_demo_flow_on_postgres_redis_uvicorn_and_celery(
         out = tmp_path / "out"
         url = f"http://127.0.0.1:{port}"
         args = [
-            "--url",
-            url,
-            "--api-key",
-            api_key,
-            "--no-gallery",
-            "--out-dir",
-            str(out),
-            "--test-per-class",
-            "5",
-        ]
+            "--url", url, "--api-key", api_key, "--teacher", "timm:test_vit", "--student", STUDENT,
+            "--steps", STEPS, "--no-gallery", "--no-baseline", "--out-dir", str(out), "--test-per-class", "5",
+        ]  # fmt: skip
         try:
             run_demo(args, clean_env())
         except AssertionError:
