@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service import quotas, storage
@@ -161,6 +162,35 @@ _DEPENDENTS_409: dict[str, Any] = {
 }
 
 
+def _refuse_while_a_job_reads(session: Session, tenant_id: str, dataset_id: str) -> None:
+    """409 (and roll back) when a queued or running job of the tenant reads the dataset."""
+    unfinished = session.scalars(
+        select(Job).where(Job.tenant_id == tenant_id, Job.status.in_(("queued", "running")))
+    ).all()
+    for job in unfinished:
+        if dataset_id in referenced_dataset_ids((job.params or {}).get("request") or {}):
+            session.rollback()
+            raise Conflict(
+                f"Dataset {dataset_id!r} is used by {job.status} job {job.id!r}; wait for it to finish "
+                f"or cancel it (`POST /v1/jobs/{job.id}/cancel`), then delete the dataset."
+            )
+
+
+def _refuse_while_a_job_reads_derived(session: Session, tenant_id: str, dataset_id: str, found: Any) -> None:
+    """409 (and roll back) when a queued or running job reads a transfer set or gallery made from it."""
+    busy = unfinished_users(session, found)
+    if busy:
+        session.rollback()
+        mine = [job.id for job in busy if job.tenant_id == tenant_id]
+        which = f"job {mine[0]!r}" if mine else "a job of another tenant"
+        raise Conflict(
+            f"Dataset {dataset_id!r} is not deleted: {which} is {busy[0].status} on a transfer set or "
+            "gallery made from it; wait for it to finish"
+            + (f" or cancel it (`POST /v1/jobs/{mine[0]}/cancel`)" if mine else "")
+            + ", then delete the dataset."
+        )
+
+
 @router.delete(
     "/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses={404: {}, 409: _DEPENDENTS_409}
 )
@@ -184,7 +214,10 @@ def delete_dataset(
     show them too: the delete is refused (409, listing them) unless `cascade=true` deletes them
     with it."""
     dataset = _get_owned(session, tenant, dataset_id)
+    # a job reading it first: waiting for (or cancelling) it is what to do, cascade or not
+    _refuse_while_a_job_reads(session, tenant.id, dataset_id)
     found = find_derived(session, settings, dataset)
+    _refuse_while_a_job_reads_derived(session, tenant.id, dataset_id, found)
     if found and not cascade:
         session.rollback()
         return _refused(
@@ -204,27 +237,8 @@ def delete_dataset(
     if deleted.rowcount != 1:  # type: ignore[attr-defined]
         session.rollback()  # a concurrent delete won
         raise NotFound(f"Dataset {dataset_id!r} not found; `GET /v1/datasets` lists your datasets.")
-    unfinished = session.scalars(
-        select(Job).where(Job.tenant_id == tenant.id, Job.status.in_(("queued", "running")))
-    ).all()
-    for job in unfinished:
-        if dataset_id in referenced_dataset_ids((job.params or {}).get("request") or {}):
-            session.rollback()
-            raise Conflict(
-                f"Dataset {dataset_id!r} is used by {job.status} job {job.id!r}; wait for it to finish "
-                f"or cancel it (`POST /v1/jobs/{job.id}/cancel`), then delete the dataset."
-            )
-    busy = unfinished_users(session, found)
-    if busy:
-        session.rollback()
-        mine = [job.id for job in busy if job.tenant_id == tenant.id]
-        which = f"job {mine[0]!r}" if mine else "a job of another tenant"
-        raise Conflict(
-            f"Dataset {dataset_id!r} is not deleted: {which} is {busy[0].status} on a transfer set or "
-            "gallery made from it; wait for it to finish"
-            + (f" or cancel it (`POST /v1/jobs/{mine[0]}/cancel`)" if mine else "")
-            + ", then delete the dataset."
-        )
+    _refuse_while_a_job_reads(session, tenant.id, dataset_id)
+    _refuse_while_a_job_reads_derived(session, tenant.id, dataset_id, found)
     delete_rows(session, found)
     session.commit()
     storage.remove_tree(storage.dataset_dir(settings.data_dir, tenant.id, dataset_id))
