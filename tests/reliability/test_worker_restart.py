@@ -155,7 +155,10 @@ def test_kt_serve_restarts_its_worker_and_the_job_resumes(
         )
         assert job.params["attempts_before_retry"] == 1  # a worker told to stop costs the job no attempt
         status, body = wait_until(lambda: (r := ready(url))[0] == 503 and r, DETECT_S, "/readyz 503", context)
-        assert "was told to stop (SIGTERM" in body["failed"]["workers"], body
+        # the stopping worker's row says why while it shuts down; once it has exited cleanly its row
+        # is gone and /readyz can only say that none is alive (CI's fast machine polled after that)
+        reason = body["failed"]["workers"]
+        assert "was told to stop (SIGTERM" in reason or "no worker is alive" in reason, body
         wait_until(
             lambda: printed(serve, "exited with code 0"), SERVE_RESTART_S + 15, "the worker to exit", context
         )
