@@ -2,6 +2,9 @@
 
     python bench/quality/service_run.py                 # seeds 0 1, the full test split
     python bench/quality/service_run.py --seeds 0 --test-limit 3000
+    python bench/quality/service_run.py --seeds 0 & python bench/quality/service_run.py --seeds 1  # one per core
+
+Seeds measured by separate runs merge in ``quality.json`` (a seed measured again replaces its row).
 
 Per seed: a fresh data dir; the operator registers the A5 gallery (the one bench/quality/run.py
 built, bench/work/retrieval/gallery) and the proxy teacher (``kt admin register-model``); then,
@@ -104,6 +107,16 @@ def onnx_accuracy(onnx_path: Path, card: dict[str, Any], test_zip: Path) -> dict
     return {"test_acc": 100.0 * correct / max(1, total), "images": total, "input_size": size}
 
 
+def stack_lock(path: Path) -> Any:
+    """An exclusive lock for writing ``path`` (seeds run in parallel processes merge into one file)."""
+    import fcntl
+
+    (ROOT / "bench/work").mkdir(parents=True, exist_ok=True)
+    f = open(ROOT / "bench/work" / f"{path.name}.lock", "w")  # noqa: SIM115  (held until the caller closes it)
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
 def run_seed(
     args: argparse.Namespace, seed: int, shared: Path, work: Path, zips: dict[str, Path]
 ) -> dict[str, Any]:
@@ -194,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             f"no gallery at {args.gallery}: run bench/quality/run.py --arms A5 first (it builds it)"
         )
-    work = ROOT / "bench/work/service_run" / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    work = ROOT / "bench/work/service_run" / f"{stamp}-seeds{'-'.join(map(str, args.seeds))}"
     splits = quality.prepare_splits(shared, work / "splits", 10, args.test_limit, seed=0)
     src = shared / "data/eurosat/eurosat_rgb.zip"
     zips = {
@@ -202,6 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     t0 = time.perf_counter()
     rows = [run_seed(args, s, shared, work, zips) for s in args.seeds]
+    wall = round(time.perf_counter() - t0, 1)
+    out = Path(args.out)
+    lock = stack_lock(out)
+    doc = json.loads(out.read_text()) if out.exists() else {}
+    # seeds run in separate processes (one per core) merge: a seed measured again replaces its row
+    earlier = (doc.get("service_run") or {}).get("A5", {}).get("per_seed", [])
+    mine = {r["seed"] for r in rows}
+    rows = sorted([r for r in earlier if r["seed"] not in mine] + rows, key=lambda r: r["seed"])
+    if len({r["eval_images"] for r in rows}) > 1:
+        raise SystemExit(f"seeds were evaluated on different test sets: {[r['eval_images'] for r in rows]}")
     accs = [r["test_acc"] for r in rows]
     result = {
         "test_acc": round(statistics.mean(accs), 2),
@@ -213,17 +237,16 @@ def main(argv: list[str] | None = None) -> int:
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "git_commit": quality.git_commit(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "wall_s": round(time.perf_counter() - t0, 1),
+        "wall_s": wall,
         "machine": quality.machine(),
     }
-    out = Path(args.out)
-    doc = json.loads(out.read_text()) if out.exists() else {}
     doc.setdefault("service_run", {})["A5"] = result
     lib = (doc.get("arms") or {}).get("A5", {}).get("test_acc")
     if lib is not None:
         result["library_A5"] = lib
         result["diff_to_library"] = round(result["test_acc"] - lib, 2)
     out.write_text(json.dumps(doc, indent=2) + "\n")
+    lock.close()
     print(json.dumps({k: v for k, v in result.items() if k != "per_seed"}, indent=2))
     return 0
 
