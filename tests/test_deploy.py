@@ -150,3 +150,16 @@ def test_dockerignore_excludes_local_state() -> None:
         "README.md",
     ):
         assert needed not in lines, needed
+
+
+def test_the_package_takes_a_torch_range_and_the_setup_pins_the_build() -> None:
+    """`pip install vfm-kt` must fit the torch a user already has (issue 13 §8): the package
+    requires a range; only the development/CI set-up and the worker image pin the exact build."""
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    for name in ("torch", "torchvision"):
+        (req,) = [d for d in deps if re.match(rf"{name}\s*[<>=!~]", d)]
+        assert "==" not in req and ">=" in req, f"{req!r}: the package must take a range of {name}"
+    setup = (REPO / ".ci/setup").read_text()
+    assert "torch==2.14.1" in setup and "torchvision==0.29.1" in setup
