@@ -3,6 +3,7 @@
 - library (``kt_train.cli``): ``kt train``, ``kt config``, ``kt predict``, ``kt gallery …``, ``kt curate``
 - service: ``kt serve`` (API + worker on the embedded default, or KT_* settings), ``kt admin …``,
   ``kt demo`` (``service.demo``, what ``bash .ci/demo`` runs)
+- local data preparation: ``kt datasets split`` (``kt_train.splits``: train/test/rest zips, no server)
 - client of a running service (``kt_client.remote``): ``kt login``, ``kt logout``, ``kt datasets …``,
   ``kt transfer-sets …``, ``kt jobs …``, ``kt models …``, ``kt galleries …``
 
@@ -12,11 +13,12 @@ is where the two meet, so it is the console script.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from kt_client.remote import EXIT_CODES_HELP, add_remote_commands
+from kt_client.remote import EXIT_CODES_HELP, EXIT_USAGE, add_remote_commands, datasets_app
 from kt_train.cli import app as train_app
 
 app = typer.Typer(
@@ -97,6 +99,42 @@ def _admin() -> typer.Typer:
 
 
 app.add_typer(_admin(), name="admin", help="Service administration: API keys, galleries.")
+
+
+@datasets_app.command("split")
+def datasets_split(
+    src: Annotated[
+        Path,
+        typer.Argument(
+            help="A folder of class folders of images, or a .zip of one (one top folder above the class "
+            "folders, as in EuroSAT_RGB.zip, is fine)."
+        ),
+    ],
+    out_dir: Annotated[Path, typer.Option("-o", "--out-dir", help="Where to write the zips.")],
+    per_class: Annotated[int, typer.Option(help="Labeled training images per class (train.zip).")] = 10,
+    test_per_class: Annotated[
+        int, typer.Option(help="Test images per class (test.zip), disjoint from the training ones.")
+    ] = 50,
+    seed: Annotated[int, typer.Option(help="Seed of the random choice (same seed, same zips).")] = 0,
+    rest: Annotated[
+        bool,
+        typer.Option("--rest/--no-rest", help="Also write rest.zip: every other image (a gallery pool)."),
+    ] = True,
+) -> None:
+    """Cut train.zip, test.zip and rest.zip out of a labeled image folder or zip (locally, no server)."""
+    from kt_train.splits import SplitError, split_imagefolder
+
+    try:
+        result = split_imagefolder(src, out_dir, per_class, test_per_class, seed=seed, rest=rest)
+    except SplitError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    typer.echo(result.summary())
+
+
+datasets_app.info.help = (
+    "Labeled datasets: split a local folder or zip; upload, list, show, delete on the server."
+)
 add_remote_commands(app)
 
 
