@@ -356,14 +356,15 @@ def worker_cmd(name: str) -> list[str]:
 
 
 def worker_env(data_dir: Path, database_url: str, broker_url: str, **extra: str) -> dict[str, str]:
-    """A worker that takes a job for lost after 4 s without a heartbeat (beats every second) and
-    looks for lost jobs every second."""
+    """A worker that takes a job for lost after 10 s without a heartbeat (beats every 2.5 s) and
+    looks for lost jobs every second. (4 s was too tight: on a loaded 2-core CI machine a live
+    worker's heartbeat thread went 4 s without a turn, and its job was requeued to a second attempt.)"""
     values = {
         "KT_DATA_DIR": str(data_dir),
         "KT_DATABASE_URL": database_url,
         "KT_BROKER_URL": broker_url,
         "KT_RESULT_BACKEND": broker_url,
-        "KT_JOB_HEARTBEAT_TIMEOUT_S": "4",
+        "KT_JOB_HEARTBEAT_TIMEOUT_S": "10",
         "KT_REAPER_INTERVAL_S": "1",
         **extra,
     }

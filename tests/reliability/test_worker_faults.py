@@ -56,7 +56,7 @@ def test_worker_killed_mid_distill_resumes_from_its_checkpoint(
     tmp_path: Path, rel_demo_data: dict[str, Path], private_redis: RedisServer, pg_url: str
 ) -> None:
     """``kill -9`` of the worker while distillation runs (a ``last.ckpt`` exists, the stage is not
-    done): a second worker's reaper requeues the silent job after the heartbeat timeout (4 s here),
+    done): a second worker's reaper requeues the silent job after the heartbeat timeout (10 s here),
     the new attempt reuses the finished teacher stage, resumes distillation from the checkpoint
     (``resumed_from`` > 0) and the job succeeds with exactly one model and one set of files."""
     import torch
