@@ -58,8 +58,8 @@ def write_split_zip(src_zip: Path, names: list[str], out: Path) -> Path:
 
 
 def onnx_accuracy(onnx_path: Path, card: dict[str, Any], test_zip: Path) -> dict[str, Any]:
-    """Top-1 of the downloaded ONNX model in onnxruntime on ``test_zip``, preprocessed at the card's
-    input size the way the service's evaluate stage does (kt_train's eval transform)."""
+    """Top-1 of the downloaded ONNX model in onnxruntime on ``test_zip``, preprocessed as the model
+    card's ``preprocessing`` says (the transform the service's evaluate stage builds from it)."""
     import onnxruntime as ort
     import torch
 
@@ -68,17 +68,13 @@ def onnx_accuracy(onnx_path: Path, card: dict[str, Any], test_zip: Path) -> dict
     from kt_train.transforms import EvalTransform
 
     classes = list(card["classes"])
-    pre = card.get("preprocessing") or {}
-    size = int(
-        pre.get("input_size", [3, 64, 64])[-1]
-        if isinstance(pre.get("input_size"), list)
-        else pre.get("input_size", 64)
-    )
+    pre = card["preprocessing"]  # what a deployment follows: the eval transform is built from it
+    transform = EvalTransform.from_preprocessing(pre)
+    size = transform.size
     ds = load_labeled(str(test_zip))
     ds_classes = list(ds.classes or [])
-    transform = EvalTransform(size)
-    mean = np.asarray(pre.get("mean", (0.5, 0.5, 0.5)), dtype=np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(pre.get("std", (0.5, 0.5, 0.5)), dtype=np.float32).reshape(1, 3, 1, 1)
+    mean = np.asarray(pre["mean"], dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(pre["std"], dtype=np.float32).reshape(1, 3, 1, 1)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     correct = total = 0
