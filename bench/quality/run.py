@@ -300,7 +300,12 @@ def run_seed(
             row["val_tune_acc"] = tune_acc(f["checkpoint"])
         row["wall_s"] = time.perf_counter() - t1 + (t_teacher if name in ("A3", "A4", "A5") else 0.0)
         res[arm] = row
-        log.info("seed %d %s %s", seed, arm, {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()})
+        log.info(
+            "seed %d %s %s",
+            seed,
+            arm,
+            {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()},
+        )
     return res
 
 
@@ -647,7 +652,9 @@ def main(argv: list[str] | None = None) -> int:
     eval_ref = DatasetRef(path=zip_, split=str(splits[args.eval_on]))
     # labels of the unlabeled sets are never read: load_unlabeled ignores folder names
     device = resolve_device("auto")
-    (work / f"config-{config_key({k: base.get(k) for k in STUDENT_SIDE})}.json").write_text(json.dumps(base, indent=2))
+    (work / f"config-{config_key({k: base.get(k) for k in STUDENT_SIDE})}.json").write_text(
+        json.dumps(base, indent=2)
+    )
     log.info("work dir %s; arms %s; seeds %s; eval on %s", work, arms, seeds, args.eval_on)
 
     commit = git_commit()  # the code that runs, not whatever is checked out when it ends

@@ -532,7 +532,10 @@ def test_per_job_recipe_overrides_land_in_the_config(japi: Api, tenant: dict[str
     assert {k: cfg["curate"][k] for k in overrides["curate"]} == overrides["curate"]
     assert (student["steps"], student["lr"]) == (9, 0.002)
     # the recipe keeps a task-distilled student as distilled; a job can ask for the finetune anyway
-    assert student["after_distillation"] is True and recipe("fast")["finetune_student"]["after_distillation"] is False
+    assert (
+        student["after_distillation"] is True
+        and recipe("fast")["finetune_student"]["after_distillation"] is False
+    )
     assert cfg["seed"] == 1234
     # what was not overridden is still the budget's
     fast = recipe("fast")
