@@ -186,6 +186,45 @@ def run_seed(
     return row
 
 
+def write_report(result: dict[str, Any], path: Path) -> None:
+    """``bench/results/quality_service_run.md``: the service run beside the library's A5."""
+    m = result["machine"]
+    lines = [
+        "# Arm A5 through the HTTP service (bench/quality/service_run.py)",
+        "",
+        f"- command: `{result['command']}` (seeds merged from separate processes, one per core)",
+        f"- date: {result['date']}; git commit {result['git_commit']}",
+        f"- machine: {m.get('cpu')} x{m.get('cores')} cores, {m.get('device')}; python {m.get('python')}, "
+        f"torch {m.get('torch')}, timm {m.get('timm')}, faiss {m.get('faiss')}",
+        "- path: `kt serve` (embedded default), `kt admin register-model` + gallery registration, then "
+        "over HTTP: upload labeled + test zips, submit (dataset, test dataset, gallery, teacher, student, "
+        "budget only), wait, download ONNX, evaluate in onnxruntime with the card's preprocessing",
+        "",
+        "| seed | ONNX test top-1 | service metrics.test | test images | input px | wall |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["per_seed"]:
+        svc = (r.get("service_reported") or {}).get("top1")
+        svc_txt = f"{svc:.2f}" if isinstance(svc, (int, float)) else "-"  # kt_train's top1, in percent
+        lines.append(
+            f"| {r['seed']} | {r['test_acc']:.2f} | {svc_txt} | {r['eval_images']} | {r['input_size']} "
+            f"| {r['wall_s'] / 60:.0f} min |"
+        )
+    lib = result.get("library_A5")
+    lines += [
+        "",
+        f"Mean {result['test_acc']:.2f} ± {result['test_acc_std']:.2f} over {result['seeds']} seeds; "
+        + (
+            f"library A5 (bench/quality/run.py) {lib:.2f}: difference {result['diff_to_library']:+.2f} "
+            f"(bar: within 1.5 points: {'PASS' if abs(result['diff_to_library']) <= 1.5 else 'FAIL'})."
+            if lib is not None
+            else "no library A5 in quality.json to compare with."
+        ),
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -196,7 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-limit", type=int, default=None)
     ap.add_argument("--timeout", type=float, default=3 * 3600)
     ap.add_argument("--out", default=str(ROOT / "bench/results/quality.json"))
+    ap.add_argument("--report", action="store_true", help="only rewrite the .md from quality.json")
     args = ap.parse_args(argv)
+    report_md = ROOT / "bench/results/quality_service_run.md"
+    if args.report:
+        write_report(json.loads(Path(args.out).read_text())["service_run"]["A5"], report_md)
+        print(report_md.read_text())
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     shared = Path(args.shared).resolve()
     if not (Path(args.gallery) / "gallery.json").exists():
@@ -242,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         result["library_A5"] = lib
         result["diff_to_library"] = round(result["test_acc"] - lib, 2)
     out.write_text(json.dumps(doc, indent=2) + "\n")
+    write_report(result, report_md)
     lock.close()
     print(json.dumps({k: v for k, v in result.items() if k != "per_seed"}, indent=2))
     return 0
