@@ -204,7 +204,8 @@ def write_report(result: dict[str, Any], path: Path) -> None:
         "|---|---|---|---|---|---|",
     ]
     for r in result["per_seed"]:
-        svc = (r.get("service_reported") or {}).get("top1")
+        reported = r.get("service_reported") or {}
+        svc = (reported.get("student") or reported).get("top1")
         svc_txt = f"{svc:.2f}" if isinstance(svc, (int, float)) else "-"  # kt_train's top1, in percent
         lines.append(
             f"| {r['seed']} | {r['test_acc']:.2f} | {svc_txt} | {r['eval_images']} | {r['input_size']} "
