@@ -165,6 +165,7 @@ def train(
     elsewhere (a log file, CI, nohup) a line like `distill: step 1200/4000 (30%), 410 img/s, ETA 6m48s;
     run 45%, ETA 12m03s` is printed every --progress-interval seconds.
     """
+    from .costs import measure_model_costs
     from .pipeline import run_pipeline
     from .progress import plan_phases
     from .threads import configure_threads
@@ -184,7 +185,8 @@ def train(
             with _progress() as progress:
                 results = run_pipeline(cfg, reporter=RichReporter(progress))
         else:
-            results = run_pipeline(cfg, reporter=_line_reporter(plan_phases(cfg), progress_interval))
+            phases = plan_phases(cfg, model_costs=measure_model_costs(cfg))
+            results = run_pipeline(cfg, reporter=_line_reporter(phases, progress_interval))
     except KTError as e:
         _fail(e)
     console.print(_summary(results, Path(cfg.out_dir)))

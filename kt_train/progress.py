@@ -22,6 +22,12 @@ phase of its own, done when the stage ends.
   (phases that run the same models the same way, e.g. the linear probe and the cache are both
   teacher forward passes; distillation and the student finetune are both student training), else at
   the rate of work last measured. No ETA before a rate was measured.
+- **Model costs.** A teacher pass and a student pass cost different times (the proxy teacher's
+  forward is ~6x the student's on 2 cores), so a rate measured on the teacher says little about the
+  student's loops by itself. ``plan_phases(..., model_costs=...)`` scales each phase's passes by
+  the seconds per image its model measured (``kt_train.costs.measure_model_costs``: one short
+  forward on this machine at the run's input sizes), which makes work comparable across models: a
+  rate measured on the teacher then predicts the distillation before its first step.
 
 No torch here: the service and the client may import this module.
 """
@@ -32,7 +38,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -305,12 +311,22 @@ class ProgressTracker:
 # --------------------------------------------------------------------------- the plan of a config
 
 
-def plan_phases(cfg: Any, transfer_size: int | None = None) -> list[Phase]:
+def plan_phases(
+    cfg: Any, transfer_size: int | None = None, model_costs: Mapping[str, float] | None = None
+) -> list[Phase]:
     """The phases ``cfg.stages`` run, in order, with their expected work (module docstring).
 
     ``transfer_size``: images in the transfer set, when known (else ``curate.size`` when a curate
-    stage makes it; else the cache is estimated from the schedule and sized when it starts)."""
+    stage makes it; else the cache is estimated from the schedule and sized when it starts).
+    ``model_costs``: measured seconds per image of a ``"teacher"`` and a ``"student"`` forward
+    pass (``kt_train.costs``); passes of each model are weighed by them (module docstring), else
+    every pass weighs the same."""
     from .pipeline import _use_cache, cache_views, run_order
+
+    costs = dict(model_costs or {})
+    unit = min((v for v in costs.values() if v and v > 0), default=1.0)
+    t_pass = max(float(costs.get("teacher") or unit), 1e-12) / unit
+    s_pass = max(float(costs.get("student") or unit), 1e-12) / unit
 
     stages = run_order(cfg.stages)
     phases: list[Phase] = []
@@ -318,9 +334,11 @@ def plan_phases(cfg: Any, transfer_size: int | None = None) -> list[Phase]:
     for stage in stages:
         if stage == "finetune_teacher":
             lp, ff = cfg.finetune_teacher.linear_probe, cfg.finetune_teacher.full_finetune
-            phases.append(Phase(LINEAR_PROBE, lp.steps, lp.batch_size, FORWARD, "teacher forward", stage))
+            phases.append(Phase(LINEAR_PROBE, lp.steps, lp.batch_size, FORWARD * t_pass, "teacher forward", stage))
             if ff.steps > 0:
-                phases.append(Phase(TEACHER_FINETUNE, ff.steps, ff.batch_size, TRAIN, "teacher train", stage))
+                phases.append(
+                    Phase(TEACHER_FINETUNE, ff.steps, ff.batch_size, TRAIN * t_pass, "teacher train", stage)
+                )
         elif stage == "distill":
             dc = cfg.distill
             n = transfer_size
@@ -333,14 +351,16 @@ def plan_phases(cfg: Any, transfer_size: int | None = None) -> list[Phase]:
             else:
                 views = float(cache_views(dc, n) * n) if _use_cache(dc, n) else 0.0
             if views:
-                phases.append(Phase(TEACHER_CACHE, views, 1, FORWARD, "teacher forward", stage, unit="view"))
+                phases.append(
+                    Phase(TEACHER_CACHE, views, 1, FORWARD * t_pass, "teacher forward", stage, unit="view")
+                )
             agnostic = dc.method == "task_agnostic"
             phases.append(
                 Phase(
                     DISTILL_AGNOSTIC if agnostic else DISTILL,
                     dc.steps,
                     dc.batch_size,
-                    TRAIN if views else TRAIN + FORWARD,
+                    TRAIN * s_pass if views else TRAIN * s_pass + FORWARD * t_pass,
                     "student train" if views and not agnostic else "distill online",
                     stage,
                 )
@@ -349,7 +369,7 @@ def plan_phases(cfg: Any, transfer_size: int | None = None) -> list[Phase]:
             fs = cfg.finetune_student
             kept = "distill" in stages and cfg.distill.method == "task_oriented" and not fs.after_distillation
             phases.append(
-                Phase(STUDENT_FINETUNE, 0 if kept else fs.steps, fs.batch_size, TRAIN, "student train", stage)
+                Phase(STUDENT_FINETUNE, 0 if kept else fs.steps, fs.batch_size, TRAIN * s_pass, "student train", stage)
             )
         elif stage == "curate" and not cfg.curate.gallery:
             continue  # skipped: distill uses data.transfer

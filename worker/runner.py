@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kt_train import pipeline
 from kt_train.config import TrainConfig, parse_config
+from kt_train.costs import measure_model_costs
 from kt_train.errors import ConfigError, KTError
 from kt_train.gallery import DEFAULT_ENCODER, build_gallery
 from kt_train.io import SUCCESS, is_disk_full
@@ -75,6 +76,15 @@ def stage_weights(cfg: TrainConfig) -> dict[str, float]:
         if phase.stage is not None:
             weights[phase.stage] = weights.get(phase.stage, 0.0) + phase.work
     return weights
+
+
+def model_costs(cfg: TrainConfig) -> dict[str, float]:
+    """Seconds per image of a teacher and a student pass on this worker (``kt_train.costs``), for
+    the ETA; only for a run that trains both."""
+    stages = set(pipeline.run_order(cfg.stages))
+    if not stages & {"distill", "finetune_student"} or not stages & {"finetune_teacher", "curate"}:
+        return {}
+    return measure_model_costs(cfg)
 
 
 class JobReporter:
@@ -481,7 +491,7 @@ def _run_stages(
     reporter = JobReporter(
         session_factory,
         job_id,
-        plan_phases(cfg),
+        plan_phases(cfg, model_costs=model_costs(cfg)),
         interval_s=progress_interval_s,
         joblog=joblog,
         log_interval_s=log_interval_s,

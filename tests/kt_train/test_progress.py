@@ -150,6 +150,60 @@ def test_the_weights_follow_the_expected_work(small_config, tmp_path) -> None:
     assert next(p for p in kept if p.name == STUDENT_FINETUNE).work == 0
 
 
+def test_measured_model_costs_let_the_teachers_rate_predict_the_students_loops(
+    small_config, tmp_path
+) -> None:
+    """A teacher pass costing 6 student passes (the proxy teacher and the benchmark's student): with
+    the measured costs in the plan, the rate measured during the linear probe predicts the cache
+    build and the distillation to within a few percent; without them the ETA is several times too
+    long (a job's ETA at its start was 5h26m for an hour's work)."""
+    cfg = _cached_cfg(small_config, tmp_path / "run", distill__steps=40)
+    teacher_s, student_s = 6e-3, 1e-3  # seconds per image of a forward pass
+
+    def simulate(plan: list[Phase]) -> tuple[float, float]:
+        """(ETA after the linear probe, the time the rest really takes) on a clock that runs each
+        phase at its model's true cost."""
+        clock = FakeClock()
+        t = ProgressTracker(plan, clock=clock, min_samples=2, min_sample_s=0.01)
+        per_unit = {  # seconds per unit (step or view) of each phase
+            LINEAR_PROBE: 8 * teacher_s,
+            TEACHER_CACHE: teacher_s,
+            DISTILL: 8 * 3 * student_s,
+            STUDENT_FINETUNE: 8 * 3 * student_s,
+        }
+        eta, start_rest = None, 0.0
+        for p in [q for q in plan if q.work > 0]:
+            t.start(p.name, p.units)
+            for done in range(int(p.units) + 1):
+                t.update(p.name, done)
+                clock.now += per_unit[p.name]
+            t.finish(p.name)
+            if p.name == LINEAR_PROBE:
+                eta, start_rest = t.eta_s(), clock.now
+        assert eta is not None
+        return eta, clock.now - start_rest - per_unit[TEACHER_CACHE]  # the loop's last tick is not work
+
+    measured = plan_phases(
+        cfg, transfer_size=UNLABELED, model_costs={"teacher": teacher_s, "student": student_s}
+    )
+    eta, really = simulate(measured)
+    assert eta == pytest.approx(really, rel=0.1)
+    eta_blind, really_blind = simulate(plan_phases(cfg, transfer_size=UNLABELED))
+    assert eta_blind > 2 * really_blind  # every pass at the teacher's speed
+    # the weights follow the costs too: a distill step weighs a sixth of a teacher step's work
+    plan = {p.name: p for p in measured}
+    assert plan[LINEAR_PROBE].cost == pytest.approx(6.0) and plan[DISTILL].cost == pytest.approx(3.0)
+
+
+def test_measure_model_costs_times_both_models_without_reading_weights(small_config, tmp_path) -> None:
+    from kt_train.costs import measure_model_costs
+
+    costs = measure_model_costs(_cached_cfg(small_config, tmp_path / "run"))
+    assert set(costs) == {"teacher", "student"} and all(0 < v < 1 for v in costs.values())
+    bad = _cached_cfg(small_config, tmp_path / "run", student__model="timm:no_such_model_xyz")
+    assert set(measure_model_costs(bad)) == {"teacher"}  # an estimate never fails the run
+
+
 def test_a_cache_that_is_reused_drops_out_without_moving_the_bar_back(small_config, tmp_path) -> None:
     cfg = _cached_cfg(small_config, tmp_path / "run")
     tracker = ProgressTracker(plan_phases(cfg, transfer_size=UNLABELED))
