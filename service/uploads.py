@@ -88,6 +88,7 @@ class ReceivedUpload:
     filename: str | None
     name: str | None
     size: int
+    fields: dict[str, str] = field(default_factory=dict)  # every text field (the web form's `csrf`)
 
 
 class _FormReceiver:
@@ -230,7 +231,10 @@ async def receive_upload(request: Request, settings: Settings) -> ReceivedUpload
         raise Invalid("The multipart form has no `file` field; attach the zip archive as `file`.")
     name_field = receiver.fields.get("name")
     name = name_field.decode("utf-8", "replace").strip() if name_field is not None else None
-    return ReceivedUpload(path=dest, filename=receiver.filename, name=name or None, size=receiver.file_size)
+    fields = {k: v.decode("utf-8", "replace") for k, v in receiver.fields.items()}
+    return ReceivedUpload(
+        path=dest, filename=receiver.filename, name=name or None, size=receiver.file_size, fields=fields
+    )
 
 
 # ---------------------------------------------------------------------------------------------

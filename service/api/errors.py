@@ -106,6 +106,11 @@ def _readable(err: dict[str, Any]) -> str:
     return f"{where}: {err.get('msg', 'invalid')}"
 
 
+def readable_errors(errors: Any) -> str:
+    """A list of validation errors (FastAPI's or pydantic's) as one line a person reads."""
+    return "; ".join(_readable(err) for err in errors)
+
+
 def _finite(obj: Any) -> Any:
     """JSON has no NaN or Infinity: a rejected input that held one (``1e400``, ``NaN``) is echoed
     back as its string, instead of failing to encode (a 500)."""
@@ -121,7 +126,7 @@ def _finite(obj: Any) -> Any:
 def _validation_error_handler(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
-    readable = "; ".join(_readable(err) for err in errors)
+    readable = readable_errors(errors)
     # FastAPI's list of errors stays available under "errors" for programs; "detail" is for people
     return JSONResponse(
         status_code=422,

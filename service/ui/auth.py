@@ -59,6 +59,25 @@ class PageNotFound(Exception):
     """An unknown id, or one of another tenant (never distinguished)."""
 
 
+class FormRefused(Exception):
+    """A form post that is not this session's own (another site's, or a stale page's): 403."""
+
+
+FORM_TOKEN_FIELD = "csrf"
+
+
+def form_token(session_token: str) -> str:
+    """The hidden field every form of the pages carries, bound to the session: a page of another
+    site can neither read it (the cookie is HttpOnly, the pages are same-origin) nor guess it.
+    Not the session's row id (``_token_hash``), so a leaked form token opens no session."""
+    return hashlib.sha256(f"kt-ui-form:{session_token}".encode()).hexdigest()
+
+
+def form_token_matches(request: Request, value: str | None) -> bool:
+    token = request.cookies.get(COOKIE_NAME) or ""
+    return bool(token and value) and secrets.compare_digest(str(value), form_token(token))
+
+
 class TooManyRequests(Exception):
     def __init__(self, message: str, retry_after: str) -> None:
         super().__init__(message)

@@ -13,45 +13,65 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Form, HTTPException, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from service import storage
+from kt_train.recipe import BUDGETS, DEFAULT_BUDGET
+from service import estimates, quotas, storage
 from service.api.deps import SessionDep, SettingsDep
-from service.api.routes.jobs import PIPELINE_STAGES, job_dir
+from service.api.errors import Invalid, UserError, readable_errors
+from service.api.routes.datasets import store_dataset
+from service.api.routes.jobs import (
+    PIPELINE_STAGES,
+    RETRYABLE_STATUSES,
+    cancel_job,
+    create_job,
+    job_dir,
+    retry_job,
+)
 from service.api.routes.models import EXPORT_FORMATS
-from service.api.routes.transfer_sets import REPORT_HEADERS, curate_dir
+from service.api.routes.transfer_sets import REPORT_HEADERS, create_transfer_set, curate_dir
 from service.api.routes.transfer_sets import _sync as sync_transfer_set
-from service.db.models import JOB_FINAL_STATUSES, Dataset, Job, Model, Tenant, TransferSet
+from service.db.models import JOB_FINAL_STATUSES, Dataset, Gallery, Job, Model, Tenant, TransferSet
 from service.redact import Redactor, public_copy, session_redactor
-from service.schemas import ExportFormat
+from service.schemas import ExportFormat, JobCreate, TransferSetCreate
 from service.settings import Settings
 from service.thumbnails import thumb_path, thumbnails
 from service.ui.auth import (
     COOKIE_MAX_AGE_S,
     COOKIE_NAME,
     COOKIE_PATH,
+    FORM_TOKEN_FIELD,
     LEGACY_COOKIE_NAME,
+    FormRefused,
     LoginRequired,
     PageNotFound,
     TooManyRequests,
     UiTenant,
     authenticate,
     close_session,
+    form_token,
+    form_token_matches,
     login_url,
     open_session,
     safe_next,
 )
 from service.ui.charts import Chart, line_chart
+from service.uploads import receive_upload
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
 CROSS_SITE = "This form was sent from another site; open this page here and send it again."
+STALE_FORM = (
+    "This form does not belong to your current session (it was opened before you logged in again, "
+    "or sent from elsewhere); reload the page and send it again."
+)
 TRAINING_STAGES = ("finetune_teacher", "distill", "finetune_student")
 THUMBS_PER_CLASS = 8
 THUMB_PX = 96
@@ -73,13 +93,35 @@ HEADERS = {
 def _page(
     request: Request, template: str, status_code: int = 200, tenant: Tenant | None = None, **ctx: Any
 ) -> HTMLResponse:
+    token = request.cookies.get(COOKIE_NAME)
+    csrf = form_token(token) if tenant is not None and token else ""
     return templates.TemplateResponse(
         request,
         template,
-        {"tenant": tenant, **ctx},
+        {"tenant": tenant, "csrf": csrf, "csrf_field": FORM_TOKEN_FIELD, **ctx},
         status_code=status_code,
         headers=HEADERS,
     )
+
+
+def _check_form(request: Request, csrf: str | None) -> None:
+    """Every form that changes something: sent from our own pages (``Origin``, as the login form
+    checks it) and carrying the session's form token (``service.ui.auth.form_token``)."""
+    if _cross_site(request):
+        raise FormRefused(CROSS_SITE)
+    if not form_token_matches(request, csrf):
+        raise FormRefused(STALE_FORM)
+
+
+def _form_error(err: Exception) -> tuple[str, int]:
+    """(message, status) of a refused submission, as the JSON API would answer it."""
+    if isinstance(err, ValidationError):
+        return f"Invalid request: {readable_errors(err.errors())}", 422
+    assert isinstance(err, UserError)
+    return str(err), err.status_code
+
+
+CsrfField = Annotated[str | None, Form(alias=FORM_TOKEN_FIELD, max_length=200)]
 
 
 # --------------------------------------------------------------------------- login
@@ -319,11 +361,84 @@ def _test_metrics(job: Job) -> list[dict[str, Any]]:
     return out
 
 
-@router.get("/jobs/{job_id}", response_class=HTMLResponse)
-def job_page(
-    request: Request, job_id: str, session: SessionDep, settings: SettingsDep, tenant: UiTenant
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _job_facts(session: Session, tenant: Tenant, job: Job) -> list[dict[str, Any]]:
+    """What the job trains (or curates) with: its models, budget and steps, as submitted (the
+    request's model specs; the steps of the config the worker runs)."""
+    params = job.params or {}
+    request = _dict(params.get("request"))
+    config = _dict(params.get("config"))
+    facts: list[dict[str, Any]] = []
+
+    def spec(role: str) -> Any:
+        section = config.get(role)
+        return request.get(role) or (section.get("model") if isinstance(section, dict) else None)
+
+    if job.kind == "curate":
+        facts.append(
+            {
+                "id": "job-teacher",
+                "label": "Teacher",
+                "value": spec("teacher") or "none (gallery similarity only)",
+            }
+        )
+        if request.get("size"):
+            facts.append(
+                {"id": "job-size", "label": "Transfer set size", "value": f"{request['size']:,} requested"}
+            )
+        return facts
+    if job.kind != "pipeline":
+        return facts
+    plan = estimates.plan_of(config)
+    facts += [
+        {"id": "job-teacher", "label": "Teacher", "value": spec("teacher") or ""},
+        {"id": "job-student", "label": "Student", "value": spec("student") or ""},
+        {"id": "job-budget", "label": "Budget", "value": request.get("budget") or "not recorded"},
+        {
+            "id": "job-distill-steps",
+            "label": "Distillation steps",
+            "value": f"{plan.steps['distill']:,} of {plan.batch_size['distill']} images",
+        },
+        {
+            "id": "job-teacher-steps",
+            "label": "Teacher finetune steps",
+            "value": f"{plan.steps['finetune_teacher']:,}",
+        },
+    ]
+    if plan.steps["finetune_student"]:
+        facts.append(
+            {
+                "id": "job-student-steps",
+                "label": "Student finetune steps",
+                "value": f"{plan.steps['finetune_student']:,}",
+            }
+        )
+    ts_id = request.get("transfer_set_id")
+    ts = session.get(TransferSet, ts_id) if isinstance(ts_id, str) else None
+    if ts is not None and ts.tenant_id == tenant.id:
+        facts.append(
+            {
+                "id": "job-trained-on",
+                "label": "Trained on",
+                "value": f"transfer set {ts.id[:8]}",
+                "href": f"/ui/transfer-sets/{ts.id}",
+            }
+        )
+    return facts
+
+
+def _job_page(
+    request: Request,
+    session: Session,
+    settings: Settings,
+    tenant: Tenant,
+    job: Job,
+    error: str | None = None,
+    status_code: int = 200,
 ) -> HTMLResponse:
-    job: Job = _owned(session, Job, tenant, job_id)
     models = session.scalars(select(Model).where(Model.job_id == job.id)).all()
     transfer_sets = session.scalars(
         select(TransferSet).where(TransferSet.job_id == job.id, TransferSet.tenant_id == tenant.id)
@@ -339,6 +454,7 @@ def job_page(
     return _page(
         request,
         "job.html",
+        status_code=status_code,
         tenant=tenant,
         section="jobs",
         job=job,
@@ -351,7 +467,61 @@ def job_page(
         transfer_sets=transfer_sets,
         datasets=datasets,
         has_report=has_report,
+        facts=_job_facts(session, tenant, job),
+        can_cancel=job.status not in JOB_FINAL_STATUSES and not job.cancel_requested,
+        can_retry=job.status in RETRYABLE_STATUSES,
+        error=error,
     )
+
+
+@router.get("/jobs/{job_id}", response_class=HTMLResponse)
+def job_page(
+    request: Request, job_id: str, session: SessionDep, settings: SettingsDep, tenant: UiTenant
+) -> HTMLResponse:
+    return _job_page(request, session, settings, tenant, _owned(session, Job, tenant, job_id))
+
+
+@router.post("/jobs/{job_id}/cancel", response_class=HTMLResponse)
+def job_cancel(
+    request: Request,
+    job_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: UiTenant,
+    csrf: CsrfField = None,
+) -> Response:
+    """The job page's Cancel button: ``POST /v1/jobs/{id}/cancel``."""
+    _check_form(request, csrf)
+    job: Job = _owned(session, Job, tenant, job_id)
+    try:
+        cancel_job(job.id, session, tenant)
+    except UserError as err:
+        message, code = _form_error(err)
+        session.refresh(job)
+        return _job_page(request, session, settings, tenant, job, error=message, status_code=code)
+    return RedirectResponse(f"/ui/jobs/{job.id}", status_code=303)
+
+
+@router.post("/jobs/{job_id}/retry", response_class=HTMLResponse)
+def job_retry(
+    request: Request,
+    job_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: UiTenant,
+    csrf: CsrfField = None,
+) -> Response:
+    """The job page's Retry button: ``POST /v1/jobs/{id}/retry`` (it resumes where it stopped)."""
+    _check_form(request, csrf)
+    job: Job = _owned(session, Job, tenant, job_id)
+    try:
+        retry_job(job.id, session, tenant, settings)
+    except UserError as err:
+        message, code = _form_error(err)
+        session.rollback()
+        session.refresh(job)
+        return _job_page(request, session, settings, tenant, job, error=message, status_code=code)
+    return RedirectResponse(f"/ui/jobs/{job.id}", status_code=303)
 
 
 @router.get("/jobs/{job_id}/status.json")
@@ -422,19 +592,99 @@ def transfer_sets_page(
     return _page(request, "transfer_sets.html", tenant=tenant, section="transfer_sets", transfer_sets=rows)
 
 
-@router.get("/transfer-sets/{transfer_set_id}", response_class=HTMLResponse)
-def transfer_set_page(
-    request: Request, transfer_set_id: str, session: SessionDep, settings: SettingsDep, tenant: UiTenant
-) -> HTMLResponse:
-    ts: TransferSet = sync_transfer_set(
-        session, settings, _owned(session, TransferSet, tenant, transfer_set_id)
+TRAIN_FIELDS = ("teacher", "student", "budget", "test_dataset_id", "distill_steps", "teacher_steps",
+                "full_finetune_steps", "image_size")  # fmt: skip
+DEFAULT_STUDENT = str(JobCreate.model_fields["student"].default)
+DEFAULT_TEACHER = str(JobCreate.model_fields["teacher"].default)
+
+
+def _blank(value: Any) -> Any:
+    return None if value is None or (isinstance(value, str) and not value.strip()) else value
+
+
+def _recipe_steps(form: dict[str, Any]) -> dict[str, Any]:
+    """The train form's optional step fields as ``JobCreate.recipe`` (unset: the budget's)."""
+    return {
+        "teacher": {
+            "linear_probe_steps": _blank(form.get("teacher_steps")),
+            "full_finetune_steps": _blank(form.get("full_finetune_steps")),
+        },
+        "distill": {"steps": _blank(form.get("distill_steps"))},
+    }
+
+
+def _train_request(ts: TransferSet, form: dict[str, Any]) -> dict[str, Any]:
+    """The ``POST /v1/jobs`` body the train form stands for: train on exactly this transfer set."""
+    body: dict[str, Any] = {
+        "dataset_id": ts.dataset_id,
+        "transfer_set_id": ts.id,
+        "teacher": (form.get("teacher") or "").strip() or DEFAULT_TEACHER,
+        "student": (form.get("student") or "").strip() or DEFAULT_STUDENT,
+        "budget": form.get("budget") or DEFAULT_BUDGET,
+        "recipe": _recipe_steps(form),
+    }
+    for key in ("test_dataset_id", "image_size"):
+        if _blank(form.get(key)) is not None:
+            body[key] = form[key]
+    return body
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if _blank(value) is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _train_estimate(session: Session, form: dict[str, Any]) -> estimates.Estimate:
+    """The estimate the train form shows for its current values (a field that is no number yet
+    counts as unset: the submission itself says what is wrong with it)."""
+    budget = form.get("budget") if form.get("budget") in BUDGETS else DEFAULT_BUDGET
+    overrides = {
+        "finetune_teacher": {
+            "linear_probe": {"steps": _int_or_none(form.get("teacher_steps"))},
+            "full_finetune": {"steps": _int_or_none(form.get("full_finetune_steps"))},
+        },
+        "distill": {"steps": _int_or_none(form.get("distill_steps"))},
+    }
+    return estimates.estimate(
+        session,
+        str(budget),
+        overrides,
+        teacher=(form.get("teacher") or "").strip() or DEFAULT_TEACHER,
+        student=(form.get("student") or "").strip() or DEFAULT_STUDENT,
+        evaluate=_blank(form.get("test_dataset_id")) is not None,
     )
+
+
+def _transfer_set_page(
+    request: Request,
+    session: Session,
+    settings: Settings,
+    tenant: Tenant,
+    ts: TransferSet,
+    form: dict[str, Any] | None = None,
+    error: str | None = None,
+    status_code: int = 200,
+) -> HTMLResponse:
     has_report = (
         ts.status == "ready" and ts.job_id and (curate_dir(settings, ts.job_id) / "report.html").is_file()
     )
+    params = ts.params or {}
+    form = dict(form or {})
+    form.setdefault("teacher", params.get("teacher") or DEFAULT_TEACHER)
+    form.setdefault("student", DEFAULT_STUDENT)
+    form.setdefault("budget", DEFAULT_BUDGET)
+    test_datasets = session.scalars(
+        select(Dataset)
+        .where(Dataset.tenant_id == tenant.id, Dataset.status == "ready", Dataset.id != ts.dataset_id)
+        .order_by(Dataset.created_at.desc(), Dataset.id)
+        .limit(LIST_LIMIT)
+    ).all()
     return _page(
         request,
         "transfer_set.html",
+        status_code=status_code,
         tenant=tenant,
         section="transfer_sets",
         title=f"Transfer set {ts.id[:8]}",
@@ -442,7 +692,60 @@ def transfer_set_page(
         job=None,
         summary=ts.summary or {},
         report_url=f"/ui/transfer-sets/{ts.id}/report" if has_report else None,
+        live=ts.status in ("queued", "running"),
+        form=form,
+        budgets=BUDGETS,
+        test_datasets=test_datasets,
+        estimate=_train_estimate(session, form) if ts.status == "ready" else None,
+        error=error,
     )
+
+
+@router.get("/transfer-sets/{transfer_set_id}", response_class=HTMLResponse)
+def transfer_set_page(
+    request: Request, transfer_set_id: str, session: SessionDep, settings: SettingsDep, tenant: UiTenant
+) -> HTMLResponse:
+    ts: TransferSet = sync_transfer_set(
+        session, settings, _owned(session, TransferSet, tenant, transfer_set_id)
+    )
+    return _transfer_set_page(request, session, settings, tenant, ts)
+
+
+@router.get("/transfer-sets/{transfer_set_id}/estimate")
+def transfer_set_estimate(
+    request: Request, transfer_set_id: str, session: SessionDep, tenant: UiTenant
+) -> JSONResponse:
+    """What the train form's script asks when a field changes: the estimate for those values."""
+    _owned(session, TransferSet, tenant, transfer_set_id)
+    form = {k: v[:200] for k, v in request.query_params.items() if k in TRAIN_FIELDS}
+    return JSONResponse(_train_estimate(session, form).public(), headers={"Cache-Control": "no-store"})
+
+
+@router.post("/transfer-sets/{transfer_set_id}/train", response_class=HTMLResponse)
+async def transfer_set_train(
+    request: Request, transfer_set_id: str, session: SessionDep, settings: SettingsDep, tenant: UiTenant
+) -> Response:
+    """The train form: ``POST /v1/jobs`` with ``transfer_set_id``, the reviewed set itself."""
+    async with request.form(max_files=0, max_fields=50) as data:
+        form = {k: str(v)[:4096] for k, v in data.items() if isinstance(v, str)}
+    _check_form(request, form.get(FORM_TOKEN_FIELD))
+
+    def submit() -> Response:
+        ts: TransferSet = _owned(session, TransferSet, tenant, transfer_set_id)
+        shown = {k: form.get(k, "") for k in TRAIN_FIELDS}
+        try:
+            body = JobCreate.model_validate(_train_request(ts, form))
+            job = create_job(body, session, tenant, settings)
+        except (UserError, ValidationError) as err:
+            message, code = _form_error(err)
+            session.rollback()
+            ts = sync_transfer_set(session, settings, ts)
+            return _transfer_set_page(
+                request, session, settings, tenant, ts, shown, error=message, status_code=code
+            )
+        return RedirectResponse(f"/ui/jobs/{job.id}", status_code=303)
+
+    return await run_in_threadpool(submit)
 
 
 @router.get("/transfer-sets/{transfer_set_id}/report", response_class=HTMLResponse)
@@ -466,6 +769,27 @@ def _formats(model: Model) -> list[str]:
     return [fmt for fmt in EXPORT_FORMATS if (model.files or {}).get(fmt)]
 
 
+def _student(model: Model) -> str:
+    """The model's architecture as it was asked for: the student spec the export recorded in the
+    card's lineage (``timm:<name>``), else the timm name it was exported as."""
+    card = model.card or {}
+    lineage = _dict(card.get("lineage"))
+    spec = lineage.get("student")
+    if isinstance(spec, str) and spec:
+        return spec
+    name = card.get("timm_name")
+    return f"timm:{name}" if isinstance(name, str) and name else ""
+
+
+SUFFIXES = {"torchscript": ".pt"}
+
+
+def _download_name(model: Model, fmt: str) -> str:
+    """What a download is saved as: the name ``kt models download`` gives it (``model-<id>.<ext>``),
+    whose card, saved beside it, ``kt predict`` finds by itself."""
+    return f"model-{model.id}{SUFFIXES.get(fmt, '.' + fmt)}"
+
+
 @router.get("/models", response_class=HTMLResponse)
 def models_page(request: Request, session: SessionDep, tenant: UiTenant) -> HTMLResponse:
     rows = session.scalars(
@@ -474,7 +798,15 @@ def models_page(request: Request, session: SessionDep, tenant: UiTenant) -> HTML
         .order_by(Model.created_at.desc(), Model.id)
         .limit(LIST_LIMIT)
     ).all()
-    return _page(request, "models.html", tenant=tenant, section="models", models=rows, formats=_formats)
+    return _page(
+        request,
+        "models.html",
+        tenant=tenant,
+        section="models",
+        models=rows,
+        formats=_formats,
+        student=_student,
+    )
 
 
 def _card_items(card: dict[str, Any]) -> list[tuple[str, str]]:
@@ -517,6 +849,23 @@ def model_page(request: Request, model_id: str, session: SessionDep, tenant: UiT
         formats=_formats(model),
         job=job if job is not None and job.tenant_id == tenant.id else None,
         tests=_test_metrics(job) if job is not None and job.tenant_id == tenant.id else [],
+        student=_student(model),
+        base_url=str(request.base_url).rstrip("/"),
+        predict_format="onnx" if "onnx" in _formats(model) else next(iter(_formats(model)), "onnx"),
+        download_name=lambda fmt: _download_name(model, fmt),
+        card_name=f"model-{model.id}.model_card.json",
+    )
+
+
+@router.get("/models/{model_id}/card")
+def model_card_download(model_id: str, session: SessionDep, tenant: UiTenant) -> Response:
+    """The card as ``kt models download`` saves it beside the model: ``model-<id>.model_card.json``
+    (where ``kt predict model-<id>.onnx ...`` looks for its preprocessing and classes)."""
+    model: Model = _owned(session, Model, tenant, model_id)
+    return Response(
+        json.dumps(model.card or {}, indent=2) + "\n",
+        media_type="application/json",
+        headers={"Content-Disposition": f'attachment; filename="model-{model.id}.model_card.json"'},
     )
 
 
@@ -533,9 +882,7 @@ def model_download(
     path = Path(stored) if stored else None
     if path is None or not path.is_file():
         raise PageNotFound(model_id)
-    return FileResponse(
-        path, media_type="application/octet-stream", filename=f"model-{model_id}{path.suffix or '.' + format}"
-    )
+    return FileResponse(path, media_type="application/octet-stream", filename=_download_name(model, format))
 
 
 # --------------------------------------------------------------------------- datasets
@@ -554,22 +901,74 @@ def _class_files(folder: Path, limit: int) -> list[str]:
     return names[:limit]
 
 
-@router.get("/datasets", response_class=HTMLResponse)
-def datasets_page(request: Request, session: SessionDep, tenant: UiTenant) -> HTMLResponse:
+def _datasets_page(
+    request: Request,
+    session: Session,
+    tenant: Tenant,
+    error: str | None = None,
+    status_code: int = 200,
+    name: str = "",
+) -> HTMLResponse:
     rows = session.scalars(
         select(Dataset)
         .where(Dataset.tenant_id == tenant.id)
         .order_by(Dataset.created_at.desc(), Dataset.id)
         .limit(LIST_LIMIT)
     ).all()
-    return _page(request, "datasets.html", tenant=tenant, section="datasets", datasets=rows)
+    return _page(
+        request,
+        "datasets.html",
+        status_code=status_code,
+        tenant=tenant,
+        section="datasets",
+        datasets=rows,
+        error=error,
+        name=name,
+    )
 
 
-@router.get("/datasets/{dataset_id}", response_class=HTMLResponse)
-def dataset_page(
-    request: Request, dataset_id: str, session: SessionDep, settings: SettingsDep, tenant: UiTenant
+@router.get("/datasets", response_class=HTMLResponse)
+def datasets_page(request: Request, session: SessionDep, tenant: UiTenant) -> HTMLResponse:
+    return _datasets_page(request, session, tenant)
+
+
+@router.post("/datasets", response_class=HTMLResponse)
+async def dataset_upload(
+    request: Request, session: SessionDep, settings: SettingsDep, tenant: UiTenant
+) -> Response:
+    """The upload form: the zip streamed to disk and stored exactly as ``POST /v1/datasets`` does
+    (``service.api.routes.datasets.store_dataset``); a refused upload is the page with the reason."""
+    if _cross_site(request):  # before reading a byte of the body
+        raise FormRefused(CROSS_SITE)
+    name = ""
+    try:
+        await run_in_threadpool(quotas.refuse_if_storage_full, session, settings, tenant)
+        upload = await receive_upload(request, settings)
+        name = upload.name or ""
+        if not form_token_matches(request, upload.fields.get(FORM_TOKEN_FIELD)):
+            upload.path.unlink(missing_ok=True)
+            raise FormRefused(STALE_FORM)
+        if not upload.filename and upload.size == 0:
+            upload.path.unlink(missing_ok=True)
+            raise Invalid("Choose a zip file to upload (the form was sent without one).")
+        dataset = await store_dataset(session, settings, tenant, upload)
+    except UserError as err:
+        message, code = _form_error(err)
+        await run_in_threadpool(session.rollback)
+        return await run_in_threadpool(_datasets_page, request, session, tenant, message, code, name)
+    return RedirectResponse(f"/ui/datasets/{dataset.id}", status_code=303)
+
+
+def _dataset_page(
+    request: Request,
+    session: Session,
+    settings: Settings,
+    tenant: Tenant,
+    ds: Dataset,
+    form: dict[str, Any] | None = None,
+    error: str | None = None,
+    status_code: int = 200,
 ) -> HTMLResponse:
-    ds: Dataset = _owned(session, Dataset, tenant, dataset_id)
     counts = {str(k): int(v) for k, v in (ds.class_counts or {}).items()}
     classes = [str(c) for c in ds.classes or []] or sorted(counts)
     top = max(counts.values(), default=0)
@@ -583,7 +982,72 @@ def dataset_page(
         }
         for cls in classes
     ]
-    return _page(request, "dataset.html", tenant=tenant, section="datasets", ds=ds, rows=rows)
+    galleries = session.scalars(select(Gallery).order_by(Gallery.name).limit(LIST_LIMIT)).all()
+    transfer_sets = session.scalars(
+        select(TransferSet)
+        .where(TransferSet.tenant_id == tenant.id, TransferSet.dataset_id == ds.id)
+        .order_by(TransferSet.created_at.desc(), TransferSet.id)
+        .limit(LIST_LIMIT)
+    ).all()
+    form = dict(form or {})
+    form.setdefault("size", str(TransferSetCreate.model_fields["size"].default))
+    return _page(
+        request,
+        "dataset.html",
+        status_code=status_code,
+        tenant=tenant,
+        section="datasets",
+        ds=ds,
+        rows=rows,
+        galleries=galleries,
+        transfer_sets=transfer_sets,
+        form=form,
+        error=error,
+    )
+
+
+@router.get("/datasets/{dataset_id}", response_class=HTMLResponse)
+def dataset_page(
+    request: Request, dataset_id: str, session: SessionDep, settings: SettingsDep, tenant: UiTenant
+) -> HTMLResponse:
+    ds: Dataset = _owned(session, Dataset, tenant, dataset_id)
+    return _dataset_page(request, session, settings, tenant, ds)
+
+
+CURATE_FIELDS = ("gallery_id", "size", "teacher")
+
+
+@router.post("/datasets/{dataset_id}/curate", response_class=HTMLResponse)
+def dataset_curate(
+    request: Request,
+    dataset_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: UiTenant,
+    csrf: CsrfField = None,
+    gallery_id: Annotated[str, Form(max_length=200)] = "",
+    size: Annotated[str, Form(max_length=200)] = "",
+    teacher: Annotated[str, Form(max_length=400)] = "",
+) -> Response:
+    """The curate form: ``POST /v1/transfer-sets`` for this dataset; then the set's page, where
+    its report appears when the curation is done."""
+    _check_form(request, csrf)
+    ds: Dataset = _owned(session, Dataset, tenant, dataset_id)
+    shown = {"gallery_id": gallery_id, "size": size, "teacher": teacher}
+    body: dict[str, Any] = {"dataset_id": ds.id, "gallery_id": gallery_id.strip()}
+    if size.strip():
+        body["size"] = size.strip()
+    if teacher.strip():
+        body["teacher"] = teacher.strip()
+    try:
+        if not body["gallery_id"]:
+            raise Invalid("Choose a gallery to curate from (`GET /v1/galleries` lists them).")
+        ts = create_transfer_set(TransferSetCreate.model_validate(body), session, tenant, settings)
+    except (UserError, ValidationError) as err:
+        message, code = _form_error(err)
+        session.rollback()
+        return _dataset_page(request, session, settings, tenant, ds, shown, error=message, status_code=code)
+    return RedirectResponse(f"/ui/transfer-sets/{ts.id}", status_code=303)
 
 
 def _dataset_image(settings: Settings, ds: Dataset, cls: str, name: str) -> Path:
@@ -648,9 +1112,15 @@ def _too_many(request: Request, exc: Exception) -> Response:
     return response
 
 
+def _form_refused(request: Request, exc: Exception) -> Response:
+    return _page(request, "error.html", status_code=403, title="Forbidden", message=str(exc))
+
+
 def install_ui(app: FastAPI) -> None:
-    """Serve the pages under ``/ui`` (and their error pages: 404, the login redirect, 429)."""
+    """Serve the pages under ``/ui`` (and their error pages: 404, 403 for a foreign form, the login
+    redirect, 429)."""
     app.include_router(router)
     app.add_exception_handler(PageNotFound, _not_found)
+    app.add_exception_handler(FormRefused, _form_refused)
     app.add_exception_handler(LoginRequired, _login_required)
     app.add_exception_handler(TooManyRequests, _too_many)

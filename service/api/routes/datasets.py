@@ -18,7 +18,8 @@ from service.api.errors import Conflict, Invalid, NotFound
 from service.db.models import Dataset, Job, Tenant, new_id, utcnow
 from service.derived import delete_rows, find_derived, remove_files, unfinished_users
 from service.schemas import MAX_OFFSET, DatasetPublic, DatasetsPublic
-from service.uploads import ingest_zip, receive_upload
+from service.settings import Settings
+from service.uploads import ReceivedUpload, ingest_zip, receive_upload
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -77,6 +78,15 @@ async def create_dataset(
     the images would take the tenant's datasets past its storage quota (nothing is kept)."""
     await run_in_threadpool(quotas.refuse_if_storage_full, session, settings, tenant)
     upload = await receive_upload(request, settings)
+    return await store_dataset(session, settings, tenant, upload)
+
+
+async def store_dataset(
+    session: Session, settings: Settings, tenant: Tenant, upload: ReceivedUpload
+) -> Dataset:
+    """Validate and store a received upload as the tenant's dataset (what ``POST /v1/datasets`` and
+    the upload form of ``/ui/datasets`` do): every image decoded, the row committed only when the
+    images fit the tenant's storage quota. The uploaded file is removed either way."""
     try:
         name = upload.name or name_from_filename(upload.filename) or "dataset"
         if len(name) > 200:
