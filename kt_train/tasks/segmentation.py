@@ -1,0 +1,622 @@
+"""Semantic segmentation: what the task owns (``kt_train.tasks``).
+
+- **Data.** Image + index-mask pairs from a folder or a zip: ``images/<rel>.jpg|png`` beside
+  ``masks/<rel>.png`` with the same relative stem (``images/test/0001TP_008550.jpg`` ↔
+  ``masks/test/0001TP_008550.png``; one top-level folder around both is fine), and the class list
+  in ``classes.json`` (``{"classes": [...], "void_index": 11}``) or given by the caller. A mask is a
+  single-channel PNG (mode ``L`` or a palette PNG, whose pixel values are the class indices); its
+  size equals its image's and its values are class indices or the void index. Every violation is a
+  ``DatasetError`` that names the file.
+- **Augmentation** moves image and mask together: one crop box, one flip, applied to both, the
+  image resized bilinearly and the mask by nearest neighbour (``JointAugment``).
+- **Model.** Any timm backbone's multi-scale features (``forward_intermediates``: CNNs, and ViT
+  patch tokens reshaped to their grid) and a light LR-ASPP decoder (Howard et al., "Searching for
+  MobileNetV3", 2019): logits at the low-level feature's stride (8 for CNNs, the patch size for
+  ViTs), upsampled to the input only where a full-resolution answer is needed.
+- **Losses.** Cross-entropy with the void pixels ignored; task-oriented distillation is a
+  per-pixel KL divergence between temperature-softened teacher and student class maps of the
+  same view, at the student's output stride (teacher maps resized to it).
+- **Metrics.** A confusion matrix over the labeled pixels (void ignored): mean IoU over the
+  classes present in the ground truth or the predictions, pixel accuracy, per-class IoU.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import zipfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from ..errors import DatasetError, ModelSpecError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+MASK_EXTS = (".png",)
+CLASSES_FILE = "classes.json"
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class SegmentationPair:
+    key: str  # the relative stem shared by image and mask, e.g. "test/0001TP_008550"
+    image: str  # path inside the source
+    mask: str
+
+
+class _Source:
+    """Files of a folder or a zip, read by their path relative to the dataset's root (the one
+    top-level folder of a zip that holds everything is stripped)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise DatasetError(f"segmentation dataset {self.path} does not exist")
+        self.is_zip = self.path.is_file()
+        self._zf: zipfile.ZipFile | None = None
+        self._pid = -1
+        if self.is_zip:
+            try:
+                names = [n for n in self._zip().namelist() if not n.endswith("/")]
+            except zipfile.BadZipFile as e:
+                raise DatasetError(f"{self.path} is neither a folder nor a zip file ({e})") from e
+        else:
+            names = [p.relative_to(self.path).as_posix() for p in sorted(self.path.rglob("*")) if p.is_file()]
+        names = [n for n in names if not any(part.startswith((".", "__MACOSX")) for part in n.split("/"))]
+        tops = {n.split("/", 1)[0] for n in names}
+        self.prefix = ""
+        if len(tops) == 1 and all("/" in n for n in names) and not {"images", "masks"} & tops:
+            self.prefix = next(iter(tops)) + "/"
+        self.names = sorted(n[len(self.prefix) :] for n in names)
+
+    def _zip(self) -> zipfile.ZipFile:
+        if self._zf is None or self._pid != os.getpid():  # one handle per process (DataLoader workers)
+            self._zf, self._pid = zipfile.ZipFile(self.path), os.getpid()
+        return self._zf
+
+    def read(self, name: str) -> bytes:
+        if self.is_zip:
+            return self._zip().read(self.prefix + name)
+        return (self.path / self.prefix / name).read_bytes()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_zf": None, "_pid": -1}
+
+
+def find_pairs(names: Sequence[str]) -> list[SegmentationPair]:
+    """Pair ``images/<rel>.<ext>`` with ``masks/<rel>.png``; a ``DatasetError`` names an image
+    without a mask, a mask without an image, and a stem with two images."""
+    images: dict[str, str] = {}
+    masks: dict[str, str] = {}
+    for name in names:
+        top, _, rel = name.partition("/")
+        stem, ext = os.path.splitext(rel)
+        ext = ext.lower()
+        if top == "images" and ext in IMAGE_EXTS:
+            if stem in images:
+                raise DatasetError(f"two images for {stem!r}: {images[stem]} and {name}; keep one")
+            images[stem] = name
+        elif top == "masks" and ext in MASK_EXTS:
+            masks[stem] = name
+    if not images and not masks:
+        raise DatasetError(
+            "no segmentation pairs found: put the images under images/ and their index masks (PNG, same "
+            "relative path and stem) under masks/, e.g. images/a.jpg + masks/a.png"
+        )
+    no_mask = sorted(set(images) - set(masks))
+    if no_mask:
+        raise DatasetError(
+            f"{len(no_mask)} image(s) have no mask, e.g. {images[no_mask[0]]} (expected masks/{no_mask[0]}.png)"
+        )
+    no_image = sorted(set(masks) - set(images))
+    if no_image:
+        raise DatasetError(
+            f"{len(no_image)} mask(s) have no image, e.g. {masks[no_image[0]]} (expected images/{no_image[0]}.jpg or .png)"
+        )
+    return [SegmentationPair(k, images[k], masks[k]) for k in sorted(images)]
+
+
+def decode_mask(data: bytes, name: str) -> np.ndarray:
+    """An index mask (H, W) uint8 from PNG bytes: mode ``L``, ``P`` (the palette indices are the
+    classes) or ``I;16``/``I`` with values < 256. A colour mask is refused: it needs a colour to
+    class map, which a mask of indices makes explicit."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as e:  # PIL raises many types for a broken file
+        raise DatasetError(f"mask {name} is not a readable PNG ({e})") from e
+    if img.mode in ("L", "P"):
+        return np.asarray(img, dtype=np.uint8)
+    if img.mode in ("I;16", "I", "I;16B"):
+        arr = np.asarray(img)
+        if arr.max(initial=0) > 255:
+            raise DatasetError(f"mask {name} has values up to {int(arr.max())}; class indices must be < 256")
+        return arr.astype(np.uint8)
+    raise DatasetError(
+        f"mask {name} is a {img.mode} image; masks must be single-channel PNGs of class indices "
+        f"(mode L or a palette PNG), not colour pictures; convert colours to indices first"
+    )
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as e:
+        raise DatasetError(f"image {name} is not a readable image ({e})") from e
+    return img.convert("RGB")
+
+
+def read_classes(source: _Source) -> tuple[list[str], int | None]:
+    if CLASSES_FILE not in source.names:
+        raise DatasetError(
+            f'{source.path} has no {CLASSES_FILE}; add one ({{"classes": ["sky", ...], "void_index": 255}}) '
+            "or pass the classes"
+        )
+    try:
+        meta = json.loads(source.read(CLASSES_FILE))
+        classes = [str(c) for c in meta["classes"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DatasetError(f"{CLASSES_FILE} of {source.path} needs a 'classes' list ({e})") from e
+    void = meta.get("void_index")
+    return classes, None if void is None else int(void)
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Image + index-mask pairs (module docstring). ``split``: keep the pairs whose relative stem
+    starts with ``<split>/`` (``images/test/...``); ``stems``: keep only these file stems (a split
+    file's lines). ``validate``: check every mask against its image when opened (size, values)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        classes: Sequence[str] | None = None,
+        void_index: int | None = None,
+        split: str | None = None,
+        stems: Sequence[str] | None = None,
+        validate: bool = True,
+    ):
+        self.source = _Source(path)
+        if classes is None:
+            found, found_void = read_classes(self.source)
+            self.classes = found
+            self.void_index = found_void if void_index is None else void_index
+        else:
+            self.classes = [str(c) for c in classes]
+            self.void_index = void_index
+        if len(self.classes) < 2:
+            raise DatasetError(f"{self.source.path}: a segmentation task needs at least two classes")
+        if self.void_index is not None and 0 <= self.void_index < len(self.classes):
+            raise DatasetError(
+                f"void_index {self.void_index} is the index of class {self.classes[self.void_index]!r}; "
+                f"the void index must lie outside 0..{len(self.classes) - 1}"
+            )
+        pairs = find_pairs(self.source.names)
+        if split is not None:
+            pairs = [p for p in pairs if p.key.startswith(f"{split}/")]
+        if stems is not None:
+            wanted = {s.strip() for s in stems if s.strip()}
+            pairs = [p for p in pairs if p.key.rsplit("/", 1)[-1] in wanted]
+            missing = wanted - {p.key.rsplit("/", 1)[-1] for p in pairs}
+            if missing:
+                raise DatasetError(
+                    f"{len(missing)} listed stems have no pair in {self.source.path}, e.g. {sorted(missing)[0]}"
+                )
+        if not pairs:
+            raise DatasetError(
+                f"no segmentation pairs in {self.source.path}" + (f" under split {split!r}" if split else "")
+            )
+        self.pairs = pairs
+        if validate:
+            for i in range(len(pairs)):
+                self.check(i)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def ignore_index(self) -> int:
+        """The label the losses and metrics skip (the void index, or 255 when there is none)."""
+        return 255 if self.void_index is None else int(self.void_index)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def check(self, i: int) -> None:
+        """``DatasetError`` naming the file when pair ``i``'s mask does not fit its image."""
+        pair = self.pairs[i]
+        try:
+            size = Image.open(io.BytesIO(self.source.read(pair.image))).size
+        except Exception as e:
+            raise DatasetError(f"image {pair.image} is not a readable image ({e})") from e
+        mask = decode_mask(self.source.read(pair.mask), pair.mask)
+        if (mask.shape[1], mask.shape[0]) != size:
+            raise DatasetError(
+                f"mask {pair.mask} is {mask.shape[1]}x{mask.shape[0]} but its image {pair.image} is "
+                f"{size[0]}x{size[1]}; a mask must have its image's size"
+            )
+        values = np.unique(mask)
+        bad = [int(v) for v in values if v >= self.num_classes and v != self.void_index]
+        if bad:
+            void = "" if self.void_index is None else f" or the void index {self.void_index}"
+            raise DatasetError(
+                f"mask {pair.mask} has values {bad[:5]} outside the {self.num_classes} classes "
+                f"(0..{self.num_classes - 1}{void})"
+            )
+
+    def load(self, i: int) -> tuple[Image.Image, np.ndarray]:
+        pair = self.pairs[i]
+        return decode_image(self.source.read(pair.image), pair.image), decode_mask(
+            self.source.read(pair.mask), pair.mask
+        )
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, np.ndarray]:
+        return self.load(i)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+
+
+@dataclass
+class JointAugment:
+    """One random crop box (side ``scale_min``..1 of the frame, the output's aspect, anywhere in
+    the frame) and one horizontal flip, applied to image and mask alike; the crop resized to
+    ``size`` (H, W): bilinear for the image, nearest neighbour for the mask."""
+
+    size: tuple[int, int]
+    scale_min: float = 0.5
+    hflip: bool = True
+
+    def params(self, width: int, height: int, rng: random.Random) -> tuple[tuple[int, int, int, int], bool]:
+        h, w = self.size
+        s = rng.uniform(self.scale_min, 1.0)
+        aspect = w / h
+        cw = min(width, max(1, round(min(width, height * aspect) * s)))
+        ch = min(height, max(1, round(cw / aspect)))
+        x0 = rng.randint(0, width - cw)
+        y0 = rng.randint(0, height - ch)
+        return (x0, y0, x0 + cw, y0 + ch), bool(self.hflip and rng.random() < 0.5)
+
+    def apply(
+        self, img: Image.Image, mask: np.ndarray | None, box: tuple[int, int, int, int], flip: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h, w = self.size
+        out = img.crop(box).resize((w, h), Image.Resampling.BILINEAR)
+        m = None
+        if mask is not None:
+            m_img = Image.fromarray(mask).crop(box).resize((w, h), Image.Resampling.NEAREST)
+            m = torch.from_numpy(np.asarray(m_img, dtype=np.int64).copy())
+        x = _to_tensor(out)
+        if flip:
+            x = x.flip(-1)
+            m = m.flip(-1) if m is not None else None
+        return x, m
+
+    def __call__(
+        self, img: Image.Image, mask: np.ndarray | None, rng: random.Random
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        box, flip = self.params(img.width, img.height, rng)
+        return self.apply(img, mask, box, flip)
+
+
+def eval_inputs(img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """The whole frame resized to ``size`` (H, W), bilinear: what evaluation and ``predict`` feed."""
+    return _to_tensor(img.resize((size[1], size[0]), Image.Resampling.BILINEAR))
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _feature_indices(reductions: Sequence[int]) -> tuple[int, int]:
+    """(low, high): the first feature at stride >= 8 and the deepest; for a backbone whose features
+    all share one stride (a ViT), the middle block and the last."""
+    last = len(reductions) - 1
+    if len(set(reductions)) == 1:
+        return last // 2, last
+    low = next((i for i, r in enumerate(reductions) if r >= 8), last)
+    return min(low, last), last
+
+
+class LRASPPHead(nn.Module):
+    """LR-ASPP: the deep feature, gated by its own global context, upsampled to the low-level
+    feature and added to a linear map of it; one logit map per class."""
+
+    def __init__(self, low_channels: int, high_channels: int, num_classes: int, inter: int = 128):
+        super().__init__()
+        self.cbr = nn.Sequential(
+            nn.Conv2d(high_channels, inter, 1, bias=False), nn.BatchNorm2d(inter), nn.ReLU(inplace=True)
+        )
+        self.scale = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(high_channels, inter, 1), nn.Sigmoid())
+        self.high_classifier = nn.Conv2d(inter, num_classes, 1)
+        self.low_classifier = nn.Conv2d(low_channels, num_classes, 1)
+
+    def forward(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        x = self.cbr(high) * self.scale(high)
+        if x.shape[-2:] != low.shape[-2:]:
+            x = F.interpolate(x, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return self.low_classifier(low) + self.high_classifier(x)
+
+
+@dataclass
+class SegmentationRecipe:
+    """What rebuilds a segmentation model (saved in its checkpoint)."""
+
+    spec: str
+    num_classes: int
+    role: str = "student"
+    decoder_channels: int = 128
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    input_size: tuple[int, int] = (240, 320)  # H, W fed to the network
+    classes: list[str] = field(default_factory=list)
+    void_index: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SegmentationRecipe:
+        d = dict(d)
+        for k in ("mean", "std", "input_size"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+class SegmentationModel(nn.Module):
+    """[0, 1] pixels (B, 3, H, W) -> class logits at the output stride (B, C, H/s, W/s)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, backbone: nn.Module, recipe: SegmentationRecipe):
+        super().__init__()
+        self.backbone = backbone
+        self.recipe = recipe
+        info: list[dict[str, Any]] = list(getattr(backbone, "feature_info"))  # noqa: B009 - timm sets it
+        reductions = [int(f["reduction"]) for f in info]
+        channels = [int(f["num_chs"]) for f in info]
+        self.indices = _feature_indices(reductions)
+        low, high = self.indices
+        self.output_stride = reductions[low]
+        self.head = LRASPPHead(channels[low], channels[high], recipe.num_classes, recipe.decoder_channels)
+        self.register_buffer("mean", torch.tensor(recipe.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(recipe.std).view(1, 3, 1, 1), persistent=False)
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
+        x = (x - self.mean) / self.std
+        low, high = self.backbone.forward_intermediates(  # type: ignore[operator]
+            x, indices=list(self.indices), intermediates_only=True
+        )
+        return low, high
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(*self.features(x))
+
+
+def build_segmentation_model(recipe: SegmentationRecipe, *, load_weights: bool = True) -> SegmentationModel:
+    """The backbone of ``recipe.spec`` (timm; the weights after '@' when ``load_weights``) with an
+    LR-ASPP decoder, random init."""
+    import timm
+
+    from ..models import _check_timm_name, _load_into, load_state_dict_file
+    from ..specs import ModelSpec
+
+    spec = ModelSpec.parse(recipe.spec)
+    if spec.library != "timm":
+        raise ModelSpecError(
+            f"{spec}: segmentation models are built on timm backbones; use 'timm:<name>[@weights]'"
+        )
+    _check_timm_name(spec.name)
+    net = timm.create_model(spec.name, pretrained=False, num_classes=0, **recipe.model_kwargs)
+    if not hasattr(net, "forward_intermediates"):
+        raise ModelSpecError(
+            f"timm model {spec.name!r} gives no intermediate features; choose another backbone"
+        )
+    wpath = spec.weights_path if load_weights else None
+    if wpath is not None:
+        _load_into(net, load_state_dict_file(wpath), str(wpath))
+    elif load_weights and spec.weights:
+        raise ModelSpecError(
+            f"{spec}: segmentation backbones take local weights files only ('@/path/to/file')"
+        )
+    return SegmentationModel(net, recipe)
+
+
+def upsample(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Cross-entropy of the logits (upsampled to the mask) over the labeled pixels."""
+    return F.cross_entropy(upsample(logits, mask.shape[-2:]), mask, ignore_index=ignore_index)
+
+
+def pixel_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-pixel KL(teacher || student) of temperature-softened class maps, at the student's output
+    stride (the teacher's maps resized to it), averaged over the (``valid``) pixels, times T^2."""
+    t = upsample(teacher_logits.float(), student_logits.shape[-2:])
+    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_t = F.log_softmax(t / temperature, dim=1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1)  # (B, h, w)
+    if valid is not None:
+        v = valid.float()
+        if v.shape[-2:] != kl.shape[-2:]:
+            v = F.interpolate(v.unsqueeze(1), size=kl.shape[-2:], mode="nearest").squeeze(1)
+        kl = (kl * v).sum() / v.sum().clamp_min(1.0)
+    else:
+        kl = kl.mean()
+    return kl * temperature**2
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class ConfusionMatrix:
+    """Counts of (ground truth, prediction) over the labeled pixels; the void pixels are skipped."""
+
+    def __init__(self, num_classes: int, ignore_index: int | None = None):
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
+        keep = (target >= 0) & (target < self.num_classes)
+        if self.ignore_index is not None:
+            keep &= target != self.ignore_index
+        idx = target[keep] * self.num_classes + pred[keep].clamp(0, self.num_classes - 1)
+        self.matrix += torch.bincount(idx, minlength=self.num_classes**2).view(
+            self.num_classes, self.num_classes
+        )
+
+    def per_class_iou(self) -> list[float]:
+        """IoU per class in percent; NaN for a class absent from both ground truth and predictions."""
+        m = self.matrix.double()
+        tp = m.diag()
+        denom = m.sum(0) + m.sum(1) - tp
+        return [
+            float(100.0 * t / d) if d > 0 else math.nan
+            for t, d in zip(tp.tolist(), denom.tolist(), strict=True)
+        ]
+
+    def mean_iou(self) -> float:
+        ious = [v for v in self.per_class_iou() if not math.isnan(v)]
+        return sum(ious) / len(ious) if ious else math.nan
+
+    def pixel_accuracy(self) -> float:
+        total = int(self.matrix.sum())
+        return 100.0 * int(self.matrix.diag().sum()) / total if total else math.nan
+
+    def summary(self, classes: Sequence[str]) -> dict[str, Any]:
+        return {
+            "miou": round(self.mean_iou(), 2),
+            "pixel_acc": round(self.pixel_accuracy(), 2),
+            "per_class_iou": {
+                c: (None if math.isnan(v) else round(v, 2))
+                for c, v in zip(classes, self.per_class_iou(), strict=True)
+            },
+            "confusion": self.matrix.tolist(),
+        }
+
+
+@torch.no_grad()
+def evaluate_segmentation(
+    model: SegmentationModel,
+    data: SegmentationDataset,
+    *,
+    size: tuple[int, int] | None = None,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """mIoU, pixel accuracy, per-class IoU and the confusion matrix of ``model`` on ``data``: each
+    frame resized to ``size`` (default the model's input size), the logits upsampled to the mask's
+    full resolution."""
+    size = size or model.recipe.input_size
+    model.eval()
+    cm = ConfusionMatrix(data.num_classes, data.ignore_index)
+    for i in range(len(data)):
+        img, mask = data.load(i)
+        logits = model(eval_inputs(img, size).unsqueeze(0))
+        pred = upsample(logits, mask.shape).argmax(1)[0]
+        cm.update(pred, torch.from_numpy(mask.astype(np.int64)))
+    return cm.summary(data.classes)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _batch(
+    data: SegmentationDataset, augment: JointAugment, rng: random.Random, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ms = [], []
+    for _ in range(batch_size):
+        img, mask = data.load(rng.randrange(len(data)))
+        x, m = augment(img, mask, rng)
+        assert m is not None
+        xs.append(x)
+        ms.append(m)
+    return torch.stack(xs), torch.stack(ms)
+
+
+def fit_segmentation(
+    model: SegmentationModel,
+    data: SegmentationDataset,
+    *,
+    steps: int,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    augment: JointAugment | None = None,
+    teacher: SegmentationModel | None = None,
+    temperature: float = 4.0,
+    ce_weight: float = 1.0,
+    seed: int = 0,
+) -> list[dict[str, float]]:
+    """Train ``model`` for ``steps`` AdamW steps (cosine schedule) on augmented crops of ``data``:
+    cross-entropy on the masks (weight ``ce_weight``) and, with a ``teacher``, the per-pixel
+    distillation loss on the same views. Returns the per-step losses."""
+    augment = augment or JointAugment(model.recipe.input_size)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(1, steps)))
+    )
+    if teacher is not None:
+        teacher.eval()
+    history = []
+    for step in range(steps):
+        model.train()
+        x, m = _batch(data, augment, rng, batch_size)
+        logits = model(x)
+        loss = (
+            ce_weight * segmentation_loss(logits, m, data.ignore_index) if ce_weight else logits.new_zeros(())
+        )
+        kd = None
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher(x)
+            kd = pixel_distillation_loss(logits, t_logits, temperature)
+            loss = loss + kd
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        history.append(
+            {"step": step + 1, "loss": loss.item(), **({"kd": kd.item()} if kd is not None else {})}
+        )
+    model.eval()
+    return history
