@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from kt_train.config import STAGES
 from kt_train.recipe import merge, recipe
 from service.db.models import Job
 
@@ -112,7 +113,7 @@ def _int(value: Any) -> int:
 
 def plan_of(config: dict[str, Any]) -> Plan:
     """The training work of a worker config (``TrainConfig`` keys, as a job row stores them)."""
-    stages = tuple(config.get("stages") or ())
+    stages = tuple(config.get("stages") or STAGES)  # a config without `stages` runs them all
     ft = config.get("finetune_teacher") or {}
     probe, full = ft.get("linear_probe") or {}, ft.get("full_finetune") or {}
     distill = config.get("distill") or {}
