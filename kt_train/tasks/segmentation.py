@@ -31,7 +31,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -40,10 +40,12 @@ from PIL import Image
 from torch import nn
 
 from ..errors import DatasetError, ModelSpecError
+from ..models import set_norm_eval
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MASK_EXTS = (".png",)
 CLASSES_FILE = "classes.json"
+DECODED_CACHE_BYTES = 1 << 30  # decoded frames kept in memory during distillation
 
 
 # --------------------------------------------------------------------------- data
@@ -264,6 +266,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
             self.source.read(pair.mask), pair.mask
         )
 
+    def load_image(self, i: int) -> Image.Image:
+        pair = self.pairs[i]
+        return decode_image(self.source.read(pair.image), pair.image)
+
     def __getitem__(self, i: int) -> tuple[Image.Image, np.ndarray]:
         return self.load(i)
 
@@ -364,8 +370,8 @@ class SegmentationRecipe:
     role: str = "student"
     decoder_channels: int = 128
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] | None = None  # None: the weights' card's, else timm's default
+    std: tuple[float, float, float] | None = None
     input_size: tuple[int, int] = (240, 320)  # H, W fed to the network
     classes: list[str] = field(default_factory=list)
     void_index: int | None = None
@@ -377,7 +383,7 @@ class SegmentationRecipe:
     def from_dict(cls, d: dict[str, Any]) -> SegmentationRecipe:
         d = dict(d)
         for k in ("mean", "std", "input_size"):
-            if k in d:
+            if d.get(k) is not None:
                 d[k] = tuple(d[k])
         return cls(**d)
 
@@ -399,8 +405,9 @@ class SegmentationModel(nn.Module):
         low, high = self.indices
         self.output_stride = reductions[low]
         self.head = LRASPPHead(channels[low], channels[high], recipe.num_classes, recipe.decoder_channels)
-        self.register_buffer("mean", torch.tensor(recipe.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(recipe.std).view(1, 3, 1, 1), persistent=False)
+        mean, std = recipe.mean or (0.485, 0.456, 0.406), recipe.std or (0.229, 0.224, 0.225)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.dtype == torch.uint8:
@@ -416,11 +423,11 @@ class SegmentationModel(nn.Module):
 
 
 def build_segmentation_model(recipe: SegmentationRecipe, *, load_weights: bool = True) -> SegmentationModel:
-    """The backbone of ``recipe.spec`` (timm; the weights after '@' when ``load_weights``) with an
-    LR-ASPP decoder, random init."""
+    """The backbone of ``recipe.spec`` (timm; the weights after '@' when ``load_weights``, with the
+    create-model kwargs and normalization of the card beside them) and an LR-ASPP decoder."""
     import timm
 
-    from ..models import _check_timm_name, _load_into, load_state_dict_file
+    from ..models import _card_for, _check_timm_name, _load_into, load_state_dict_file
     from ..specs import ModelSpec
 
     spec = ModelSpec.parse(recipe.spec)
@@ -429,13 +436,23 @@ def build_segmentation_model(recipe: SegmentationRecipe, *, load_weights: bool =
             f"{spec}: segmentation models are built on timm backbones; use 'timm:<name>[@weights]'"
         )
     _check_timm_name(spec.name)
+    wpath = spec.weights_path
+    if wpath is not None and wpath.exists():
+        card = _card_for(wpath)
+        for k, v in card.get("create_model_kwargs", {}).items():
+            if k != "num_classes":
+                recipe.model_kwargs.setdefault(k, v)
+        if recipe.mean is None and card.get("mean"):
+            recipe.mean, recipe.std = tuple(card["mean"]), tuple(card["std"])  # type: ignore[assignment]
     net = timm.create_model(spec.name, pretrained=False, num_classes=0, **recipe.model_kwargs)
     if not hasattr(net, "forward_intermediates"):
         raise ModelSpecError(
             f"timm model {spec.name!r} gives no intermediate features; choose another backbone"
         )
-    wpath = spec.weights_path if load_weights else None
-    if wpath is not None:
+    if recipe.mean is None:
+        cfg = timm.data.resolve_data_config({}, model=net)
+        recipe.mean, recipe.std = tuple(cfg["mean"]), tuple(cfg["std"])
+    if load_weights and wpath is not None:
         _load_into(net, load_state_dict_file(wpath), str(wpath))
     elif load_weights and spec.weights:
         raise ModelSpecError(
@@ -556,17 +573,41 @@ def evaluate_segmentation(
 # --------------------------------------------------------------------------- training
 
 
-def _batch(
-    data: SegmentationDataset, augment: JointAugment, rng: random.Random, batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ms = [], []
-    for _ in range(batch_size):
-        img, mask = data.load(rng.randrange(len(data)))
-        x, m = augment(img, mask, rng)
-        assert m is not None
-        xs.append(x)
-        ms.append(m)
-    return torch.stack(xs), torch.stack(ms)
+class Frames(Protocol):
+    """Images to learn from without their masks: a ``SegmentationDataset`` or a
+    ``kt_train.data.ImageDataset`` (a generic set, a curated manifest with crop boxes)."""
+
+    def __len__(self) -> int: ...
+
+    def load_image(self, i: int) -> Image.Image: ...
+
+
+def _param_groups(model: SegmentationModel, lr: float, backbone_lr_scale: float) -> list[dict[str, Any]]:
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+    groups = [{"params": rest, "lr": lr}]
+    if backbone and backbone_lr_scale > 0:
+        groups.append({"params": backbone, "lr": lr * backbone_lr_scale})
+    elif backbone_lr_scale <= 0:
+        for p in backbone:
+            p.requires_grad_(False)
+    return groups
+
+
+def _train_mode(model: SegmentationModel, norm_eval: bool) -> None:
+    model.train()
+    if norm_eval:
+        set_norm_eval(model.backbone)
+
+
+def _cosine(opt: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return 0.5 * (1 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def fit_segmentation(
@@ -577,29 +618,30 @@ def fit_segmentation(
     batch_size: int = 8,
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
+    warmup_steps: int = 0,
     augment: JointAugment | None = None,
     teacher: SegmentationModel | None = None,
     temperature: float = 4.0,
     ce_weight: float = 1.0,
+    norm_eval: bool = False,
+    backbone_lr_scale: float = 1.0,
     seed: int = 0,
 ) -> list[dict[str, float]]:
-    """Train ``model`` for ``steps`` AdamW steps (cosine schedule) on augmented crops of ``data``:
-    cross-entropy on the masks (weight ``ce_weight``) and, with a ``teacher``, the per-pixel
-    distillation loss on the same views. Returns the per-step losses."""
+    """Train ``model`` for ``steps`` AdamW steps (warmup, then cosine) on augmented crops of
+    ``data``: cross-entropy on the masks (weight ``ce_weight``) and, with a ``teacher``, the
+    per-pixel distillation loss on the same views (online). ``norm_eval`` keeps the backbone's
+    batch norms in eval mode (the proxy teacher's are folded); ``backbone_lr_scale`` scales the
+    backbone's learning rate (0 freezes it: a linear probe of the decoder). Returns the losses."""
     augment = augment or JointAugment(model.recipe.input_size)
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(1, steps)))
-    )
+    opt = torch.optim.AdamW(_param_groups(model, lr, backbone_lr_scale), weight_decay=weight_decay)
+    sched = _cosine(opt, steps, warmup_steps)
     if teacher is not None:
         teacher.eval()
     history = []
     for step in range(steps):
-        model.train()
+        _train_mode(model, norm_eval)
         x, m = _batch(data, augment, rng, batch_size)
         logits = model(x)
         loss = (
@@ -619,4 +661,179 @@ def fit_segmentation(
             {"step": step + 1, "loss": loss.item(), **({"kd": kd.item()} if kd is not None else {})}
         )
     model.eval()
+    return history
+
+
+def _batch(
+    data: SegmentationDataset, augment: JointAugment, rng: random.Random, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ms = [], []
+    for _ in range(batch_size):
+        img, mask = data.load(rng.randrange(len(data)))
+        x, m = augment(img, mask, rng)
+        assert m is not None
+        xs.append(x)
+        ms.append(m)
+    return torch.stack(xs), torch.stack(ms)
+
+
+# --------------------------------------------------------------------------- teacher-output cache
+
+
+@dataclass
+class TeacherMaps:
+    """The teacher's outputs on ``views`` fixed augmented views of every transfer image: each
+    view's crop box and flip, and the teacher's class logits (or, for the task-agnostic baseline,
+    its deep features) at the student's output grid, float16. The student later renders exactly
+    these views again, so it matches the teacher on the view the teacher saw (consistent
+    function matching), at the cost of one teacher pass per stored view instead of per step."""
+
+    boxes: torch.Tensor  # (N, V, 4) int32, pixels of the source frame
+    flips: torch.Tensor  # (N, V) bool
+    targets: torch.Tensor  # (N, V, C, h, w) float16
+    kind: str = "logits"  # or "features"
+
+    @property
+    def bytes(self) -> int:
+        return int(
+            self.targets.numel() * self.targets.element_size() + self.boxes.numel() * 4 + self.flips.numel()
+        )
+
+    def save(self, path: str | Path) -> None:
+        tmp = Path(str(path) + ".tmp")
+        torch.save(
+            {"boxes": self.boxes, "flips": self.flips, "targets": self.targets, "kind": self.kind}, tmp
+        )
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TeacherMaps:
+        d = torch.load(str(path), map_location="cpu", weights_only=True)
+        return cls(d["boxes"], d["flips"], d["targets"], d["kind"])
+
+
+def output_grid(model: SegmentationModel, size: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) of ``model``'s logits for an input of ``size``."""
+    with torch.no_grad():
+        return tuple(model.eval()(torch.zeros(1, 3, *size)).shape[-2:])  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def build_teacher_maps(
+    teacher: SegmentationModel,
+    frames: Frames,
+    augment: JointAugment,
+    *,
+    views: int,
+    grid: tuple[int, int],
+    seed: int = 0,
+    batch_size: int = 16,
+    kind: str = "logits",
+) -> TeacherMaps:
+    """``TeacherMaps`` of ``views`` seeded views per frame, resized to the student's ``grid``.
+    ``kind="features"``: the teacher backbone's deepest features instead of its logits."""
+    rng = random.Random(seed)
+    teacher.eval()
+    n = len(frames)
+    boxes = torch.zeros(n, views, 4, dtype=torch.int32)
+    flips = torch.zeros(n, views, dtype=torch.bool)
+    todo: list[tuple[int, int, torch.Tensor]] = []
+    targets: torch.Tensor | None = None
+
+    def run() -> None:
+        nonlocal targets
+        x = torch.stack([t for _, _, t in todo])
+        out = teacher.features(x)[1] if kind == "features" else teacher(x)
+        out = F.interpolate(out.float(), size=grid, mode="bilinear", align_corners=False).half()
+        if targets is None:
+            targets = torch.zeros(n, views, out.shape[1], *grid, dtype=torch.float16)
+        for (i, v, _), o in zip(todo, out, strict=True):
+            targets[i, v] = o
+        todo.clear()
+
+    for i in range(n):
+        img = frames.load_image(i)
+        for v in range(views):
+            box, flip = augment.params(img.width, img.height, rng)
+            boxes[i, v] = torch.tensor(box, dtype=torch.int32)
+            flips[i, v] = flip
+            todo.append((i, v, augment.apply(img, None, box, flip)[0]))
+            if len(todo) == batch_size:
+                run()
+    if todo:
+        run()
+    assert targets is not None
+    return TeacherMaps(boxes, flips, targets, kind)
+
+
+class FeatureProjector(nn.Module):
+    """Task-agnostic baseline: the student's deep feature mapped (1x1 conv) to the teacher's."""
+
+    def __init__(self, student_channels: int, teacher_channels: int):
+        super().__init__()
+        self.proj = nn.Conv2d(student_channels, teacher_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def distill_segmentation(
+    student: SegmentationModel,
+    frames: Frames,
+    maps: TeacherMaps,
+    augment: JointAugment,
+    *,
+    steps: int,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    warmup_steps: int = 0,
+    temperature: float = 4.0,
+    seed: int = 0,
+) -> list[dict[str, float]]:
+    """Distil into ``student`` from cached ``maps`` on the views they were made of: per-pixel KL
+    (``maps.kind == "logits"``, task-oriented), or 1 - cosine between the projected student
+    features and the teacher's (``"features"``, task-agnostic). Returns the per-step losses."""
+    rng = random.Random(seed + 1)
+    torch.manual_seed(seed)
+    n, views = maps.flips.shape
+    projector: FeatureProjector | None = None
+    params = list(student.parameters())
+    if maps.kind == "features":
+        with torch.no_grad():
+            s_ch = student.eval().features(torch.zeros(1, 3, *augment.size))[1].shape[1]
+        projector = FeatureProjector(int(s_ch), int(maps.targets.shape[2]))
+        params += list(projector.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = _cosine(opt, steps, warmup_steps)
+    cache: dict[int, Image.Image] = {}
+    cached_bytes = 0
+    history = []
+    for step in range(steps):
+        student.train()
+        xs, ts = [], []
+        for _ in range(batch_size):
+            i, v = rng.randrange(n), rng.randrange(views)
+            img = cache.get(i)
+            if img is None:
+                img = frames.load_image(i)
+                if cached_bytes < DECODED_CACHE_BYTES:  # decode each frame once while memory allows
+                    cache[i] = img
+                    cached_bytes += img.width * img.height * 3
+            box = tuple(int(c) for c in maps.boxes[i, v].tolist())
+            xs.append(augment.apply(img, None, box, bool(maps.flips[i, v]))[0])  # type: ignore[arg-type]
+            ts.append(maps.targets[i, v])
+        x, t = torch.stack(xs), torch.stack(ts).float()
+        if projector is None:
+            loss = pixel_distillation_loss(student(x), t, temperature)
+        else:
+            f = projector(student.features(x)[1])
+            f = F.interpolate(f, size=t.shape[-2:], mode="bilinear", align_corners=False)
+            loss = (1 - F.cosine_similarity(f, t, dim=1)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        history.append({"step": step + 1, "loss": loss.item()})
+    student.eval()
     return history

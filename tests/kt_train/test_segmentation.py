@@ -21,9 +21,13 @@ from kt_train.tasks.segmentation import (
     JointAugment,
     SegmentationDataset,
     SegmentationRecipe,
+    TeacherMaps,
     build_segmentation_model,
+    build_teacher_maps,
+    distill_segmentation,
     evaluate_segmentation,
     fit_segmentation,
+    output_grid,
     pixel_distillation_loss,
     segmentation_loss,
 )
@@ -246,3 +250,40 @@ def test_a_student_learns_the_task_and_distils_from_a_teacher(tmp_path: Path) ->
     )
     first, last = np.mean([h["kd"] for h in hist[:5]]), np.mean([h["kd"] for h in hist[-5:]])
     assert last < 0.7 * first
+
+
+def test_cached_teacher_maps_are_the_teachers_outputs_on_the_views_the_student_sees(tmp_path: Path) -> None:
+    """The cache stores each view's box, flip and the teacher's maps at the student's grid; the
+    view re-rendered from the box gives the teacher's same output (consistent function matching);
+    distilling from the cache (logits or the task-agnostic features) lowers its loss; the cache
+    round-trips through a file."""
+    torch.set_num_threads(1)
+    ds = SegmentationDataset(write_dataset(tmp_path / "ds", n=4))
+    teacher = build_segmentation_model(
+        SegmentationRecipe(
+            spec="timm:test_efficientnet", num_classes=3, decoder_channels=16, input_size=(32, 48)
+        )
+    )
+    student = build_segmentation_model(
+        SegmentationRecipe(spec="timm:test_vit", num_classes=3, decoder_channels=16, input_size=(32, 48))
+    )
+    aug = JointAugment((32, 48), scale_min=0.5)
+    grid = output_grid(student, (32, 48))
+    maps = build_teacher_maps(teacher, ds, aug, views=3, grid=grid, seed=0, batch_size=5)
+    assert maps.targets.shape == (4, 3, 3, *grid) and maps.targets.dtype == torch.float16
+    img = ds.load_image(2)
+    box = tuple(int(c) for c in maps.boxes[2, 1].tolist())
+    x = aug.apply(img, None, box, bool(maps.flips[2, 1]))[0]  # type: ignore[arg-type]
+    with torch.no_grad():
+        again = torch.nn.functional.interpolate(
+            teacher(x[None]), size=grid, mode="bilinear", align_corners=False
+        )
+    assert torch.allclose(again[0], maps.targets[2, 1].float(), atol=2e-2)
+    maps.save(tmp_path / "maps.pt")
+    assert torch.equal(TeacherMaps.load(tmp_path / "maps.pt").targets, maps.targets)
+    hist = distill_segmentation(student, ds, maps, aug, steps=30, batch_size=4, lr=3e-3)
+    assert np.mean([h["loss"] for h in hist[-5:]]) < 0.7 * np.mean([h["loss"] for h in hist[:5]])
+    feats = build_teacher_maps(teacher, ds, aug, views=2, grid=grid, kind="features")
+    assert feats.kind == "features" and feats.targets.shape[2] == teacher.features(x[None])[1].shape[1]
+    hist = distill_segmentation(student, ds, feats, aug, steps=20, batch_size=4, lr=3e-3)
+    assert hist[-1]["loss"] < hist[0]["loss"]
