@@ -18,18 +18,18 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
 class JobEstimate(BaseModel):
-    budget: str
+    budget: str = Field(description="The budget estimated.")
     seconds: float | None = Field(
         description="Estimated wall-clock seconds; null while no finished job has measured the speed."
     )
     stage_seconds: dict[str, float] = Field(description="The estimate per stage.")
     steps: dict[str, int] = Field(description="Steps per training stage at this budget.")
     batch_size: dict[str, int] = Field(description="Images per step of each training stage.")
-    stages: list[str]
+    stages: list[str] = Field(description="The stages the job would run, in order.")
     measured_jobs: int = Field(description="Finished jobs the speed was measured on.")
     same_models: bool = Field(description="Those jobs had the same teacher and student.")
     unmeasured: list[str] = Field(description="Stages without steps no finished job ran yet (left out).")
-    basis: str
+    basis: str = Field(description="What the speed was measured on, or `no measurement yet`.")
     text: str = Field(description="The estimate in one line, as the web form shows it.")
 
 
@@ -37,9 +37,14 @@ class JobEstimate(BaseModel):
 def estimate_job(
     session: SessionDep,
     tenant: CurrentTenant,
-    budget: Budget = "balanced",
-    teacher: Annotated[str, Query(max_length=200)] = str(JobCreate.model_fields["teacher"].default),
-    student: Annotated[str, Query(max_length=200)] = str(JobCreate.model_fields["student"].default),
+    budget: Annotated[Budget, Query(description="The job's `budget`.")] = "balanced",
+    teacher: Annotated[
+        str,
+        Query(max_length=200, description="The job's `teacher` (jobs with the same models are preferred)."),
+    ] = str(JobCreate.model_fields["teacher"].default),
+    student: Annotated[str, Query(max_length=200, description="The job's `student`.")] = str(
+        JobCreate.model_fields["student"].default
+    ),
     distill_steps: Annotated[
         int | None, Query(ge=0, le=1_000_000, description="= `recipe.distill.steps` (unset: the budget's).")
     ] = None,
