@@ -287,3 +287,36 @@ def test_cached_teacher_maps_are_the_teachers_outputs_on_the_views_the_student_s
     assert feats.kind == "features" and feats.targets.shape[2] == teacher.features(x[None])[1].shape[1]
     hist = distill_segmentation(student, ds, feats, aug, steps=20, batch_size=4, lr=3e-3)
     assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_export_round_trip_onnx_within_tolerance_and_a_card_with_the_palette(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from kt_train.tasks.segmentation import export_segmentation, load_segmentation
+
+    recipe = SegmentationRecipe(
+        spec="timm:test_efficientnet",
+        num_classes=3,
+        decoder_channels=16,
+        input_size=(32, 48),
+        classes=["red", "green", "blue"],
+        void_index=VOID,
+    )
+    model = build_segmentation_model(recipe).eval()
+    card = export_segmentation(model, tmp_path / "out", metrics={"test": {"miou": 12.5}})
+    assert card["failed_formats"] == {} and set(card["files"]) == {"safetensors", "onnx", "checkpoint"}
+    assert (
+        len(card["palette"]) == 3
+        and card["classes"] == ["red", "green", "blue"]
+        and card["void_index"] == VOID
+    )
+    assert card["metrics"]["test"]["miou"] == 12.5 and card["parameters"] > 0
+    x = torch.rand(1, 3, 32, 48)
+    with torch.no_grad():
+        want = torch.nn.functional.interpolate(model(x), size=(32, 48), mode="bilinear", align_corners=False)
+    got = ort.InferenceSession(str(tmp_path / "out/model.onnx")).run(None, {"input": x.numpy()})[0]
+    assert got.shape == (1, 3, 32, 48) and np.abs(got - want.numpy()).max() < 1e-4
+    again, ckpt = load_segmentation(tmp_path / "out/model.ckpt")
+    with torch.no_grad():
+        assert torch.allclose(again(x), model(x), atol=1e-6)
+    assert ckpt["metrics"]["test"]["miou"] == 12.5
