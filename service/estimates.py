@@ -9,7 +9,9 @@ so a stage's measured rate is the images it trained on divided by its seconds (w
 what the stage does besides the training loop: the teacher-output cache, validation). The stages
 without steps (curate, export, evaluate) take their measured mean seconds.
 
-Jobs with the same teacher and student are preferred (another model pair runs at another speed);
+The speed is the deployment's (its machines), so every tenant's finished jobs count; only their
+timings and step counts are read, and nothing of them is shown but the resulting number. Jobs with
+the same teacher and student are preferred (another model pair runs at another speed);
 without them, every finished job counts and the estimate says so. With no finished job at all there
 is no number: the estimate gives the step counts and says "no measurement yet", never a guess.
 """
@@ -158,11 +160,14 @@ def _models(job: Job) -> tuple[Any, Any]:
     return request.get("teacher"), request.get("student")
 
 
-def _finished_jobs(session: Session) -> list[Job]:
+def _finished_jobs(session: Session, queue: str | None) -> list[Job]:
+    where = [Job.kind == "pipeline", Job.status == "succeeded"]
+    if queue is not None:  # a GPU worker and a CPU one run at other speeds
+        where.append(Job.queue == queue)
     return list(
         session.scalars(
             select(Job)
-            .where(Job.kind == "pipeline", Job.status == "succeeded")
+            .where(*where)
             .order_by(Job.finished_at.desc(), Job.id)
             .limit(5 * MEASURED_JOBS)  # enough to find MEASURED_JOBS of the same models among them
         ).all()
@@ -199,10 +204,12 @@ def estimate(
     student: str | None = None,
     curate: bool = False,
     evaluate: bool = False,
+    queue: str | None = None,
 ) -> Estimate:
-    """How long a training job at ``budget`` (and ``overrides``) takes at the measured speed."""
+    """How long a training job at ``budget`` (and ``overrides``) takes at the speed measured on the
+    finished jobs of ``queue`` (the job's queue, ``service.queue.queue_for``; None: every queue)."""
     plan = planned(budget, overrides, curate=curate, evaluate=evaluate)
-    jobs = _finished_jobs(session)
+    jobs = _finished_jobs(session, queue)
     same = [job for job in jobs if _models(job) == (teacher, student)][:MEASURED_JOBS]
     every = jobs[:MEASURED_JOBS]
     (same_image, same_fixed), (all_image, all_fixed) = _rates(same), _rates(every)

@@ -36,8 +36,19 @@ from service.api.routes.jobs import (
 from service.api.routes.models import EXPORT_FORMATS
 from service.api.routes.transfer_sets import REPORT_HEADERS, create_transfer_set, curate_dir
 from service.api.routes.transfer_sets import _sync as sync_transfer_set
-from service.db.models import JOB_FINAL_STATUSES, Dataset, Gallery, Job, Model, Tenant, TransferSet
+from service.db.models import (
+    JOB_FINAL_STATUSES,
+    Dataset,
+    Gallery,
+    Job,
+    Model,
+    RegisteredModel,
+    Tenant,
+    TransferSet,
+)
+from service.queue import queue_for
 from service.redact import Redactor, public_copy, session_redactor
+from service.registry import visible_to
 from service.schemas import ExportFormat, JobCreate, TransferSetCreate
 from service.settings import Settings
 from service.thumbnails import thumb_path, thumbnails
@@ -361,6 +372,14 @@ def _test_metrics(job: Job) -> list[dict[str, Any]]:
     return out
 
 
+def _teacher_specs(session: Session, tenant: Tenant) -> list[str]:
+    """What the teacher fields suggest: the registered models the tenant may name, then the default."""
+    rows = session.scalars(
+        select(RegisteredModel).where(visible_to(tenant)).order_by(RegisteredModel.name).limit(LIST_LIMIT)
+    ).all()
+    return [f"timm:{row.arch}@registered:{row.name}" for row in rows] + [DEFAULT_TEACHER]
+
+
 def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
@@ -636,7 +655,7 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
-def _train_estimate(session: Session, form: dict[str, Any]) -> estimates.Estimate:
+def _train_estimate(session: Session, settings: Settings, form: dict[str, Any]) -> estimates.Estimate:
     """The estimate the train form shows for its current values (a field that is no number yet
     counts as unset: the submission itself says what is wrong with it)."""
     budget = form.get("budget") if form.get("budget") in BUDGETS else DEFAULT_BUDGET
@@ -654,6 +673,7 @@ def _train_estimate(session: Session, form: dict[str, Any]) -> estimates.Estimat
         teacher=(form.get("teacher") or "").strip() or DEFAULT_TEACHER,
         student=(form.get("student") or "").strip() or DEFAULT_STUDENT,
         evaluate=_blank(form.get("test_dataset_id")) is not None,
+        queue=queue_for(None, settings),  # the form's jobs go to the default queue
     )
 
 
@@ -696,7 +716,8 @@ def _transfer_set_page(
         form=form,
         budgets=BUDGETS,
         test_datasets=test_datasets,
-        estimate=_train_estimate(session, form) if ts.status == "ready" else None,
+        estimate=_train_estimate(session, settings, form) if ts.status == "ready" else None,
+        teacher_specs=_teacher_specs(session, tenant),
         error=error,
     )
 
@@ -713,12 +734,14 @@ def transfer_set_page(
 
 @router.get("/transfer-sets/{transfer_set_id}/estimate")
 def transfer_set_estimate(
-    request: Request, transfer_set_id: str, session: SessionDep, tenant: UiTenant
+    request: Request, transfer_set_id: str, session: SessionDep, settings: SettingsDep, tenant: UiTenant
 ) -> JSONResponse:
     """What the train form's script asks when a field changes: the estimate for those values."""
     _owned(session, TransferSet, tenant, transfer_set_id)
     form = {k: v[:200] for k, v in request.query_params.items() if k in TRAIN_FIELDS}
-    return JSONResponse(_train_estimate(session, form).public(), headers={"Cache-Control": "no-store"})
+    return JSONResponse(
+        _train_estimate(session, settings, form).public(), headers={"Cache-Control": "no-store"}
+    )
 
 
 @router.post("/transfer-sets/{transfer_set_id}/train", response_class=HTMLResponse)
@@ -1002,6 +1025,7 @@ def _dataset_page(
         galleries=galleries,
         transfer_sets=transfer_sets,
         form=form,
+        teacher_specs=_teacher_specs(session, tenant),
         error=error,
     )
 

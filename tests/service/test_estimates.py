@@ -151,6 +151,9 @@ def test_the_api_answers_the_estimate(tmp_path: Path, db: Session, tenant_id: st
         body = r.json()
         assert body["seconds"] == pytest.approx(14.0 + 160.0 + 6.0) and body["steps"]["distill"] == 2000
         assert client.get("/v1/jobs/estimate", params={"budget": "huge"}, headers=auth).status_code == 422
+        # a GPU job is measured only on the jobs of the gpu queue: none finished there yet
+        gpu = client.get("/v1/jobs/estimate", params={"budget": "fast", "device": "cuda"}, headers=auth)
+        assert gpu.status_code == 200 and gpu.json()["seconds"] is None
         ds = Dataset(tenant_id=tenant_id, name="shapes", status="ready")
         gallery = Gallery(name="web", path=str(tmp_path), encoder=TEACHER, index_kind="flat", dim=8)
         db.add_all([ds, gallery])

@@ -196,7 +196,6 @@ def test_upload_curate_review_train_predict_cancel_retry_in_chromium(tmp_path: P
         )
         assert driver.find_elements(By.CSS_SELECTOR, 'section[data-role="student"] .top1')
         assert not driver.find_elements(By.ID, "job-cancel") and not driver.find_elements(By.ID, "job-retry")
-        save_screenshot(driver, "job-trained")
 
         # 6. the model: listed with its student; the page's kt lines, run as printed, predict images
         driver.find_element(By.CSS_SELECTOR, "a.model-link").click()

@@ -406,3 +406,37 @@ def test_models_list_shows_the_student_and_the_model_page_predicts_as_printed(
     # another tenant: the card is a 404 like the model
     login(client, world.other_key)
     assert client.get(f"/ui/models/{world.model_id}/card").status_code == 404
+
+
+def test_teacher_fields_suggest_the_registered_models_the_tenant_may_use(
+    world: World, client: TestClient, db: object
+) -> None:
+    from service.db.models import RegisteredModel, Tenant
+
+    with db() as s:  # type: ignore[operator]
+        other = s.scalars(select(Tenant).where(Tenant.name == "globex")).one()
+        rows = [
+            RegisteredModel(name="shared-vfm", arch="vit_small_patch16_224", sha256="0" * 64, bytes=1),
+            RegisteredModel(
+                name="globex-only", arch="resnet50", tenant_id=other.id, sha256="1" * 64, bytes=1
+            ),
+        ]
+        s.add_all(rows)
+        s.commit()
+        ids = [r.id for r in rows]
+    try:
+        login(client, world.key)
+        for page in (f"/ui/datasets/{world.dataset_id}", f"/ui/transfer-sets/{world.transfer_set_id}"):
+            text = client.get(page).text
+            listed = re.findall(r'<datalist id="teacher-specs">(.*?)</datalist>', text, re.S)
+            assert listed, page
+            specs = re.findall(r'<option value="([^"]+)">', listed[0])
+            assert specs == [
+                "timm:vit_small_patch16_224@registered:shared-vfm",
+                "timm:vit_small_patch14_dinov2.lvd142m",
+            ]
+    finally:
+        with db() as s:  # type: ignore[operator]
+            for row_id in ids:
+                s.delete(s.get(RegisteredModel, row_id))
+            s.commit()

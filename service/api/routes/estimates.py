@@ -8,10 +8,11 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from service import estimates
-from service.api.deps import CurrentTenant, SessionDep
+from service.api.deps import CurrentTenant, SessionDep, SettingsDep
 from service.api.errors import NotFound
 from service.db.models import TransferSet
-from service.schemas import Budget, JobCreate
+from service.queue import queue_for
+from service.schemas import DEVICE_PATTERN, Budget, JobCreate
 
 # Mounted before the jobs router, whose `/jobs/{job_id}` would take `estimate` for an id.
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -37,6 +38,7 @@ class JobEstimate(BaseModel):
 def estimate_job(
     session: SessionDep,
     tenant: CurrentTenant,
+    settings: SettingsDep,
     budget: Annotated[Budget, Query(description="The job's `budget`.")] = "balanced",
     teacher: Annotated[
         str,
@@ -56,10 +58,17 @@ def estimate_job(
         bool, Query(description="The job curates its own transfer set (`gallery_id`).")
     ] = False,
     test: Annotated[bool, Query(description="The job has a test dataset (an evaluate stage).")] = False,
+    device: Annotated[
+        str | None,
+        Query(
+            pattern=DEVICE_PATTERN,
+            description="The job's `device`: only jobs of its queue measure the speed.",
+        ),
+    ] = None,
 ) -> dict[str, Any]:
     """The time a `POST /v1/jobs` with these settings would take: the steps of the budget's recipe
     (`kt_train/recipe.py`) at the speed this deployment measured on its finished jobs (their stage
-    timings), preferring jobs with the same teacher and student. `seconds` is null (and `text`
+    timings) on the job's queue, preferring jobs with the same teacher and student. `seconds` is null (and `text`
     says "no measurement yet", with the steps) until a job has finished here."""
     if transfer_set_id is not None:
         ts = session.get(TransferSet, transfer_set_id)
@@ -70,6 +79,13 @@ def estimate_job(
         curate = False
     overrides = {"distill": {"steps": distill_steps}}
     found = estimates.estimate(
-        session, budget, overrides, teacher=teacher, student=student, curate=curate, evaluate=test
+        session,
+        budget,
+        overrides,
+        teacher=teacher,
+        student=student,
+        curate=curate,
+        evaluate=test,
+        queue=queue_for(device, settings),
     )
     return found.public()
