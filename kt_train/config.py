@@ -271,6 +271,23 @@ class CurateConfig(_Strict):
         return v
 
 
+class SegmentationConfig(_Strict):
+    """``task: segmentation`` only (``kt_train.tasks.segmentation``)."""
+
+    input_size: tuple[int, int] | None = Field(
+        None,
+        description="[H, W] fed to teacher and student; default: the first labeled frame scaled so that "
+        "its longer side is at most 320 px",
+    )
+    classes: list[str] | None = Field(None, description="class names; default: the dataset's classes.json")
+    void_index: int | None = Field(None, ge=0, le=255, description="mask value ignored by losses and metrics")
+    teacher_decoder_channels: int = Field(128, ge=4, description="LR-ASPP width of the teacher's head")
+    student_decoder_channels: int = Field(64, ge=4, description="LR-ASPP width of the student's decoder")
+    backbone_lr_scale: float = Field(
+        0.1, ge=0, le=1, description="the teacher backbone's lr as a share of full_finetune.lr (the head's)"
+    )
+
+
 class ExportConfig(_Strict):
     formats: list[Literal["safetensors", "onnx", "torchscript"]] = Field(
         default_factory=lambda: ["safetensors", "onnx", "torchscript"],  # type: ignore[arg-type]
@@ -281,6 +298,9 @@ class ExportConfig(_Strict):
 
 class TrainConfig(_Strict):
     seed: int = Field(0, description="seed of every random choice")
+    task: Literal["classification", "segmentation"] = Field(
+        "classification", description="classification (image labels) or segmentation (index masks)"
+    )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     out_dir: str = Field("runs/kt", description="where each stage writes <out_dir>/<stage>/")
     stages: list[Literal[STAGES]] = Field(  # type: ignore[valid-type]
@@ -307,6 +327,7 @@ class TrainConfig(_Strict):
     )
     curate: CurateConfig = Field(default_factory=CurateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    segmentation: SegmentationConfig = Field(default_factory=SegmentationConfig)
 
 
 def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:

@@ -1073,13 +1073,24 @@ def finished_inputs(root: str | Path, stages: list[str] | tuple[str, ...]) -> Ou
     return inputs
 
 
+def stage_funcs(cfg: TrainConfig) -> dict[str, Callable[..., Outputs]]:
+    """The stage functions of ``cfg.task`` (``kt_train.tasks``): classification's are this module's."""
+    if cfg.task == "segmentation":
+        from .tasks import segmentation_stages
+
+        return segmentation_stages.STAGE_FUNCS
+    return STAGE_FUNCS
+
+
 def run_pipeline(cfg: TrainConfig, reporter: Reporter | None = None) -> dict[str, Outputs]:
     """Run ``cfg.stages`` (in ``run_order``) under ``cfg.out_dir``, each stage fed the outputs
     before it, and those of stages before them that an earlier run finished (``finished_inputs``)."""
     init_from_env(cfg.device)  # first: joining the group may draw from the global RNG
     torch.manual_seed(cfg.seed)
     main = rank() == 0
-    cfg = resolve_sizes(cfg)
+    funcs = stage_funcs(cfg)
+    if cfg.task == "classification":
+        cfg = resolve_sizes(cfg)
     root = Path(cfg.out_dir)
     root.mkdir(parents=True, exist_ok=True)
     if main:
@@ -1093,9 +1104,9 @@ def run_pipeline(cfg: TrainConfig, reporter: Reporter | None = None) -> dict[str
             reporter.begin_stage(name)  # type: ignore[union-attr]
         parallel = name in DATA_PARALLEL_STAGES and cfg.distill.method == "task_oriented"
         if parallel or not is_distributed():
-            res = STAGE_FUNCS[name](cfg, dict(inputs), root / name, reporter)
+            res = funcs[name](cfg, dict(inputs), root / name, reporter)
         else:  # under torchrun, the other stages run on rank 0 while the rest wait
-            res = STAGE_FUNCS[name](cfg, dict(inputs), root / name, reporter) if main else {}
+            res = funcs[name](cfg, dict(inputs), root / name, reporter) if main else {}
             barrier()
             if not main and is_done(root / name):
                 res = read_outputs(root / name)

@@ -444,7 +444,13 @@ def build_segmentation_model(recipe: SegmentationRecipe, *, load_weights: bool =
                 recipe.model_kwargs.setdefault(k, v)
         if recipe.mean is None and card.get("mean"):
             recipe.mean, recipe.std = tuple(card["mean"]), tuple(card["std"])  # type: ignore[assignment]
-    net = timm.create_model(spec.name, pretrained=False, num_classes=0, **recipe.model_kwargs)
+    kwargs = dict(recipe.model_kwargs)
+    pcfg = timm.models.get_pretrained_cfg(spec.name.split(".")[0])
+    if pcfg is not None and getattr(pcfg, "fixed_input_size", False):
+        # a ViT: its position embeddings at the frames' grid (resampling them on every forward is
+        # slower and does not export to ONNX)
+        kwargs.setdefault("img_size", tuple(recipe.input_size))
+    net = timm.create_model(spec.name, pretrained=False, num_classes=0, **kwargs)
     if not hasattr(net, "forward_intermediates"):
         raise ModelSpecError(
             f"timm model {spec.name!r} gives no intermediate features; choose another backbone"
@@ -453,7 +459,15 @@ def build_segmentation_model(recipe: SegmentationRecipe, *, load_weights: bool =
         cfg = timm.data.resolve_data_config({}, model=net)
         recipe.mean, recipe.std = tuple(cfg["mean"]), tuple(cfg["std"])
     if load_weights and wpath is not None:
-        _load_into(net, load_state_dict_file(wpath), str(wpath))
+        sd = load_state_dict_file(wpath)
+        own = net.state_dict()
+        if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
+            from timm.layers import resample_abs_pos_embed
+
+            grid: Any = net.patch_embed.grid_size  # type: ignore[union-attr]
+            prefix = 0 if getattr(net, "no_embed_class", False) else getattr(net, "num_prefix_tokens", 1)
+            sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], list(grid), num_prefix_tokens=prefix)
+        _load_into(net, sd, str(wpath))
     elif load_weights and spec.weights:
         raise ModelSpecError(
             f"{spec}: segmentation backbones take local weights files only ('@/path/to/file')"
@@ -626,6 +640,8 @@ def fit_segmentation(
     norm_eval: bool = False,
     backbone_lr_scale: float = 1.0,
     seed: int = 0,
+    reporter: Any = None,
+    task: str = "finetune",
 ) -> list[dict[str, float]]:
     """Train ``model`` for ``steps`` AdamW steps (warmup, then cosine) on augmented crops of
     ``data``: cross-entropy on the masks (weight ``ce_weight``) and, with a ``teacher``, the
@@ -640,6 +656,8 @@ def fit_segmentation(
     if teacher is not None:
         teacher.eval()
     history = []
+    if reporter is not None:
+        reporter.start(task, steps)
     for step in range(steps):
         _train_mode(model, norm_eval)
         x, m = _batch(data, augment, rng, batch_size)
@@ -729,6 +747,7 @@ def build_teacher_maps(
     seed: int = 0,
     batch_size: int = 16,
     kind: str = "logits",
+    reporter: Any = None,
 ) -> TeacherMaps:
     """``TeacherMaps`` of ``views`` seeded views per frame, resized to the student's ``grid``.
     ``kind="features"``: the teacher backbone's deepest features instead of its logits."""
@@ -739,6 +758,9 @@ def build_teacher_maps(
     flips = torch.zeros(n, views, dtype=torch.bool)
     todo: list[tuple[int, int, torch.Tensor]] = []
     targets: torch.Tensor | None = None
+    done = [0]
+    if reporter is not None:
+        reporter.start("teacher cache", n * views)
 
     def run() -> None:
         nonlocal targets
@@ -749,6 +771,9 @@ def build_teacher_maps(
             targets = torch.zeros(n, views, out.shape[1], *grid, dtype=torch.float16)
         for (i, v, _), o in zip(todo, out, strict=True):
             targets[i, v] = o
+        done[0] += len(todo)
+        if reporter is not None:
+            reporter.update("teacher cache", done[0], {})
         todo.clear()
 
     for i in range(n):
@@ -762,6 +787,8 @@ def build_teacher_maps(
                 run()
     if todo:
         run()
+    if reporter is not None:
+        reporter.finish("teacher cache")
     assert targets is not None
     return TeacherMaps(boxes, flips, targets, kind)
 
@@ -790,6 +817,8 @@ def distill_segmentation(
     warmup_steps: int = 0,
     temperature: float = 4.0,
     seed: int = 0,
+    reporter: Any = None,
+    task: str = "distill",
 ) -> list[dict[str, float]]:
     """Distil into ``student`` from cached ``maps`` on the views they were made of: per-pixel KL
     (``maps.kind == "logits"``, task-oriented), or 1 - cosine between the projected student
@@ -809,6 +838,8 @@ def distill_segmentation(
     cache: dict[int, Image.Image] = {}
     cached_bytes = 0
     history = []
+    if reporter is not None:
+        reporter.start(task, steps)
     for step in range(steps):
         student.train()
         xs, ts = [], []
@@ -835,6 +866,10 @@ def distill_segmentation(
         opt.step()
         sched.step()
         history.append({"step": step + 1, "loss": loss.item()})
+        if reporter is not None:
+            reporter.update(task, step + 1, {"loss": history[-1]["loss"]})
+    if reporter is not None:
+        reporter.finish(task)
     student.eval()
     return history
 

@@ -320,3 +320,49 @@ def test_export_round_trip_onnx_within_tolerance_and_a_card_with_the_palette(tmp
     with torch.no_grad():
         assert torch.allclose(again(x), model(x), atol=1e-6)
     assert ckpt["metrics"]["test"]["miou"] == 12.5
+
+
+def test_the_pipeline_runs_every_stage_for_task_segmentation(tmp_path: Path) -> None:
+    """``task: segmentation`` through ``run_pipeline`` (what ``kt train`` and the worker call): the
+    teacher on labeled pairs, its cached maps on unlabeled frames, distillation, finetune,
+    evaluate (mIoU) before export (ONNX + card with the metrics); a second run reuses every stage."""
+    from kt_train.config import parse_config
+    from kt_train.pipeline import run_pipeline
+
+    torch.set_num_threads(1)
+    train = write_dataset(tmp_path / "train", n=6)
+    test = write_dataset(tmp_path / "test", n=3, seed=5)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, p in enumerate(sorted((write_dataset(tmp_path / "pool", n=6, seed=9) / "images/train").iterdir())):
+        p.rename(frames / f"u{i}.png")
+    opt = {"batch_size": 4, "lr": 3e-3, "weight_decay": 0.0}
+    cfg = parse_config(
+        {
+            "task": "segmentation",
+            "device": "cpu",
+            "out_dir": str(tmp_path / "run"),
+            "teacher": {"model": "timm:test_efficientnet"},
+            "student": {"model": "timm:test_vit"},
+            "data": {
+                "train": {"path": str(train)},
+                "test": {"path": str(test)},
+                "transfer": {"path": str(frames)},
+            },
+            "segmentation": {"input_size": [32, 48], "teacher_decoder_channels": 16, "student_decoder_channels": 16},
+            "finetune_teacher": {"linear_probe": {**opt, "steps": 5}, "full_finetune": {**opt, "steps": 5}},
+            "distill": {**opt, "steps": 5, "cache": {"views": 2}},
+            "finetune_student": {**opt, "steps": 5},
+            "export": {"formats": ["safetensors", "onnx"]},
+        }
+    )
+    results = run_pipeline(cfg)
+    assert list(results) == ["finetune_teacher", "curate", "distill", "finetune_student", "evaluate", "export"]
+    metrics = results["evaluate"]["metrics"]["test"]
+    assert 0 <= metrics["miou"] <= 100 and set(metrics["per_class_iou"]) == {"red", "green", "blue"}
+    assert results["distill"]["teacher_cache"]["bytes"] > 0
+    card = json.loads((tmp_path / "run/export/model_card.json").read_text())
+    assert card["task"] == "segmentation" and card["metrics"]["test"]["miou"] == metrics["miou"]
+    assert (tmp_path / "run/export/model.onnx").is_file() and card["failed_formats"] == {}
+    again = run_pipeline(cfg)  # every stage finished: reused, nothing retrained
+    assert again["evaluate"]["metrics"]["test"]["miou"] == metrics["miou"]
