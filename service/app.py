@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import cleanup, storage
+from service import cleanup, storage, webhooks
 from service.api.docs import install_docs
 from service.api.errors import DATABASE_RETRY_AFTER_S, install_error_handlers
 from service.api.openapi import install_openapi
@@ -209,6 +209,15 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
                 daemon=True,
             )
         ]
+        if settings.webhook_poll_interval_s > 0:  # job-finished notifications (service.webhooks)
+            threads.append(
+                threading.Thread(
+                    target=webhooks.dispatch_periodically,
+                    args=(_app.state.session_factory, settings, stop),
+                    name="kt-webhooks",
+                    daemon=True,
+                )
+            )
         if migrate:
             problem = check_database(engine)
             if problem is None:

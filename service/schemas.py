@@ -372,6 +372,16 @@ class JobCreate(_Request):
         max_length=3,
     )
     device: str | None = _DEVICE
+    webhook_url: str | None = Field(
+        None,
+        min_length=8,
+        max_length=2000,
+        description="POST a signed JSON notification here when the job ends (succeeded, failed or "
+        "canceled): `https://` (plain `http://` only to hosts the server allows), never to a private or "
+        "loopback address unless the server allows its network. The 202 answer carries the "
+        "`webhook_secret` that signs it (header `X-KT-Signature: sha256=<HMAC-SHA256 of the body>`); "
+        "the job's `webhook` field records each delivery attempt.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> JobCreate:
@@ -435,6 +445,17 @@ class JobPublic(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    webhook: dict[str, Any] | None = Field(
+        None,
+        description="The job-finished notification, when the request gave a `webhook_url`: `url`, "
+        "`state` (`waiting` for the job to end, `sending`, `retrying`, `delivered`, `failed`), "
+        "`attempts` (each with `at`, `response_status` or `error`), `delivered_at`, `next_attempt_at`.",
+    )
+    webhook_secret: str | None = Field(
+        None,
+        description="Only in the answer of `POST /v1/jobs`: the key of the webhook's HMAC-SHA256 "
+        "signature (`X-KT-Signature`). Keep it; it is not shown again.",
+    )
 
 
 class JobsPublic(BaseModel):

@@ -6,6 +6,7 @@ at PostgreSQL and Redis.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from functools import lru_cache
@@ -176,6 +177,36 @@ class Settings(BaseSettings):
         "every tenant's uploads. Empty (the default): server paths are refused, and galleries are built "
         "from uploaded datasets (`dataset_id`, the caller's own) only.",
     )
+    webhook_http_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Hosts a job's `webhook_url` may name with plain `http://` (a JSON list, or names "
+        "separated by `,`); every other webhook must be `https://`. Empty (the default): https only.",
+    )
+    webhook_allowed_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Private, loopback or link-local networks a webhook may reach (CIDRs such as "
+        "`10.0.0.0/8` or `127.0.0.1/32`, a JSON list or separated by `,`). Webhooks to such addresses "
+        "are refused otherwise, at submit and again before each delivery (the host is resolved each "
+        "time), so that a job cannot make the service call into its own network.",
+    )
+    webhook_attempts: int = Field(
+        default=5, ge=1, le=20, description="Tries of a webhook delivery before it is recorded as failed."
+    )
+    webhook_backoff_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="Wait before a webhook delivery's second try, doubling after each failed one "
+        "(2, 4, 8, 16 s by default).",
+    )
+    webhook_timeout_s: float = Field(
+        default=10.0, gt=0, description="Seconds a webhook receiver has to answer one delivery."
+    )
+    webhook_poll_interval_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="Seconds between two looks of an API process for finished jobs whose webhook is "
+        "due (0: this process sends no webhooks; another API process must).",
+    )
     api_host: str = Field(default="127.0.0.1", description="Interface the API server binds to.")
     api_port: int = Field(default=8000, ge=1, le=65535, description="Port the API server listens on.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
@@ -191,6 +222,30 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [part for part in text.split(os.pathsep) if part.strip()]
+        return value
+
+    @field_validator("webhook_http_hosts", "webhook_allowed_networks", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        """A JSON list, or values separated by commas."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as err:
+                raise ValueError(
+                    f"KT_WEBHOOK_ALLOWED_NETWORKS entry {net!r} is not a network; give CIDRs such as "
+                    "`10.0.0.0/8` or `127.0.0.1/32`."
+                ) from err
         return value
 
     @model_validator(mode="after")

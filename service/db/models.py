@@ -202,11 +202,22 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow, nullable=False)
+    # job-finished notification (``service.webhooks``): where to POST, the HMAC key the request got
+    # back at submit, and the delivery's state: ``waiting`` (job not final yet), ``sending`` (a
+    # dispatcher holds it until ``webhook_next_at``), ``retrying`` (next try at ``webhook_next_at``),
+    # ``delivered`` or ``failed``; ``webhook_delivery`` records the attempts
+    webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
+    webhook_secret: Mapped[str | None] = mapped_column(String(64), default=None)
+    webhook_state: Mapped[str | None] = mapped_column(String(16), default=None)
+    webhook_next_at: Mapped[datetime | None] = mapped_column(default=None)
+    webhook_delivery: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
     __table_args__ = (
         Index("ix_jobs_tenant_id_created_at", "tenant_id", "created_at"),
         # workers and the reaper look for unfinished jobs by status
         Index("ix_jobs_status", "status"),
+        # the webhook dispatcher looks for notifications to send by state
+        Index("ix_jobs_webhook_state", "webhook_state"),
     )
 
 

@@ -7,21 +7,24 @@ the tenant's datasets and the gallery), commits the job row, then enqueues ``kt.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response, status
-from fastapi.responses import PlainTextResponse
+from fastapi import APIRouter, Query, Request, Response, status
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from kt_train.config import parse_config
 from kt_train.errors import ConfigError
 from kt_train.recipe import merge, recipe
-from service import quotas, registry, storage
-from service.api.deps import CurrentTenant, ReadSessionDep, SessionDep, SettingsDep
+from service import quotas, registry, storage, webhooks
+from service.api.deps import CurrentTenant, ReadSessionDep, SessionDep, SettingsDep, read_session_factory
 from service.api.errors import Conflict, Invalid, NotFound, Unavailable
 from service.api.routes.datasets import referenced_dataset_ids
 from service.db.models import (
@@ -37,6 +40,7 @@ from service.db.models import (
     utcnow,
 )
 from service.queue import enqueue_job, queue_for
+from service.redact import Redactor, redactor_for
 from service.schemas import MAX_OFFSET, JobCreate, JobPublic, JobsPublic
 from service.settings import Settings
 
@@ -147,6 +151,8 @@ def job_public(job: Job, model_id: str | None = None) -> JobPublic:
     public = JobPublic.model_validate(job)
     public.request = dict((job.params or {}).get("request") or {})
     public.model_id = model_id
+    public.webhook = webhooks.public_delivery(job)
+    public.webhook_secret = None  # shown once, in the answer of the submission
     return public
 
 
@@ -343,11 +349,25 @@ def _first(*values: Any) -> Any:
 def create_job(
     body: JobCreate, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
 ) -> JobPublic:
-    """Queue a training job; poll `GET /v1/jobs/{id}` for its progress."""
+    """Queue a training job; poll `GET /v1/jobs/{id}` for its progress, follow
+    `GET /v1/jobs/{id}/events`, or give a `webhook_url` to be notified when it ends."""
+    if body.webhook_url is not None:
+        try:
+            webhooks.check_url(body.webhook_url, settings)
+        except webhooks.WebhookRefused as err:
+            raise Invalid(f"`webhook_url` {err}.") from err
     config = build_pipeline_config(session, settings, tenant, body)
     request = body.model_dump(mode="json")
-    job = submit_job(session, settings, tenant, "pipeline", config, request, device=body.device)
-    return job_public(job)
+    secret = webhooks.new_secret() if body.webhook_url is not None else None
+
+    def add_webhook(job: Job) -> None:
+        if secret is not None:
+            job.webhook_url, job.webhook_secret, job.webhook_state = body.webhook_url, secret, "waiting"
+
+    job = submit_job(session, settings, tenant, "pipeline", config, request, add_webhook, device=body.device)
+    public = job_public(job)
+    public.webhook_secret = secret
+    return public
 
 
 @router.get("", response_model=JobsPublic)
@@ -439,6 +459,7 @@ def retry_job(job_id: str, session: SessionDep, tenant: CurrentTenant, settings:
             heartbeat_at=None,
             run_after=None,
             params=params,
+            **webhooks.rearm(job),  # it notifies again when it ends again
         )
     )
     session.commit()
@@ -483,3 +504,74 @@ def job_logs(
             f.seek(max(0, size - MAX_LOG_BYTES))
             text = f.read().decode("utf-8", errors="replace")
     return PlainTextResponse(text)
+
+
+EVENTS_KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing a quiet stream
+
+
+def _job_event(
+    factory: sessionmaker[Session], redactor: Redactor, tenant_id: str, job_id: str
+) -> dict[str, Any] | None:
+    """The job as ``GET /v1/jobs/{id}`` shows it (paths rewritten), or ``None`` once it is gone."""
+    model_id = select(Model.id).where(Model.job_id == Job.id).limit(1).scalar_subquery()
+    with factory() as session:
+        row = session.execute(
+            select(Job, model_id).where(Job.id == job_id, Job.tenant_id == tenant_id)
+        ).first()
+        if row is None:
+            return None
+        value = job_public(row[0], row[1]).model_dump(mode="json")
+    return dict(redactor.value(value))
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, 404: {}},
+)
+async def job_events(
+    job_id: str,
+    request: Request,
+    tenant: CurrentTenant,
+    settings: SettingsDep,
+    poll_s: Annotated[float, Query(ge=0.1, le=60, description="Seconds between two looks at the job.")] = 1.0,
+) -> StreamingResponse:
+    """Server-sent events until the job ends: an `event: job` with the job's JSON (as
+    `GET /v1/jobs/{id}`) at once and whenever it changes (status, stage, progress, ETA, metrics),
+    then `event: end` with `{"status": ...}` once it succeeded, failed or was canceled, and the
+    stream closes. `: keep-alive` comment lines every 15 s while nothing changes."""
+    factory = read_session_factory(request.app)
+    redactor = redactor_for(settings, factory)
+    first = await run_in_threadpool(_job_event, factory, redactor, tenant.id, job_id)
+    if first is None:
+        raise NotFound(f"Job {job_id!r} not found; `GET /v1/jobs` lists your jobs.")
+
+    async def stream() -> AsyncIterator[str]:
+        job: dict[str, Any] | None = first
+        last, quiet_s, n = "", 0.0, 0
+        while True:
+            if job is None:
+                yield 'event: end\ndata: {"status": "deleted"}\n\n'
+                return
+            text = json.dumps(job, separators=(",", ":"))
+            if text != last:
+                n += 1
+                yield f"id: {n}\nevent: job\ndata: {text}\n\n"
+                last, quiet_s = text, 0.0
+            elif quiet_s >= EVENTS_KEEPALIVE_S:
+                yield ": keep-alive\n\n"
+                quiet_s = 0.0
+            if job["status"] in JOB_FINAL_STATUSES:
+                yield f"event: end\ndata: {json.dumps({'status': job['status']})}\n\n"
+                return
+            await asyncio.sleep(poll_s)
+            quiet_s += poll_s
+            if await request.is_disconnected():
+                return
+            job = await run_in_threadpool(_job_event, factory, redactor, tenant.id, job_id)
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
