@@ -404,6 +404,24 @@ class Jobs:
     def logs(self, job_id: str) -> str:
         return self._c.request("GET", f"/jobs/{job_id}/logs").text
 
+    def events(self, job_id: str, *, poll_s: float = 1.0) -> Iterator[dict[str, Any]]:
+        """The job as the server streams it (``GET /v1/jobs/{id}/events``): one dict at once and one
+        each time it changes, until it has ended."""
+        response = self._c.request("GET", f"/jobs/{job_id}/events", params={"poll_s": poll_s}, stream=True)
+        with contextlib.closing(response):
+            event, data = "message", ""
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data = line[5:].strip()
+                elif not line and data:
+                    if event == "job":
+                        yield dict(json.loads(data))
+                    elif event == "end":
+                        return
+                    event, data = "message", ""
+
     def wait(
         self,
         job_id: str,

@@ -529,6 +529,14 @@ def jobs_submit(
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda, or auto (the server's default queue).")
     ] = None,
+    webhook_url: Annotated[
+        str | None,
+        typer.Option(
+            "--webhook-url",
+            help="POST a signed JSON notification here when the job ends (https; the secret that signs "
+            "it, X-KT-Signature: sha256=HMAC-SHA256 of the body, is printed once).",
+        ),
+    ] = None,
     watch: Annotated[
         bool, typer.Option("--watch", help="Follow the job until it ends (like `kt jobs watch`).")
     ] = False,
@@ -559,6 +567,7 @@ def jobs_submit(
         "budget": budget,
         "seed": seed,
         "device": device,
+        "webhook_url": webhook_url,
     }
     request.update({k: v for k, v in options.items() if v is not None})
     knobs = {
@@ -590,6 +599,8 @@ def jobs_submit(
         job = client.jobs.submit(request)
         if not as_json:
             typer.echo(f"Job {job['id']} queued ({job['queue']} queue)")
+            if job.get("webhook_secret"):
+                typer.echo(f"Webhook secret (shown once; it signs the notification): {job['webhook_secret']}")
         if watch:
             job = _watch(client, job["id"], poll_s=1.0, timeout=None, quiet=as_json)
     if as_json:

@@ -343,3 +343,41 @@ def test_a_job_run_by_the_worker_notifies_with_its_model_and_metrics(
     assert sent["status"] == "succeeded" and sent["model_id"] == done["model_id"] is not None
     assert sent["metrics"]["student_top1"] == done["metrics"]["student_top1"]
     assert done["webhook"]["attempts"][0]["response_status"] == 200
+
+
+# --- the client and the `kt` command -----------------------------------------------------------
+
+
+def test_the_client_follows_events_and_kt_submit_takes_a_webhook(
+    hapi: Api, tenant: dict[str, Any], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from kt_client import Client
+    from kt_client.cli import app
+
+    with Receiver() as receiver:
+        env = {"KT_API_URL": hapi.url, "KT_API_KEY": tenant["key"], "HOME": str(tmp_path)}
+        res = CliRunner().invoke(
+            app,
+            ["jobs", "submit", tenant["dataset"]["id"], "--student", "timm:test_efficientnet",
+             "--webhook-url", receiver.url],
+            env=env,
+        )  # fmt: skip
+        assert res.exit_code == 0, res.output
+        job_id = res.output.split()[1]
+        secret = res.output.strip().rsplit(" ", 1)[-1]
+        assert "Webhook secret (shown once" in res.output and len(secret) == 64
+
+        threading.Timer(0.5, finish, args=(hapi, job_id), kwargs={"status": "canceled"}).start()
+        with Client(hapi.url, tenant["key"]) as client:
+            seen = [job["status"] for job in client.jobs.events(job_id, poll_s=0.1)]
+            assert seen == ["queued", "canceled"]
+            (delivery,) = receiver.wait_for(1)
+            assert webhooks.verify(secret, delivery["body"], delivery["headers"]["x-kt-signature"])
+            assert client.jobs.get(job_id)["request"]["webhook_url"] == receiver.url
+
+        res = CliRunner().invoke(
+            app, ["jobs", "submit", tenant["dataset"]["id"], "--webhook-url", "http://example.com/x"], env=env
+        )
+        assert res.exit_code == 1 and "plain http" in res.output
