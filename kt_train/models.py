@@ -255,7 +255,9 @@ def _timm_net(
 ) -> tuple[nn.Module, dict]:
     import timm
 
-    _check_timm_name(spec.name)
+    hub = spec.hf_hub_id is not None
+    if not hub:  # a Hub id names its architecture in the repository's config
+        _check_timm_name(spec.name)
     if "num_classes" in model_kwargs:
         raise ConfigError(
             "model_kwargs.num_classes is not allowed: the number of classes comes from the labeled data; "
@@ -270,11 +272,19 @@ def _timm_net(
             if k != "num_classes":
                 kwargs.setdefault(k, v)
     tag = spec.pretrained_tag
-    name = f"{spec.name}.{tag}" if tag else spec.name
-    pretrained = load_weights and wpath is None and (tag is not None or "." in spec.name)
+    name = spec.timm_name
+    pretrained = load_weights and wpath is None and (hub or tag is not None or "." in spec.name)
     try:
         net = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except (OSError, RuntimeError, ValueError) as e:
+        if hub:
+            raise WeightsNotFoundError(
+                f"{spec} could not be loaded from the Hugging Face Hub or its local cache "
+                f"({type(e).__name__}: {e}). Offline, fetch it on a machine with network (python -c "
+                f"\"import timm; timm.create_model('{name}', pretrained=True)\") and copy the Hugging Face "
+                "cache (~/.cache/huggingface, or HF_HOME), or download its model.safetensors and pass "
+                "timm:<arch>@/path/to/model.safetensors"
+            ) from e
         if pretrained:
             raise WeightsNotFoundError(
                 f"weights for {spec} are not available offline ({type(e).__name__}: {e}). Fetch them on a "

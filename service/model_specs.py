@@ -4,6 +4,8 @@
     timm:<name>.<tag> / <name>@<tag> pretrained weights timm lists (``timm:resnet18.a1_in1k``)
     open_clip:<arch>[@<tag>]         an open_clip architecture and a tag it lists for it
     timm:<arch>@registered:<NAME>    weights an operator registered (``kt admin register-model``)
+    timm:hf-hub:<org>/<name>[@<rev>] a timm model on the Hugging Face Hub (the worker fetches it,
+                                     or finds it in its Hugging Face cache); only its form is checked
 
 Names are checked against ``service/model_names.json`` (``python -m kt_train.model_names``
 writes it from the installed libraries). Nothing after ``@`` is ever a path: a tag that looks
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+
+from kt_train.specs import HF_HUB, HF_HUB_ALIASES, hf_hub_problem
 
 NAMES_FILE = Path(__file__).with_name("model_names.json")
 LIBRARIES = ("timm", "open_clip")
@@ -174,9 +178,25 @@ def check_model_spec(spec: str, role: Role) -> str:
     )
     label = "student spec" if role == "student" else "model spec"
     library, colon, rest = spec.partition(":")
+    hub_like = _hub_misspelling(library, rest)
+    if hub_like is not None:
+        raise ValueError(
+            f"{label} {spec!r}: did you mean {hub_like!r}? Hub models are timm:hf-hub:<org>/<name>"
+        )
     if not colon or library not in LIBRARIES or (role == "student" and library != "timm"):
         raise ValueError(f"{label} {spec!r} is not of the form {forms}")
     name, at, tag = rest.partition("@")
+    if name.lower().startswith(HF_HUB_ALIASES):
+        if library != "timm":
+            raise ValueError(f"{label} {spec!r}: 'hf-hub:' ids are for timm models; write 'timm:{rest}'")
+        if at and not tag:
+            raise ValueError(
+                f"{label} {spec!r} names no revision after '@'; drop the '@' (the default branch)"
+            )
+        problem = hf_hub_problem(name[len(HF_HUB) :], tag or None)
+        if problem is not None:
+            raise ValueError(f"{label} {spec!r}: {problem}")
+        return spec
     if at and not tag:
         raise ValueError(
             f"model spec {spec!r} names no tag after '@'; drop the '@' (random init) or add a pretrained tag"
@@ -198,6 +218,24 @@ def check_model_spec(spec: str, role: Role) -> str:
     else:
         _check_open_clip(spec, name, tag or None)
     return spec
+
+
+_HUB_MISSPELLINGS = ("hf", "hf_hub", "hf-hub", "hub", "huggingface", "hugging_face", "hugging-face")
+
+
+def _hub_misspelling(library: str, rest: str) -> str | None:
+    """The ``timm:hf-hub:...`` spec a near miss meant (``hf-hub:org/x``, ``timm:huggingface:org/x``,
+    ``timm:hf-hub/org/x``), or None."""
+    if library.lower() in _HUB_MISSPELLINGS and "/" in rest:
+        return f"timm:{HF_HUB}{rest.removeprefix('//')}"
+    if library == "timm":
+        prefix, sep, repo = rest.partition(":")
+        if sep and prefix.lower() in _HUB_MISSPELLINGS and f"{prefix}:" not in HF_HUB_ALIASES:
+            return f"timm:{HF_HUB}{repo.removeprefix('//')}"
+        for miss in ("hf-hub/", "hf_hub/", "huggingface/", "hf/"):
+            if rest.lower().startswith(miss) and rest.count("/") >= 2:
+                return f"timm:{HF_HUB}{rest[len(miss) :]}"
+    return None
 
 
 def _check_registered(spec: str, role: Role, library: str, arch: str, name: str) -> None:
