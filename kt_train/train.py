@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import ConfigError, TrainingError
 from .io import atomic_torch_save
+from .tensorboard import ScalarLog, run_name
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +307,10 @@ def train_loop(
     if start >= steps:
         reporter.finish(task)
         return result
+    # the history's rows as TensorBoard curves too, in the stage directory (kt_train.tensorboard)
+    curves = (
+        ScalarLog(ckpt_path.parent / "tensorboard" / run_name(task), history) if is_main else ScalarLog.off()
+    )
     if start > 0:  # resumed: progress picks up where the interrupted run saved, not at step 0
         last = {k: float(v) for k, v in (history[-1] if history else {}).items() if k not in ("step", "lr")}
         reporter.update(task, start, last)
@@ -362,6 +367,7 @@ def train_loop(
                 )
         if step % log_every == 0 or step == steps:
             history.append({"step": step, "lr": optimizer.param_groups[0]["lr"], **running})
+            curves.add(history[-1])
         reporter.update(task, step, running)
         # Checkpoint cadence (``due`` above): every epoch, but not more often than every 30 s (tiny
         # labeled sets have epochs of a step or two); an explicit checkpoint_every is honored exactly.
@@ -369,6 +375,7 @@ def train_loop(
             save(step)
             last_save = time.perf_counter()
         t_data = time.perf_counter()
+    curves.close()
     reporter.finish(task)
     result.seconds = time.perf_counter() - t0
     result.images_per_s = seen / max(result.seconds, 1e-9)
