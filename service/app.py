@@ -25,9 +25,10 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import cleanup, storage, webhooks
+from service import cleanup, ingest, storage, webhooks
 from service.api.docs import install_docs
 from service.api.errors import DATABASE_RETRY_AFTER_S, install_error_handlers
 from service.api.openapi import install_openapi
@@ -239,6 +240,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
                 )
         for thread in threads:
             thread.start()
+        await run_in_threadpool(ingest.warm_up, settings)  # the upload processes (service.ingest)
         freeze_startup_objects()
         try:
             yield

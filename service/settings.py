@@ -73,6 +73,24 @@ class Settings(BaseSettings):
         gt=0,
         description="Largest image accepted, in pixels (width × height); PIL's decompression-bomb default.",
     )
+    ingest_processes: int = Field(
+        default=2,
+        ge=0,
+        le=64,
+        description="Processes of each API process that validate and store uploaded zips (0: the API "
+        "process's own threadpool). Decoding every image of an upload takes CPU that status requests "
+        "would otherwise wait behind (service.ingest).",
+    )
+    ingest_nice: int = Field(
+        default=10, ge=0, le=19, description="CPU niceness of the ingest processes: the API's requests go first."
+    )
+    worker_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="CPU niceness a worker process takes at start: on a machine it shares with the API "
+        "(`kt serve`, a small box), the API's requests go first and training takes the rest of the cores.",
+    )
     max_classes: int = Field(
         default=10_000,
         gt=0,

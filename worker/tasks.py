@@ -51,6 +51,21 @@ def _record_concurrency(sender: Any = None, **_: Any) -> None:
         os.environ.setdefault(PROCESSES_ENV, str(concurrency))
 
 
+@worker_init.connect
+def _lower_priority(**_: Any) -> None:
+    """Before any task: the worker takes niceness ``KT_WORKER_NICE`` (default 10), so on a machine
+    it shares with the API (``kt serve``, a small box) the API's requests go first and training
+    takes the rest of the cores; alone on a machine it changes nothing. Pool processes inherit it."""
+    nice = get_settings().worker_nice
+    if nice > 0:
+        try:
+            now = os.nice(0)
+            if now < nice:
+                os.nice(nice - now)
+        except OSError as e:
+            log.warning("worker: could not lower the CPU priority to nice %d (%s)", nice, e)
+
+
 def _size_threads() -> None:
     """Once per process: torch threads = KT_THREADS, or cores // worker processes (see
     ``kt_train.threads``; the default of one thread per core collapses under contention)."""

@@ -749,8 +749,8 @@ def build_teacher_maps(
     kind: str = "logits",
     reporter: Any = None,
 ) -> TeacherMaps:
-    """``TeacherMaps`` of ``views`` seeded views per frame, resized to the student's ``grid``.
-    ``kind="features"``: the teacher backbone's deepest features instead of its logits."""
+    """``TeacherMaps`` of ``views`` seeded views per frame, the logits resized to the student's
+    ``grid``; ``kind="features"``: the teacher backbone's deepest features, at their own stride."""
     rng = random.Random(seed)
     teacher.eval()
     n = len(frames)
@@ -765,10 +765,13 @@ def build_teacher_maps(
     def run() -> None:
         nonlocal targets
         x = torch.stack([t for _, _, t in todo])
-        out = teacher.features(x)[1] if kind == "features" else teacher(x)
-        out = F.interpolate(out.float(), size=grid, mode="bilinear", align_corners=False).half()
+        if kind == "features":  # at their own (deepest) stride: the student's map is resized to them
+            out = teacher.features(x)[1].float().half()
+        else:
+            out = teacher(x)
+            out = F.interpolate(out.float(), size=grid, mode="bilinear", align_corners=False).half()
         if targets is None:
-            targets = torch.zeros(n, views, out.shape[1], *grid, dtype=torch.float16)
+            targets = torch.zeros(n, views, *out.shape[1:], dtype=torch.float16)
         for (i, v, _), o in zip(todo, out, strict=True):
             targets[i, v] = o
         done[0] += len(todo)

@@ -123,14 +123,19 @@ def test_serve_starts_api_and_worker_and_stops_on_sigterm(tmp_path: Path) -> Non
             assert resp.status == 200
         assert (data / "kt.db").is_file()
 
-        workers = children_of(proc.pid)
-        assert len(workers) == 1, workers
-        cmdline = (PROC / str(workers[0]) / "cmdline").read_bytes().split(b"\0")
-        assert b"celery" in cmdline and b"worker.app:celery_app" in cmdline
+        children = children_of(proc.pid)
+        # one worker; beside it the API's upload processes (service.ingest, spawned: their
+        # multiprocessing resource tracker is a child too)
+        cmdlines = {pid: (PROC / str(pid) / "cmdline").read_bytes().split(b"\0") for pid in children}
+        celery = [pid for pid, cmd in cmdlines.items() if b"worker.app:celery_app" in cmd]
+        assert len(celery) == 1 and b"celery" in cmdlines[celery[0]], cmdlines
+        ingest = [pid for pid, cmd in cmdlines.items() if any(b"spawn_main" in part for part in cmd)]
+        assert len(ingest) >= 2, cmdlines
+        workers = children
         log = data / "logs" / "worker-0.log"
         while "ready." not in (log.read_text() if log.is_file() else ""):
             assert time.monotonic() < deadline + 30, "worker not ready:\n" + log.read_text()
-            assert alive(workers[0]), "worker died:\n" + log.read_text()
+            assert alive(celery[0]), "worker died:\n" + log.read_text()
             time.sleep(0.5)
 
         # the API process itself never loaded torch (the worker does)
@@ -139,7 +144,10 @@ def test_serve_starts_api_and_worker_and_stops_on_sigterm(tmp_path: Path) -> Non
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
-        assert not any(alive(pid) for pid in workers), "a worker outlived serve"
+        gone_by = time.monotonic() + 10  # the upload processes see their parent go and exit
+        while any(alive(pid) for pid in workers) and time.monotonic() < gone_by:
+            time.sleep(0.2)
+        assert not any(alive(pid) for pid in workers), "a worker or an upload process outlived serve"
     finally:
         if proc.poll() is None:
             proc.kill()

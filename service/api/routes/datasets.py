@@ -17,9 +17,10 @@ from service.api.deps import CurrentTenant, SessionDep, SettingsDep
 from service.api.errors import Conflict, Invalid, NotFound
 from service.db.models import Dataset, Job, Tenant, new_id, utcnow
 from service.derived import delete_rows, find_derived, remove_files, unfinished_users
+from service.ingest import ingest
 from service.schemas import MAX_OFFSET, DatasetPublic, DatasetsPublic
 from service.settings import Settings
-from service.uploads import ReceivedUpload, ingest_zip, receive_upload
+from service.uploads import ReceivedUpload, receive_upload
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -93,7 +94,7 @@ async def store_dataset(
             raise Invalid("`name` is longer than 200 characters; choose a shorter dataset name.")
         dataset_id = new_id()
         dest = storage.dataset_dir(settings.data_dir, tenant.id, dataset_id)
-        ingested = await run_in_threadpool(ingest_zip, upload.path, dest, settings)
+        ingested = await ingest(upload.path, dest, settings)
     finally:
         upload.path.unlink(missing_ok=True)
     dataset = Dataset(
