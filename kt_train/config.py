@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
+from .formats import refuse_unsupported
 
 STAGES = ("finetune_teacher", "curate", "distill", "finetune_student", "export", "evaluate")
 
@@ -289,7 +290,10 @@ class SegmentationConfig(_Strict):
 
 
 class ExportConfig(_Strict):
-    formats: list[Literal["safetensors", "onnx", "torchscript"]] = Field(
+    # TFLite, Core ML, OpenVINO, ...: a clear refusal naming the conversion (kt_train.formats)
+    formats: Annotated[
+        list[Literal["safetensors", "onnx", "torchscript"]], BeforeValidator(refuse_unsupported)
+    ] = Field(
         default_factory=lambda: ["safetensors", "onnx", "torchscript"],  # type: ignore[arg-type]
         description="files to write",
     )

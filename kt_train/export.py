@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from kt_train.errors import ConfigError, KTError
+from kt_train.formats import not_exported_message
 from kt_train.io import is_disk_full
 
 SUPPORTED_FORMATS: tuple[str, ...] = ("safetensors", "onnx", "torchscript")
@@ -238,8 +239,10 @@ def _check_formats(formats: Sequence[str]) -> list[str]:
     fmts = list(dict.fromkeys(str(f).strip().lower() for f in formats))
     unknown = [f for f in fmts if f not in SUPPORTED_FORMATS]
     if unknown:
+        hints = [m for m in map(not_exported_message, unknown) if m]  # TFLite, Core ML, OpenVINO, ...
         raise ConfigError(
             f"unknown export format(s) {unknown}; supported formats are {list(SUPPORTED_FORMATS)}"
+            + "".join(f"; {h}" for h in hints)
         )
     if not fmts:
         raise ConfigError(f"no export format requested; choose from {list(SUPPORTED_FORMATS)}")

@@ -5,8 +5,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
+from kt_train.formats import refuse_unsupported
 from service.model_specs import check_model_spec
 
 
@@ -366,7 +375,8 @@ class JobCreate(_Request):
         default_factory=StageLearningRates,
         description="Older form of `recipe.*.lr` (unset: the budget's); prefer `recipe`.",
     )
-    export_formats: list[ExportFormat] = Field(
+    # TFLite, Core ML, OpenVINO, ...: a 422 naming the conversion from ONNX (kt_train.formats)
+    export_formats: Annotated[list[ExportFormat], BeforeValidator(refuse_unsupported)] = Field(
         default_factory=lambda: ["safetensors", "onnx", "torchscript"],  # type: ignore[arg-type]
         min_length=1,
         max_length=3,

@@ -98,7 +98,7 @@ def test_every_error_is_listed() -> None:
         ({"teacher": {"head": "deep"}}, "teacher.head"),
         ({"teacher": {"image_size": 4}}, "teacher.image_size"),
         ({"stages": ["distill", "train"]}, "stages.1"),
-        ({"export": {"formats": ["tflite"]}}, "export.formats.0"),
+        ({"export": {"formats": ["pdf"]}}, "export.formats.0"),
         ({"export": {"opset": 9}}, "export.opset"),
         ({"checkpoint_every": 0}, "checkpoint_every"),
         ({"data": {"train": {}}}, "data.train.path"),
