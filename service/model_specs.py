@@ -181,7 +181,7 @@ def check_model_spec(spec: str, role: Role) -> str:
     hub_like = _hub_misspelling(library, rest)
     if hub_like is not None:
         raise ValueError(
-            f"{label} {spec!r}: did you mean {hub_like!r}? Hub models are timm:hf-hub:<org>/<name>"
+            f"{label} {spec!r}: did you mean {hub_like!r}? Use 'timm:hf-hub:<org>/<name>' for Hub models"
         )
     if not colon or library not in LIBRARIES or (role == "student" and library != "timm"):
         raise ValueError(f"{label} {spec!r} is not of the form {forms}")

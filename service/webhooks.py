@@ -91,8 +91,8 @@ def _address_problem(address: str, settings: Settings) -> str | None:
     if any(ip in net for net in _allowed_networks(settings)):
         return None
     return (
-        f"resolves to {ip}, a private, loopback or reserved address the service does not call "
-        "(an operator can allow such networks with KT_WEBHOOK_ALLOWED_NETWORKS)"
+        f"resolves to {ip}, a private, loopback or reserved address the service does not call; use a "
+        "public https:// URL (an operator can allow such networks with KT_WEBHOOK_ALLOWED_NETWORKS)"
     )
 
 

@@ -344,6 +344,12 @@ ROUTES: list[Route] = [
                 "/v1/jobs", json=job_body(w.ids["dataset"], teacher="timm:resnet10t@registered:nobodys")
             ),
             lambda w: Request("/v1/jobs", json=job_body(w.ids["dataset"], device="tpu")),
+            lambda w: Request("/v1/jobs", json=job_body(w.ids["dataset"], export_formats=["tflite"])),
+            lambda w: Request("/v1/jobs", json=job_body(w.ids["dataset"], student="hf-hub:timm/resnet18")),
+            lambda w: Request(
+                "/v1/jobs", json=job_body(w.ids["dataset"], webhook_url="http://example.com/h")
+            ),
+            lambda w: Request("/v1/jobs", json=job_body(w.ids["dataset"], webhook_url="https://10.0.0.1/h")),
             lambda w: Request("/v1/jobs", json=job_body(w.ids["dataset"], surprise=1)),
             lambda w: Request("/v1/jobs", json={}),
             lambda w: Request("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}),
@@ -379,6 +385,16 @@ ROUTES: list[Route] = [
         conflict=(
             lambda w: Request(f"/v1/jobs/{w.ids['finished_job']}/retry"),  # succeeded
             lambda w: Request(f"/v1/jobs/{w.ids['job']}/retry"),  # queued
+        ),
+    ),
+    Route(
+        "GET",
+        "/v1/jobs/{job_id}/events",
+        ok=lambda w: Request(f"/v1/jobs/{w.ids['finished_job']}/events"),  # a finished job's stream ends
+        unknown=lambda w: Request(f"/v1/jobs/{UNKNOWN_ID}/events"),
+        invalid=(
+            lambda w: Request(f"/v1/jobs/{w.ids['finished_job']}/events", params={"poll_s": 0}),
+            lambda w: Request(f"/v1/jobs/{w.ids['finished_job']}/events", params={"poll_s": 61}),
         ),
     ),
     Route(
