@@ -7,7 +7,8 @@ what the tests use.
 Startup never dies of a database that is down (a supervisor would restart the process in a loop):
 the app starts anyway, answers 503 on everything but ``/healthz`` and ``/metrics`` (``/readyz``
 says why), and migrates in the background as soon as the database answers. At startup and then
-every ``service.cleanup.SWEEP_INTERVAL_S`` it removes what killed uploads left behind.
+every ``service.cleanup.SWEEP_INTERVAL_S`` it removes what killed uploads left behind. A thread
+sends the job-finished webhooks that are due (``service.webhooks``).
 """
 
 from __future__ import annotations
@@ -214,7 +215,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
             threads.append(
                 threading.Thread(
                     target=webhooks.dispatch_periodically,
-                    args=(_app.state.session_factory, settings, stop),
+                    args=(settings, stop),
                     name="kt-webhooks",
                     daemon=True,
                 )

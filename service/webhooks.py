@@ -42,6 +42,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.models import JOB_FINAL_STATUSES, Job, Model, utcnow
+from service.db.session import make_engine, make_session_factory
 from service.redact import redactor_for
 from service.settings import Settings
 
@@ -318,15 +319,19 @@ def dispatch_once(session_factory: sessionmaker[Session], settings: Settings) ->
     return count
 
 
-def dispatch_periodically(
-    session_factory: sessionmaker[Session], settings: Settings, stop: threading.Event
-) -> None:
-    """The API process's dispatcher thread (``service.app``)."""
-    while not stop.wait(settings.webhook_poll_interval_s):
-        try:
-            dispatch_once(session_factory, settings)
-        except Exception:  # the database is down: the next look retries
-            log.debug("webhook dispatch pass failed", exc_info=True)
+def dispatch_periodically(settings: Settings, stop: threading.Event) -> None:
+    """The API process's dispatcher thread (``service.app``), on an engine of its own: its looks
+    never take a connection a request is waiting for (nor show among a request's statements)."""
+    engine = make_engine(settings.database_url)
+    session_factory = make_session_factory(engine)
+    try:
+        while not stop.wait(settings.webhook_poll_interval_s):
+            try:
+                dispatch_once(session_factory, settings)
+            except Exception:  # the database is down, or not migrated yet: the next look retries
+                log.debug("webhook dispatch pass failed", exc_info=True)
+    finally:
+        engine.dispose()
 
 
 def rearm(job: Job) -> dict[str, Any]:
