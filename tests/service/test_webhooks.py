@@ -381,3 +381,22 @@ def test_the_client_follows_events_and_kt_submit_takes_a_webhook(
             app, ["jobs", "submit", tenant["dataset"]["id"], "--webhook-url", "http://example.com/x"], env=env
         )
         assert res.exit_code == 1 and "plain http" in res.output
+
+
+def test_delivery_and_the_job_field_on_postgresql(tmp_path: Path) -> None:
+    from tests.service.conftest import fresh_postgres_database
+
+    with (
+        fresh_postgres_database() as url,
+        running_api(hook_settings(tmp_path / "data", database_url=url)) as api,
+        Receiver(codes=[503]) as receiver,
+        api.client(api.key("acme")) as client,
+    ):
+        dataset = upload(client, imagefolder_zip({"cat": 2, "dog": 2})).json()
+        job = client.post("/v1/jobs", json=job_body(dataset["id"], webhook_url=receiver.url)).json()
+        client.post(f"/v1/jobs/{job['id']}/cancel").raise_for_status()
+        done = wait_state(client, job["id"], {"delivered"})
+        assert [a.get("response_status") for a in done["webhook"]["attempts"]] == [503, 200]
+        last = receiver.received[-1]
+        assert webhooks.verify(job["webhook_secret"], last["body"], last["headers"]["x-kt-signature"])
+        assert json.loads(last["body"])["status"] == "canceled"
