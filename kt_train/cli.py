@@ -257,16 +257,27 @@ def predict(
     batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 64,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: all)")] = None,
 ) -> None:
-    """Predict the class of images with a downloaded model, preprocessed exactly as its card says.
+    """Predict the class of images (or, for a segmentation model, write one mask PNG per image into
+    --out, default ./masks) with a downloaded model, preprocessed exactly as its card says.
 
     The card's preprocessing is what the evaluate stage used for the card's test metrics, so the
     predictions are the ones those metrics counted.
     """
     import json
 
-    from .predict import predict_files, write_predictions
+    from .predict import find_card, is_segmentation_card, predict_files, predict_masks, write_predictions
 
     try:
+        if is_segmentation_card(find_card(model, card)):
+            # a segmentation model: one index mask PNG per image, into --out (a directory)
+            masks = predict_masks(model, card, images, out or Path("masks"), format=format, threads=threads)
+            if as_json:
+                sys.stdout.write(json.dumps([m.to_dict() for m in masks], indent=2) + "\n")
+            else:
+                console.print(
+                    f"{len(masks)} masks in {out or Path('masks')} (class indices; the card's palette colours them)"
+                )
+            return
         preds = predict_files(
             model, card, images, format=format, top_k=top_k, batch_size=batch_size, threads=threads
         )

@@ -282,3 +282,75 @@ def write_predictions(predictions: Sequence[Prediction], path: str | Path) -> Pa
         top = ";".join(f"{c}:{q:.6f}" for c, q in p.top_k)
         w.writerow([cell(p.path), cell(p.label), p.prob, cell(top)])
     return atomic_write_text(out, buf.getvalue())
+
+
+# --------------------------------------------------------------------------- segmentation models
+
+
+@dataclass
+class MaskPrediction:
+    """One image's predicted index mask (written as a PNG at the image's own size) and the share of
+    its pixels per class."""
+
+    path: str
+    mask: str
+    class_share: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "mask": self.mask, "class_share": self.class_share}
+
+
+def is_segmentation_card(card: Mapping[str, Any]) -> bool:
+    return card.get("task") == "segmentation"
+
+
+def predict_masks(
+    model_path: str | Path,
+    card: str | Path | Mapping[str, Any] | None,
+    paths: str | Path | Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    format: str | None = None,
+    threads: int | None = None,
+) -> list[MaskPrediction]:
+    """Segment every image in ``paths`` with an exported segmentation model (ONNX in onnxruntime),
+    preprocessed as its card says (the whole frame resized to ``input_size``, bilinear, [0, 1]):
+    each mask, the argmax at the image's own size, is written to ``out_dir/<name>.png`` (class
+    indices; the card's ``palette`` colours them)."""
+    from PIL import Image
+
+    model = Path(model_path)
+    if not model.is_file():
+        raise ConfigError(f"model file {model} does not exist; download it with `kt models download`")
+    fmt = format_of(model, format)
+    if fmt != "onnx":
+        raise ConfigError(
+            "segmentation models are predicted from their ONNX file: pass model.onnx (--format onnx)"
+        )
+    meta = find_card(model, card)
+    classes = [str(c) for c in meta["classes"]]
+    h, w = (int(v) for v in meta["preprocessing"]["input_size"])
+    run = _onnx_runner(model, threads)
+    ds = load_unlabeled(list(paths) if isinstance(paths, (list, tuple)) else paths)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[MaskPrediction] = []
+    taken: set[str] = set()
+    for i in range(len(ds)):
+        img = ds.load_image(i)
+        x = np.asarray(img.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)[None] / 255.0
+        logits = run(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        if logits.ndim != 4 or logits.shape[1] != len(classes):
+            raise KTError(f"{model} returns {logits.shape}, not (N, {len(classes)}, H, W) class maps")
+        small = logits[0].argmax(0).astype(np.uint8)
+        mask = np.asarray(Image.fromarray(small).resize(img.size, Image.Resampling.NEAREST))
+        name = Path(ds.describe(i)).stem or f"image{i}"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        dest = out / f"{name}.png"
+        Image.fromarray(mask, mode="L").save(dest)
+        counts = np.bincount(mask.reshape(-1), minlength=len(classes))[: len(classes)]
+        share = {c: round(float(n) / mask.size, 4) for c, n in zip(classes, counts, strict=True) if n}
+        results.append(MaskPrediction(ds.describe(i), str(dest), share))
+    return results

@@ -349,7 +349,11 @@ def test_the_pipeline_runs_every_stage_for_task_segmentation(tmp_path: Path) -> 
                 "test": {"path": str(test)},
                 "transfer": {"path": str(frames)},
             },
-            "segmentation": {"input_size": [32, 48], "teacher_decoder_channels": 16, "student_decoder_channels": 16},
+            "segmentation": {
+                "input_size": [32, 48],
+                "teacher_decoder_channels": 16,
+                "student_decoder_channels": 16,
+            },
             "finetune_teacher": {"linear_probe": {**opt, "steps": 5}, "full_finetune": {**opt, "steps": 5}},
             "distill": {**opt, "steps": 5, "cache": {"views": 2}},
             "finetune_student": {**opt, "steps": 5},
@@ -357,7 +361,14 @@ def test_the_pipeline_runs_every_stage_for_task_segmentation(tmp_path: Path) -> 
         }
     )
     results = run_pipeline(cfg)
-    assert list(results) == ["finetune_teacher", "curate", "distill", "finetune_student", "evaluate", "export"]
+    assert list(results) == [
+        "finetune_teacher",
+        "curate",
+        "distill",
+        "finetune_student",
+        "evaluate",
+        "export",
+    ]
     metrics = results["evaluate"]["metrics"]["test"]
     assert 0 <= metrics["miou"] <= 100 and set(metrics["per_class_iou"]) == {"red", "green", "blue"}
     assert results["distill"]["teacher_cache"]["bytes"] > 0
@@ -366,3 +377,39 @@ def test_the_pipeline_runs_every_stage_for_task_segmentation(tmp_path: Path) -> 
     assert (tmp_path / "run/export/model.onnx").is_file() and card["failed_formats"] == {}
     again = run_pipeline(cfg)  # every stage finished: reused, nothing retrained
     assert again["evaluate"]["metrics"]["test"]["miou"] == metrics["miou"]
+
+
+def test_kt_predict_writes_the_masks_evaluation_would_score(tmp_path: Path) -> None:
+    """`kt predict model.onnx IMAGES -o DIR` on a segmentation model: one index PNG per image at the
+    image's size, the torch model's own argmax (resized the card's way) on all but rounding pixels."""
+    from typer.testing import CliRunner
+
+    from kt_train import cli
+    from kt_train.tasks.segmentation import eval_inputs, export_segmentation, upsample
+
+    root = write_dataset(tmp_path / "ds", n=3)
+    recipe = SegmentationRecipe(
+        spec="timm:test_efficientnet",
+        num_classes=3,
+        decoder_channels=16,
+        input_size=(32, 48),
+        classes=["r", "g", "b"],
+    )
+    model = build_segmentation_model(recipe).eval()
+    export_segmentation(model, tmp_path / "out", formats=["onnx"])
+    result = CliRunner().invoke(
+        cli.app,
+        ["predict", str(tmp_path / "out/model.onnx"), str(root / "images"), "-o", str(tmp_path / "masks")],
+    )
+    assert result.exit_code == 0, result.output
+    assert "3 masks in" in result.output
+    for img_path in sorted((root / "images/train").iterdir()):
+        img = Image.open(img_path).convert("RGB")
+        mask = np.asarray(Image.open(tmp_path / "masks" / img_path.name))
+        assert mask.shape == (img.height, img.width)
+        with torch.no_grad():
+            logits = upsample(model(eval_inputs(img, (32, 48))[None]), (32, 48))
+        want = np.asarray(
+            Image.fromarray(logits.argmax(1)[0].numpy().astype(np.uint8)).resize(img.size, Image.NEAREST)
+        )
+        assert (mask == want).mean() > 0.99
