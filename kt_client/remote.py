@@ -424,7 +424,7 @@ def _saved(path: Path, as_json: bool) -> None:
 # --- jobs
 
 jobs_app = typer.Typer(
-    help="Training jobs: submit, list, show, watch, cancel, retry, logs.", no_args_is_help=True
+    help="Training jobs: submit, list, show, watch, events, cancel, retry, logs.", no_args_is_help=True
 )
 
 
@@ -746,6 +746,24 @@ def jobs_watch(
     if as_json:
         _print_json(job)
     _finish(job, as_json)
+
+
+@jobs_app.command("events")
+def jobs_events(
+    job_id: str,
+    poll: Annotated[float, typer.Option(min=0.1, max=60.0, help="Seconds between the server's looks.")] = 1.0,
+) -> None:
+    """Print the job as one JSON line each time it changes (the server's event stream,
+    `GET /v1/jobs/{id}/events`) until it ends: exit 0 succeeded, 4 failed or canceled. For scripts:
+    `kt jobs events ID | jq -r .progress`."""
+    job: dict[str, Any] | None = None
+    with _client() as client:
+        for job in client.jobs.events(job_id, poll_s=poll):
+            typer.echo(json.dumps(job, separators=(",", ":")))
+    if job is None:
+        _stderr(f"Error: the event stream of job {job_id} ended without the job")
+        raise typer.Exit(EXIT_RUNTIME)
+    _finish(job, as_json=True)
 
 
 @jobs_app.command("cancel")

@@ -382,6 +382,12 @@ def test_the_client_follows_events_and_kt_submit_takes_a_webhook(
         )
         assert res.exit_code == 1 and "plain http" in res.output
 
+        # `kt jobs events`: one JSON line per change, the exit code of `kt jobs watch`
+        res = CliRunner().invoke(app, ["jobs", "events", job_id, "--poll", "0.1"], env=env)
+        assert res.exit_code == 4, res.output  # canceled
+        (line,) = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+        assert (line["id"], line["status"]) == (job_id, "canceled")
+
 
 def test_delivery_and_the_job_field_on_postgresql(tmp_path: Path) -> None:
     from tests.service.conftest import fresh_postgres_database
