@@ -389,6 +389,16 @@ ROUTES: list[Route] = [
     ),
     Route(
         "GET",
+        "/v1/jobs/estimate",
+        ok=lambda w: Request("/v1/jobs/estimate", params={"budget": "fast"}),
+        owned=False,
+        invalid=(
+            lambda w: Request("/v1/jobs/estimate", params={"budget": "slowest"}),
+            lambda w: Request("/v1/jobs/estimate", params={"distill_steps": -1}),
+        ),
+    ),
+    Route(
+        "GET",
         "/v1/jobs/{job_id}/events",
         ok=lambda w: Request(f"/v1/jobs/{w.ids['finished_job']}/events"),  # a finished job's stream ends
         unknown=lambda w: Request(f"/v1/jobs/{UNKNOWN_ID}/events"),
