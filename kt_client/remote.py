@@ -303,7 +303,7 @@ def datasets_list(as_json: JsonOpt = False) -> None:
     else:
         _table(
             rows,
-            ["id", "name", "num_images", "created_at", "classes"],
+            ["id", "name", "task", "num_images", "created_at", "classes"],
             "datasets",
             drop=("classes", "created_at"),
         )

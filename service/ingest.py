@@ -21,13 +21,16 @@ import contextlib
 import multiprocessing as mp
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
 from service.api.errors import BadRequest
+from service.segmentation_uploads import ingest_segmentation_zip
 from service.settings import Settings
 from service.uploads import IngestedDataset, ingest_zip
 
@@ -77,20 +80,34 @@ def _forget(broken: ProcessPoolExecutor) -> None:
             _pool = None
 
 
-async def ingest(archive: Path, dest: Path, settings: Settings) -> IngestedDataset:
-    """``ingest_zip(archive, dest, settings)`` in the ingest pool (module docstring)."""
+async def ingest(
+    archive: Path,
+    dest: Path,
+    settings: Settings,
+    *,
+    task: str = "classification",
+    fields: dict[str, str] | None = None,
+) -> IngestedDataset:
+    """``ingest_zip(archive, dest, settings)`` in the ingest pool (module docstring); for ``task``
+    ``segmentation``, ``ingest_segmentation_zip`` with the upload's ``classes`` / ``void_index``
+    form ``fields``."""
+    func: Callable[..., IngestedDataset] = ingest_zip
+    args: tuple[Any, ...] = (archive, dest, settings)
+    if task == "segmentation":
+        form = fields or {}
+        func, args = ingest_segmentation_zip, (*args, form.get("classes"), form.get("void_index"))
     p = pool(settings)
     if p is None:
-        return await run_in_threadpool(ingest_zip, archive, dest, settings)
+        return await run_in_threadpool(func, *args)
     loop = asyncio.get_running_loop()
     try:
-        return await loop.run_in_executor(p, ingest_zip, archive, dest, settings)
+        return await loop.run_in_executor(p, func, *args)
     except BrokenProcessPool:  # a pool process was killed (OOM, an operator): once more in a new one
         _forget(p)
     p = pool(settings)
     assert p is not None
     try:
-        return await loop.run_in_executor(p, ingest_zip, archive, dest, settings)
+        return await loop.run_in_executor(p, func, *args)
     except BrokenProcessPool as e:
         _forget(p)
         raise BadRequest(

@@ -28,6 +28,12 @@ class DatasetPublic(BaseModel):
 
     id: str
     name: str
+    task: Literal["classification", "segmentation"] = Field(
+        "classification",
+        description="classification: class folders of images; segmentation: image + index-mask pairs "
+        "(`classes`: the mask values' names, `class_counts`: frames each class appears in, "
+        "`num_images`: image + mask pairs)",
+    )
     status: str
     num_images: int
     classes: list[str]

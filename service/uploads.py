@@ -551,46 +551,74 @@ def _sniff(path: Path) -> str | None:
     return next((f"it is {what}" for magic, what in _MAGIC if head.startswith(magic)), None)
 
 
+def open_archive(archive: Path) -> zipfile.ZipFile:
+    """The upload as a zip, or a 400 saying what it looks like instead."""
+    try:
+        return zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as err:
+        raise BadRequest(
+            f"The upload is not a valid zip archive ({_sniff(archive) or err}); send a .zip file."
+        ) from err
+
+
+def read_entries(
+    zf: zipfile.ZipFile, settings: Settings
+) -> tuple[dict[tuple[str, ...], zipfile.ZipInfo], set[tuple[str, ...]]]:
+    """The archive's files by their path components, and its folders, after every check that
+    needs no decompression: limits, unsafe paths and file types, duplicate names, overlapping
+    data. Ignored files (``_is_ignored``) are left out; their folders are kept."""
+    infos = zf.infolist()
+    _check_limits(infos, settings)
+    entries: dict[tuple[str, ...], zipfile.ZipInfo] = {}
+    dirs: set[tuple[str, ...]] = set()
+    for info in infos:
+        parts = _check_entry(info)
+        if not parts:
+            continue
+        if _is_ignored(parts):
+            # the folder around an ignored file (``c/.DS_Store``) was still a folder of the dataset
+            keep = next(i for i, p in enumerate(parts) if _is_ignored(parts[: i + 1]))
+            if keep:
+                dirs.add(parts[:keep])
+            continue
+        if info.is_dir():
+            dirs.add(parts)
+        elif parts in entries:
+            first = entries[parts].filename
+            how = "" if first == info.filename else " (they differ only in separators or Unicode form)"
+            raise BadRequest(
+                f"Archive entries {first!r} and {info.filename!r} name the same file{how}; a dataset "
+                "can't hold two files at one path: re-create the zip."
+            )
+        else:
+            entries[parts] = info
+    _check_overlaps(infos)
+    return entries, dirs
+
+
+def _refuse_segmentation_layout(entries: dict[tuple[str, ...], zipfile.ZipInfo]) -> None:
+    """An images/ + masks/ archive sent as a classification dataset would become two classes
+    named "images" and "masks": say what to send instead."""
+    from service.segmentation_uploads import looks_like_segmentation  # it builds on this module
+
+    if looks_like_segmentation(entries):
+        raise Invalid(
+            "The archive holds images/ and masks/ folders: a segmentation dataset. Send it with the form "
+            "field `task=segmentation` (e.g. `curl -F task=segmentation -F file=@dataset.zip ...`)."
+        )
+
+
 def ingest_zip(archive: Path, dest: Path, settings: Settings) -> IngestedDataset:
     """Validate ``archive`` and extract it to ``dest/images/<class>/<file>`` (``dest`` must not exist).
 
     ``dest`` appears (by atomic rename) only when every check passed; on any error nothing is left.
     """
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
-    try:
-        zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as err:
-        raise BadRequest(
-            f"The upload is not a valid zip archive ({_sniff(archive) or err}); send a .zip file."
-        ) from err
+    zf = open_archive(archive)
     staging = dest.parent / f".staging-{dest.name}"
     with zf:
-        infos = zf.infolist()
-        _check_limits(infos, settings)
-        entries: dict[tuple[str, ...], zipfile.ZipInfo] = {}
-        dirs: set[tuple[str, ...]] = set()
-        for info in infos:
-            parts = _check_entry(info)
-            if not parts:
-                continue
-            if _is_ignored(parts):
-                # the folder around an ignored file (``c/.DS_Store``) was still a folder of the dataset
-                keep = next(i for i, p in enumerate(parts) if _is_ignored(parts[: i + 1]))
-                if keep:
-                    dirs.add(parts[:keep])
-                continue
-            if info.is_dir():
-                dirs.add(parts)
-            elif parts in entries:
-                first = entries[parts].filename
-                how = "" if first == info.filename else " (they differ only in separators or Unicode form)"
-                raise BadRequest(
-                    f"Archive entries {first!r} and {info.filename!r} name the same file{how}; a dataset "
-                    "can't hold two files at one path: re-create the zip."
-                )
-            else:
-                entries[parts] = info
-        _check_overlaps(infos)
+        entries, dirs = read_entries(zf, settings)
+        _refuse_segmentation_layout(entries)
         by_class = _read_layout(zf, entries, dirs)
         empty = sorted(c for c, items in by_class.items() if not items)
         if empty:

@@ -141,13 +141,15 @@ class ApiKey(Base):
 
 
 class Dataset(Base):
-    """A labeled image dataset uploaded by a tenant."""
+    """A labeled image dataset uploaded by a tenant: class folders, or image + mask pairs."""
 
     __tablename__ = "datasets"
 
     id: Mapped[str] = _id_column()
     tenant_id: Mapped[str] = _tenant_fk()
     name: Mapped[str] = mapped_column(String(200))
+    # classification (image folders) or segmentation (images/ + masks/ + classes.json)
+    task: Mapped[str] = mapped_column(String(16), default="classification", server_default="classification")
     status: Mapped[str] = mapped_column(String(16), default="uploading")
     num_images: Mapped[int] = mapped_column(Integer, default=0)
     classes: Mapped[list[Any]] = mapped_column(JSON, default=list)

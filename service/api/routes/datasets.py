@@ -1,4 +1,5 @@
-"""``/v1/datasets``: upload a labeled image zip, list, read, delete."""
+"""``/v1/datasets``: upload a labeled image zip (class folders, or images + masks for
+segmentation), list, read, delete."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from service.uploads import ReceivedUpload, receive_upload
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
+TASKS = ("classification", "segmentation")
+
 # The body is parsed by hand (streamed to disk), so describe it for the OpenAPI docs.
 _UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
@@ -41,6 +44,27 @@ _UPLOAD_BODY: dict[str, Any] = {
                             "folder), or flat images plus `labels.csv` with columns `path,label`.",
                         },
                         "name": {"type": "string", "maxLength": 200, "description": "Dataset name."},
+                        "task": {
+                            "type": "string",
+                            "enum": list(TASKS),
+                            "default": "classification",
+                            "description": "`segmentation`: the zip holds `images/<path>.jpg|png` and "
+                            "`masks/<path>.png` (single-channel index masks, same path and stem) and "
+                            '`classes.json` (`{"classes": [...], "void_index": 255}`) or the fields '
+                            "`classes` / `void_index`.",
+                        },
+                        "classes": {
+                            "type": "string",
+                            "description": "Segmentation only, without classes.json: the class names "
+                            "(mask value 0, 1, ...), a JSON list or comma-separated.",
+                        },
+                        "void_index": {
+                            "type": "integer",
+                            "minimum": 0,
+                            "maximum": 255,
+                            "description": "Segmentation only, with `classes`: the mask value that marks "
+                            "unlabeled pixels.",
+                        },
                     },
                 }
             }
@@ -76,10 +100,28 @@ async def create_dataset(
     request: Request, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
 ) -> Dataset:
     """Upload a zip of labeled images; it is validated, every image decoded, and stored. 413 when
-    the images would take the tenant's datasets past its storage quota (nothing is kept)."""
+    the images would take the tenant's datasets past its storage quota (nothing is kept).
+    `task=segmentation`: images + index masks, each mask checked against its image (size, values;
+    a colour mask is refused), 422 naming the file."""
     await run_in_threadpool(quotas.refuse_if_storage_full, session, settings, tenant)
     upload = await receive_upload(request, settings)
     return await store_dataset(session, settings, tenant, upload)
+
+
+def upload_task(upload: ReceivedUpload) -> str:
+    """The upload's ``task`` form field (default ``classification``); 422 for another value, or
+    for segmentation fields on a classification upload."""
+    task = (upload.fields.get("task") or "classification").strip() or "classification"
+    if task not in TASKS:
+        raise Invalid(f"Form field `task` is {task[:40]!r}; use one of: {', '.join(TASKS)}.")
+    if task == "classification":
+        given = [f for f in ("classes", "void_index") if (upload.fields.get(f) or "").strip()]
+        if given:
+            raise Invalid(
+                f"Form field(s) {', '.join(f'`{f}`' for f in given)} only apply to `task=segmentation` "
+                "(a classification dataset's classes are its folders): add `task=segmentation` or remove them."
+            )
+    return task
 
 
 async def store_dataset(
@@ -92,15 +134,17 @@ async def store_dataset(
         name = upload.name or name_from_filename(upload.filename) or "dataset"
         if len(name) > 200:
             raise Invalid("`name` is longer than 200 characters; choose a shorter dataset name.")
+        task = upload_task(upload)
         dataset_id = new_id()
         dest = storage.dataset_dir(settings.data_dir, tenant.id, dataset_id)
-        ingested = await ingest(upload.path, dest, settings)
+        ingested = await ingest(upload.path, dest, settings, task=task, fields=upload.fields)
     finally:
         upload.path.unlink(missing_ok=True)
     dataset = Dataset(
         id=dataset_id,
         tenant_id=tenant.id,
         name=name,
+        task=task,
         status="ready",
         num_images=ingested.num_images,
         classes=ingested.classes,
