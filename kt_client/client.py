@@ -131,8 +131,10 @@ class _Multipart:
             yield chunk
 
 
-def _multipart(path: Path, name: str | None, filename: str) -> _Multipart:
+def _multipart(path: Path, name: str | None, filename: str, task: str | None = None) -> _Multipart:
     fields = {"name": name} if name else {}
+    if task:
+        fields["task"] = task
     return _Multipart(path=path, filename=filename, fields=fields, boundary=uuid.uuid4().hex)
 
 
@@ -328,12 +330,17 @@ class Datasets:
         self._c = client
 
     def upload(
-        self, path: str | os.PathLike[str], name: str | None = None, progress: ProgressCallback | None = None
+        self,
+        path: str | os.PathLike[str],
+        name: str | None = None,
+        progress: ProgressCallback | None = None,
+        task: str | None = None,
     ) -> dict[str, Any]:
-        """Upload a .zip, or a folder of class folders (zipped on the fly to a temp file)."""
+        """Upload a .zip, or a folder of class folders (zipped on the fly to a temp file);
+        ``task="segmentation"``: images/ + masks/ + classes.json (docs/uploads.md)."""
         src = Path(path).expanduser()
         with upload_file(src) as zip_path:
-            form = _multipart(zip_path, name, src.name if src.suffix == ".zip" else f"{src.name}.zip")
+            form = _multipart(zip_path, name, src.name if src.suffix == ".zip" else f"{src.name}.zip", task)
             resp = self._c.request(
                 "POST", "/datasets", body=lambda: form.chunks(progress), headers=form.headers
             )

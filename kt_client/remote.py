@@ -261,6 +261,10 @@ datasets_app = typer.Typer(
 def datasets_upload(
     path: Annotated[Path, typer.Argument(help="A folder of class folders of images, or a .zip of one.")],
     name: Annotated[str | None, typer.Option(help="Dataset name (default: the file name).")] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="classification (default) or segmentation (images/ + masks/ + classes.json)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Upload a labeled dataset (a folder is zipped on the fly), with a progress bar."""
@@ -280,17 +284,18 @@ def datasets_upload(
             transient=as_json,
         ) as bar,
     ):
-        task = bar.add_task("upload", total=None)
+        shown = bar.add_task("upload", total=None)
 
         def progress(sent: int, total: int) -> None:
-            bar.update(task, completed=sent, total=total)
+            bar.update(shown, completed=sent, total=total)
 
-        dataset = client.datasets.upload(path, name=name, progress=progress)
+        dataset = client.datasets.upload(path, name=name, progress=progress, task=task)
     if as_json:
         _print_json(dataset)
     else:
         counts = ", ".join(f"{k}: {v}" for k, v in dataset["class_counts"].items())
-        typer.echo(f"Dataset {dataset['id']} ({dataset['name']}): {dataset['num_images']} images; {counts}")
+        what = "image + mask pairs" if dataset.get("task") == "segmentation" else "images"
+        typer.echo(f"Dataset {dataset['id']} ({dataset['name']}): {dataset['num_images']} {what}; {counts}")
 
 
 @datasets_app.command("list")

@@ -82,6 +82,8 @@ def model_costs(cfg: TrainConfig) -> dict[str, float]:
     """Seconds per image of a teacher and a student pass on this worker (``kt_train.costs``), for
     the ETA; only for a run that trains both."""
     stages = set(pipeline.run_order(cfg.stages))
+    if cfg.task != "classification":  # kt_train.costs measures classifiers' passes
+        return {}
     if not stages & {"distill", "finetune_student"} or not stages & {"finetune_teacher", "curate"}:
         return {}
     return measure_model_costs(cfg)
@@ -502,6 +504,7 @@ def _run_stages(
     )
     inputs: dict[str, Any] = {}
     results: dict[str, dict[str, Any]] = {}
+    funcs = pipeline.stage_funcs(cfg)  # the task's stages (kt_train.tasks for segmentation)
     for name in order:
         resumed = (out_root / name / SUCCESS).is_file()
         if where is not None:
@@ -509,7 +512,7 @@ def _run_stages(
         joblog.write(f"stage {name}: " + ("done by an earlier attempt, reusing it" if resumed else "started"))
         reporter.begin_stage(name)
         t0 = time.perf_counter()
-        res = pipeline.STAGE_FUNCS[name](cfg, dict(inputs), out_root / name, reporter)
+        res = funcs[name](cfg, dict(inputs), out_root / name, reporter)
         # a stage finished by an earlier attempt returns at once: keep the time it really took
         timings.setdefault(name, round(time.perf_counter() - t0, 2))
         results[name] = res
@@ -617,9 +620,18 @@ def _warnings(name: str, res: dict[str, Any]) -> list[str]:
         return []
     return [
         f"export format {fmt} was left out: {reason}; the model keeps the formats that passed "
-        f"({', '.join(pipeline.exported_formats(res))})"
+        f"({', '.join(_exported_files(res))})"
         for fmt, reason in (res.get("failed_formats") or {}).items()
     ]
+
+
+def _exported_files(export: dict[str, Any]) -> dict[str, str]:
+    """Format -> path of an export stage's outputs: a path per format (classification), or the
+    card's ``files`` relative to it (segmentation: ``kt_train.tasks.segmentation_stages.export``)."""
+    if isinstance(export.get("files"), dict) and export.get("card"):
+        where = Path(export["card"]).parent
+        return {fmt: str(where / rel) for fmt, rel in export["files"].items() if fmt != "checkpoint" and rel}
+    return {k: str(export[k]) for k in pipeline.exported_formats(export) if export.get(k)}
 
 
 def _collect(results: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
@@ -629,7 +641,10 @@ def _collect(results: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[s
         if results.get(name, {}).get("metrics"):
             metrics[f"{name}_val"] = results[name]["metrics"]
     ev = results.get("evaluate", {})
-    if ev.get("metrics"):
+    if isinstance(ev.get("metrics"), dict):  # segmentation: the metrics themselves (mIoU, per class)
+        for k, v in ev["metrics"].items():
+            metrics[k] = {m: x for m, x in v.items() if m != "confusion"} if isinstance(v, dict) else v
+    elif ev.get("metrics"):
         metrics["test"] = json.loads(Path(ev["metrics"]).read_text())
         for k, v in ev.items():
             if k.endswith("_top1"):
@@ -638,7 +653,7 @@ def _collect(results: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[s
     warnings = [w for name, res in results.items() for w in _warnings(name, res)]
     if warnings:
         metrics["warnings"] = warnings
-    files = {k: str(export[k]) for k in (*pipeline.exported_formats(export), "card") if export.get(k)}
+    files = {**_exported_files(export), **({"card": str(export["card"])} if export.get("card") else {})}
     card: dict[str, Any] = {}
     if files.get("card") and Path(files["card"]).is_file():
         card = json.loads(Path(files["card"]).read_text())

@@ -217,6 +217,8 @@ def build_pipeline_config(
     overrides, and the task (models, data, stages). 404/409 for unusable references, 422 for a
     combination the worker would refuse (checked here with the worker's own validation)."""
     train = owned_dataset(session, tenant, body.dataset_id)
+    if train.task == "segmentation":
+        return build_segmentation_config(session, settings, tenant, body, train)
     if len(train.classes or []) < 2:
         raise Invalid(f"Dataset {train.id!r} has fewer than two classes; a classifier needs at least two.")
     images = dataset_images(settings, train)
@@ -224,6 +226,11 @@ def build_pipeline_config(
     stages = list(PIPELINE_STAGES)
     if body.test_dataset_id is not None:
         test = owned_dataset(session, tenant, body.test_dataset_id, what="Test dataset")
+        if test.task != train.task:
+            raise Invalid(
+                f"Test dataset {test.id!r} is a {test.task} dataset and the training dataset a {train.task} "
+                "one; give a test dataset of the same task."
+            )
         unknown = sorted(set(test.classes or []) - set(train.classes or []))
         if unknown:
             raise Invalid(f"Test dataset has classes the training dataset lacks: {', '.join(unknown[:20])}.")
@@ -272,6 +279,86 @@ def build_pipeline_config(
     registry.resolve_teacher(session, settings, tenant, config["teacher"])  # a registered spec -> its file
     if "curate" not in stages:
         config.pop("curate", None)  # the recipe's curation knobs would only confuse a reader
+    try:
+        parse_config(config, source="for this job")
+    except ConfigError as err:
+        raise Invalid(f"{err} (fix the request's matching field)") from err
+    return config
+
+
+SEGMENTATION_FORMATS = ("safetensors", "onnx")
+
+
+def build_segmentation_config(
+    session: Session, settings: Settings, tenant: Tenant, body: JobCreate, train: Dataset
+) -> dict[str, Any]:
+    """The ``TrainConfig`` of a job on a segmentation dataset (``task: segmentation``,
+    ``kt_train.tasks.segmentation_stages``): the teacher finetuned on the image + mask pairs, the
+    student distilled on the training dataset's own frames (``data.transfer``: its ``images/``;
+    neither a gallery nor a transfer set yet), finetuned, exported (safetensors, ONNX) and
+    evaluated (mIoU) on the test dataset when one is given. The input size follows the frames
+    (``kt_train``: the first frame scaled to a longer side <= 320 px), so the image-size fields
+    are refused, as are the curation knobs."""
+    if body.gallery_id is not None or body.transfer_set_size is not None or _set_fields(body.recipe.curate):
+        raise Invalid(
+            "crop-level retrieval for segmentation is not available yet: a segmentation job can't curate "
+            "from a gallery; remove `gallery_id` (and the curation knobs): the student distills on the "
+            "training dataset's frames."
+        )
+    if body.transfer_set_id is not None:
+        raise Invalid(
+            "Transfer sets are curated for classification; a segmentation job distills on its training "
+            "dataset's frames: remove `transfer_set_id`."
+        )
+    sizes = [
+        f for f in ("image_size", "teacher_image_size", "student_image_size") if getattr(body, f) is not None
+    ]
+    if sizes:
+        raise Invalid(
+            f"{', '.join(f'`{f}`' for f in sizes)} don't apply to a segmentation job: its input size follows "
+            "its frames (the first frame scaled to a longer side of at most 320 px); remove them."
+        )
+    formats = [f for f in body.export_formats if f in SEGMENTATION_FORMATS]
+    if not formats:
+        raise Invalid(
+            f"A segmentation model is exported as {' or '.join(SEGMENTATION_FORMATS)}; "
+            f"`export_formats` {list(body.export_formats)} has neither."
+        )
+    root = storage.dataset_dir(settings.data_dir, train.tenant_id, train.id)
+    data: dict[str, Any] = {"train": {"path": str(root)}, "transfer": {"path": str(root / "images")}}
+    stages = ["finetune_teacher", "distill", "finetune_student", "export", "evaluate"]
+    if body.test_dataset_id is not None:
+        test = owned_dataset(session, tenant, body.test_dataset_id, what="Test dataset")
+        if test.task != "segmentation":
+            raise Invalid(
+                f"Test dataset {test.id!r} is a {test.task} dataset; a segmentation job is tested on a "
+                "segmentation dataset with the same classes."
+            )
+        if list(test.classes or []) != list(train.classes or []):
+            raise Invalid(
+                f"Test dataset {test.id!r} has the classes {test.classes} and the training dataset "
+                f"{train.classes}; their masks' values must mean the same classes, in the same order."
+            )
+        data["test"] = {"path": str(storage.dataset_dir(settings.data_dir, test.tenant_id, test.id))}
+    else:
+        stages.remove("evaluate")
+    if not body.recipe.finetune_student.enabled:
+        stages.remove("finetune_student")
+    task = {
+        "task": "segmentation",
+        "seed": body.seed,
+        "stages": stages,
+        "teacher": {"model": body.teacher},
+        "student": {"model": body.student},
+        "data": data,
+        "export": {"formats": formats},
+        "device": body.device,
+    }
+    overrides = _unset_removed(_overrides(body))
+    overrides.pop("curate", None)
+    config = merge(merge(recipe(body.budget), overrides), _unset_removed(task))
+    config.pop("curate", None)
+    registry.resolve_teacher(session, settings, tenant, config["teacher"])
     try:
         parse_config(config, source="for this job")
     except ConfigError as err:

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from kt_train.recipe import DEFAULT_BUDGET, merge, recipe
 from service import registry
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep
-from service.api.errors import Conflict, NotFound
+from service.api.errors import Conflict, Invalid, NotFound
 from service.api.routes.jobs import dataset_images, get_gallery, job_dir, owned_dataset, submit_job
 from service.db.models import Job, Tenant, TransferSet, new_id
 from service.redact import public_copy, session_redactor
@@ -129,6 +129,11 @@ def create_transfer_set(
 ) -> TransferSet:
     """Queue the curation of a transfer set; poll `GET /v1/transfer-sets/{id}` until it is ready."""
     dataset = owned_dataset(session, tenant, body.dataset_id)
+    if dataset.task == "segmentation":
+        raise Invalid(
+            "crop-level retrieval for segmentation is not available yet: transfer sets are curated for "
+            "classification datasets; a segmentation job distills on its training dataset's frames."
+        )
     gallery = get_gallery(session, body.gallery_id)
     base = recipe(DEFAULT_BUDGET)
     curate = merge(
