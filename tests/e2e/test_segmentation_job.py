@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,13 +59,34 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str,
         stop_serve(proc)
 
 
-def test_a_segmentation_job_trains_registers_and_serves_its_onnx_model(served: tuple[str, str, Path]) -> None:
+def test_a_segmentation_job_trains_registers_and_serves_its_onnx_model(
+    served: tuple[str, str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import onnxruntime as ort
+    from typer.testing import CliRunner
+
+    from kt_client.cli import app
 
     url, key, log = served
+    for name in [k for k in os.environ if k.startswith("KT_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("KT_API_URL", url)
+    monkeypatch.setenv("KT_API_KEY", key)
+    monkeypatch.setenv("KT_CONFIG_DIR", str(tmp_path / "config"))
+    # the training set from a folder, by `kt datasets upload --task segmentation` (zipped on the fly)
+    with zipfile.ZipFile(io.BytesIO(segmentation_zip(6, 0))) as zf:
+        zf.extractall(tmp_path / "train")
+    runner = CliRunner()
+    res = runner.invoke(
+        app, ["datasets", "upload", str(tmp_path / "train" / "scenes"), "--task", "segmentation", "--json"]
+    )
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    ids = {"train": json.loads(res.stdout)["id"]}
+    listed = runner.invoke(app, ["datasets", "list"])
+    assert listed.exit_code == 0 and "segmentation" in listed.stdout, listed.stdout
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as client:
-        ids = {}
-        for name, n, seed in (("train", 6, 0), ("test", 3, 1)):
+        assert client.get(f"/v1/datasets/{ids['train']}").json()["num_images"] == 6
+        for name, n, seed in (("test", 3, 1),):
             created = client.post(
                 "/v1/datasets",
                 files={"file": (f"{name}.zip", segmentation_zip(n, seed), "application/zip")},
