@@ -234,6 +234,7 @@ def _datasets(n: int) -> list[dict[str, Any]]:
         {
             "id": _id(),
             "name": f"eurosat_10shot_training_split_{i}",
+            "task": "classification",
             "num_images": 1000 + i,
             "created_at": "2024-05-01T12:34:56.123456+00:00",
             "classes": ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "SeaLake"],
@@ -283,9 +284,12 @@ def test_tables_keep_every_id_whole_and_no_column_empty(
                 assert any(row[key] in line for line in lines), (command, key, res.stdout)  # whole
     if columns == 120:  # wide enough for every column of a dataset
         header = next(line for line in kt("datasets", "list").stdout.splitlines() if line.startswith("┃"))
-        assert all(f" {c} " in header for c in ("id", "name", "num_images", "created_at", "classes"))
+        assert all(f" {c} " in header for c in ("id", "name", "task", "num_images", "created_at", "classes"))
     if columns == 80:  # the left-out columns are named
-        assert "left out at this width: classes" in kt("datasets", "list").stdout
+        note = next(
+            line for line in kt("datasets", "list").stdout.splitlines() if "left out at this width:" in line
+        )
+        assert "classes" in note, note
 
 
 def test_show_prints_nested_values_as_key_value_lines(fake_server: Any, monkeypatch: Any) -> None:
