@@ -84,6 +84,28 @@ def cancel_left_over(db: object, world: World, before: set[str]) -> None:
         s.commit()
 
 
+def test_upload_form_takes_a_segmentation_dataset(world: World, client: TestClient, db: object) -> None:
+    from tests.service.test_api import make_zip
+    from tests.service.test_segmentation_uploads import CLASSES, seg_files
+
+    login(client, world.key)
+    token = form_token(client, "/ui/datasets")
+    assert '<option value="segmentation">' in client.get("/ui/datasets").text
+    r = client.post(
+        "/ui/datasets",
+        data={"csrf": token, "name": "scenes", "task": "segmentation"},
+        files={"file": ("scenes.zip", make_zip(seg_files(2)), "application/zip")},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303, r.text
+    dataset_id = r.headers["location"].rsplit("/", 1)[-1]
+    with db() as s:  # type: ignore[operator]
+        ds = s.get(Dataset, dataset_id)
+        assert ds is not None and ds.task == "segmentation" and ds.classes == CLASSES and ds.num_images == 2
+    row = re.search(rf'<tr data-dataset="{dataset_id}">.*?</tr>', client.get("/ui/datasets").text, re.S)
+    assert row is not None and '<span class="badge">segmentation</span>' in row.group(0)
+
+
 def test_upload_form_stores_the_dataset_as_the_api_does(world: World, client: TestClient, db: object) -> None:
     login(client, world.key)
     token = form_token(client, "/ui/datasets")
