@@ -104,6 +104,8 @@ def test_upload_form_takes_a_segmentation_dataset(world: World, client: TestClie
         assert ds is not None and ds.task == "segmentation" and ds.classes == CLASSES and ds.num_images == 2
     row = re.search(rf'<tr data-dataset="{dataset_id}">.*?</tr>', client.get("/ui/datasets").text, re.S)
     assert row is not None and '<span class="badge">segmentation</span>' in row.group(0)
+    page = client.get(r.headers["location"])
+    assert page.status_code == 200 and '<dd id="ds-images">2</dd>' in page.text, page.text[:500]
 
 
 def test_upload_form_stores_the_dataset_as_the_api_does(world: World, client: TestClient, db: object) -> None:
