@@ -246,7 +246,16 @@ def test_placeholder_secret_refused_in_production(secret: str, monkeypatch: pyte
 
 # kt_train's pure-Python modules the API may import: the recipe and the config schema it validates
 # a job's config with at submit (pydantic + yaml, no torch).
-SERVICE_KT_TRAIN_MODULES = {"kt_train", "kt_train.config", "kt_train.errors", "kt_train.recipe"}
+# the pure-Python modules of kt_train the service reads (recipe, config schema, spec grammar, the
+# export formats' refusals); anything else would be a sign of torch creeping in
+SERVICE_KT_TRAIN_MODULES = {
+    "kt_train",
+    "kt_train.config",
+    "kt_train.errors",
+    "kt_train.recipe",
+    "kt_train.formats",
+    "kt_train.specs",
+}
 
 
 def test_service_does_not_import_torch() -> None:
