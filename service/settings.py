@@ -82,7 +82,10 @@ class Settings(BaseSettings):
         "would otherwise wait behind (service.ingest).",
     )
     ingest_nice: int = Field(
-        default=10, ge=0, le=19, description="CPU niceness of the ingest processes: the API's requests go first."
+        default=10,
+        ge=0,
+        le=19,
+        description="CPU niceness of the ingest processes: the API's requests go first.",
     )
     worker_nice: int = Field(
         default=10,
