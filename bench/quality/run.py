@@ -376,8 +376,20 @@ def git_commit() -> str:
         return "unknown"
 
 
+# Sections of the result file that other tools write (bench/quality/service_run.py): kept on rewrite.
+FOREIGN_SECTIONS = ("service_run",)
+
+
 def write_results(result: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.with_suffix(".json").is_file():
+        try:
+            before = json.loads(out.with_suffix(".json").read_text())
+        except ValueError:
+            before = {}
+        for key in FOREIGN_SECTIONS:
+            if key in before and key not in result:
+                result[key] = before[key]
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     arms = result["arms"]
     lines = [
