@@ -564,7 +564,11 @@ def main() -> None:
         finally:
             engine.dispose()
 
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KT_")}
+        # the service's own settings come from here, except the CPU-sharing knobs, which an A/B run
+        # sets from outside (KT_INGEST_PROCESSES=0 KT_WORKER_NICE=0: the API validates uploads
+        # itself and the workers run at its priority)
+        passed = ("KT_INGEST_PROCESSES", "KT_INGEST_NICE", "KT_WORKER_NICE")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KT_") or k in passed}
         env.update(
             PYTHONUNBUFFERED="1",
             KT_DATABASE_URL=db_url,
@@ -575,6 +579,9 @@ def main() -> None:
         )
         mixed_env = dict(env)  # the mixed phase: the default rate limit
         env["KT_RATE_LIMIT_PER_MIN"] = str(1_000_000)  # one key at 200 req/s: on the path, never limiting
+        # its submits all stay queued (no worker in the standard phases): the per-tenant quota
+        # (KT_MAX_QUEUED_JOBS_PER_TENANT, 20) on the path, never refusing
+        env["KT_MAX_QUEUED_JOBS_PER_TENANT"] = str(1_000_000)
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         cmd = [
