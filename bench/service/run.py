@@ -567,7 +567,7 @@ def main() -> None:
         # the service's own settings come from here, except the CPU-sharing knobs, which an A/B run
         # sets from outside (KT_INGEST_PROCESSES=0 KT_WORKER_NICE=0: the API validates uploads
         # itself and the workers run at its priority)
-        passed = ("KT_INGEST_PROCESSES", "KT_INGEST_NICE", "KT_WORKER_NICE")
+        passed = ("KT_INGEST_PROCESSES", "KT_INGEST_NICE", "KT_WORKER_NICE", "KT_WEBHOOK_POLL_INTERVAL_S")
         env = {k: v for k, v in os.environ.items() if not k.startswith("KT_") or k in passed}
         env.update(
             PYTHONUNBUFFERED="1",
