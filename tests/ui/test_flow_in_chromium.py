@@ -21,7 +21,6 @@ from service.admin import create_tenant_key, register_gallery
 from service.db.models import Job
 from service.db.session import init_db, make_engine, make_session_factory
 from service.demo import CLASSES, embedded_server, free_port, write_zip
-from service.settings import Settings
 from tests.browser import chromium
 from tests.conftest import VENV_BIN
 from tests.ui.conftest import GALLERY_ENCODER
@@ -29,6 +28,13 @@ from tests.ui.test_ui import ALL_IMAGES_LOADED, save_screenshot, wait_for
 
 TEACHER, STUDENT = "timm:test_vit", "timm:test_efficientnet"
 JOB_TIMEOUT_S = 420  # a 2-core machine that is busy with other work
+
+
+def _database_url(data_dir: Path) -> str:
+    """The embedded server's database: its data dir's SQLite file. Named here, not read from
+    ``Settings()``, which would take a ``KT_DATABASE_URL`` left in this process's environment by
+    another test, while the server (whose KT_ variables are stripped) uses the data dir's."""
+    return f"sqlite:///{data_dir.resolve() / 'kt.db'}"
 
 
 def _prepare(root: Path) -> tuple[Path, str, str]:
@@ -44,7 +50,7 @@ def _prepare(root: Path) -> tuple[Path, str, str]:
     build_gallery(
         [unlabeled["transfer"]], gallery_dir, encoder=GALLERY_ENCODER, image_size=32, index_kind="flat"
     )
-    url = Settings(data_dir=data_dir).database_url
+    url = _database_url(data_dir)
     init_db(url)
     engine = make_engine(url)
     with make_session_factory(engine)() as s:
@@ -56,7 +62,7 @@ def _prepare(root: Path) -> tuple[Path, str, str]:
 
 
 def _job_status(data_dir: Path, job_id: str) -> str:
-    engine = make_engine(Settings(data_dir=data_dir).database_url)
+    engine = make_engine(_database_url(data_dir))
     try:
         with make_session_factory(engine)() as s:
             job = s.get(Job, job_id)
