@@ -31,6 +31,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import IO
@@ -67,24 +68,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def resolve_settings(args: argparse.Namespace) -> Settings:
-    """Apply the command-line options as ``KT_*`` variables (so the workers see the same values)
-    and read the settings."""
+def resolve_settings(args: argparse.Namespace) -> tuple[Settings, dict[str, str]]:
+    """The settings with the command-line options applied, and the ``KT_*`` variables that pin
+    them for this server and its worker subprocesses (any working directory sees the same values).
+    ``os.environ`` is left as it was: ``main`` applies the variables only while it serves, so a
+    caller in the same process (``kt serve --print-env``, a test) is not left with them."""
+    env: dict[str, str] = {}
     if args.data_dir is not None:
-        os.environ["KT_DATA_DIR"] = str(Path(args.data_dir).expanduser().resolve())
+        env["KT_DATA_DIR"] = str(Path(args.data_dir).expanduser().resolve())
     if args.host is not None:
-        os.environ["KT_API_HOST"] = args.host
+        env["KT_API_HOST"] = args.host
     if args.port is not None:
-        os.environ["KT_API_PORT"] = str(args.port)
-    if args.workers > 0:  # /readyz: 503 while none of this server's workers is alive
-        os.environ.setdefault("KT_READY_MIN_WORKERS", "1")
-    settings = Settings()
-    # pin the resolved values so worker subprocesses (any working directory) use the same ones
-    os.environ["KT_DATA_DIR"] = str(settings.data_dir)
-    os.environ["KT_DATABASE_URL"] = settings.database_url
-    os.environ["KT_BROKER_URL"] = settings.broker_url
-    os.environ["KT_RESULT_BACKEND"] = settings.result_backend
-    return settings
+        env["KT_API_PORT"] = str(args.port)
+    if args.workers > 0 and "KT_READY_MIN_WORKERS" not in os.environ:
+        env["KT_READY_MIN_WORKERS"] = "1"  # /readyz: 503 while none of this server's workers is alive
+    with environ_applied(env):
+        settings = Settings()
+    env["KT_DATA_DIR"] = str(settings.data_dir)
+    env["KT_DATABASE_URL"] = settings.database_url
+    env["KT_BROKER_URL"] = settings.broker_url
+    env["KT_RESULT_BACKEND"] = settings.result_backend
+    return settings, env
+
+
+@contextlib.contextmanager
+def environ_applied(env: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``env`` set, restored on exit."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -313,11 +332,16 @@ def banner(settings: Settings, base_url: str, workers: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = resolve_settings(args)
+    settings, env = resolve_settings(args)
     if args.print_env:
         for name, value in settings_env(settings).items():
             print(f"{name}={value}")
         return 0
+    with environ_applied(env):  # the API (uvicorn's factory reads the settings) and the workers
+        return serve(args, settings)
+
+
+def serve(args: argparse.Namespace, settings: Settings) -> int:
 
     import uvicorn
 

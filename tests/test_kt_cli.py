@@ -23,9 +23,13 @@ def test_kt_lists_library_and_service_commands() -> None:
 
 
 def test_kt_serve_passes_its_options_through(tmp_path: Path) -> None:
+    kt_before = {k: v for k, v in os.environ.items() if k.startswith("KT_")}
     res = runner.invoke(app, ["serve", "--print-env", "--data-dir", str(tmp_path / "d"), "--port", "9"])
     assert res.exit_code == 0, res.output
     assert f"KT_DATA_DIR={tmp_path / 'd'}" in res.output and "KT_API_PORT=9" in res.output
+    # in-process, it leaves this process's environment as it was (a KT_DATABASE_URL or
+    # KT_BROKER_URL left behind pointed later tests' apps at this test's deleted files)
+    assert {k: v for k, v in os.environ.items() if k.startswith("KT_")} == kt_before
     bad = runner.invoke(app, ["serve", "--port", "notaport"])
     assert bad.exit_code != 0
 
