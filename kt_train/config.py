@@ -177,10 +177,19 @@ class DistillConfig(OptimConfig):
 
 
 class FinetuneStudentConfig(OptimConfig):
-    after_distillation: bool = Field(
+    after_distillation: bool | Literal["auto"] = Field(
         True,
         description="finetune a task-distilled student too; false keeps it as distilled (the labeled images "
-        "then train only a student from scratch or after task-agnostic distillation, whose head is untrained)",
+        "then train only a student from scratch or after task-agnostic distillation, whose head is untrained); "
+        "auto: finetune only if that scores higher on labeled images the finetune did not train on (data.val "
+        "when set, else a held-out slice of data.train: check_fraction)",
+    )
+    check_fraction: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="after_distillation auto without data.val: share of each class's labeled images held out "
+        "to compare the distilled and the finetuned student (classes with fewer than 3 images hold none out)",
     )
     norm_eval: bool = Field(
         False,

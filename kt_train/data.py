@@ -12,6 +12,7 @@ file offset between processes (which silently returns wrong bytes).
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -417,6 +418,14 @@ class ImageDataset(torch.utils.data.Dataset):
     def describe(self, i: int) -> str:
         it = self.items[i]
         return self.stores[it.shard].describe(it.key)
+
+    def subset(self, indices: Sequence[int]) -> ImageDataset:
+        """A view of items ``indices`` (in that order), sharing the stores and decoded images."""
+        view = copy.copy(self)
+        view.items = [self.items[i] for i in indices]
+        view._cache = [self._cache[i] for i in indices] if self._cache is not None else None
+        view.bad, view._bad_index, view._warned = [], set(), set()
+        return view
 
     # -- decoding ------------------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ from .models import (
     save_checkpoint,
     set_norm_eval,
 )
+from .progress import STUDENT_FINETUNE, STUDENT_FINETUNE_CHECK
 from .train import (
     LoopResult,
     Reporter,
@@ -727,45 +728,139 @@ def finetune_student(
         lineage["method"] = "scratch"
     student = _to_device(student, device, channels_last=_channels_last(cfg, device))
     fs = cfg.finetune_student
-    if lineage.get("method") == "task_oriented" and not fs.after_distillation:
-        # bench/quality/FINDINGS.md: after a long distillation every finetune on the few labeled
-        # images cost val_tune points (0.4-2.5), so the recipe keeps the distilled student
-        fs = fs.model_copy(update={"steps": 0})
-        lineage["finetune"] = "skipped: finetune_student.after_distillation is false"
     train = open_labeled(
         cfg.data.train, what="train", classes=classes, seed=cfg.seed, cache=cfg.data.cache_images
     )
     size = cfg.data.view_size or student.data_config.input_size
+    distilled = lineage.get("method") == "task_oriented"
 
-    def step(batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-        x, y = _views(batch, device), batch[1].to(device)
-        logits = student(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=fs.label_smoothing)
-        return loss, {"acc": (logits.argmax(-1) == y).float().mean().detach()}
+    def finetune(model: ImageClassifier, data: ImageDataset, ckpt: Path, task: str, steps: int) -> LoopResult:
+        def step(batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+            x, y = _views(batch, device), batch[1].to(device)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=fs.label_smoothing)
+            return loss, {"acc": (logits.argmax(-1) == y).float().mean().detach()}
 
-    def finetune_mode() -> None:
-        student.train()
-        if fs.norm_eval and inputs.get("student"):
-            set_norm_eval(student)
+        def finetune_mode() -> None:
+            model.train()
+            if fs.norm_eval and inputs.get("student"):
+                set_norm_eval(model)
 
-    loop = _fit(
-        cfg,
-        fs,
-        task="student finetune",
-        modules={"student": student},
-        groups=param_groups(student, fs.weight_decay),
-        step_fn=step,
-        dataset=with_transform(train, augment_for(fs, size)),
-        ckpt_path=out / "last.ckpt",
-        seed=cfg.seed + 2,
-        device=device,
-        reporter=reporter,
-        train_mode=finetune_mode,
-        lr=fs.lr if inputs.get("student") or fs.scratch_lr is None else fs.scratch_lr,
+        return _fit(
+            cfg,
+            fs.model_copy(update={"steps": steps}),
+            task=task,
+            modules={"student": model},
+            groups=param_groups(model, fs.weight_decay),
+            step_fn=step,
+            dataset=with_transform(data, augment_for(fs, size)),
+            ckpt_path=ckpt,
+            seed=cfg.seed + 2,
+            device=device,
+            reporter=reporter,
+            train_mode=finetune_mode,
+            lr=fs.lr if inputs.get("student") or fs.scratch_lr is None else fs.scratch_lr,
+        )
+
+    loops: dict[str, LoopResult] = {}
+    if distilled and fs.after_distillation == "auto":
+        student, loops, decision = _finetune_if_it_helps(cfg, out, student, train, classes, device, finetune)
+        lineage["finetune_check"] = decision
+        if not decision["finetune"]:
+            lineage["finetune"] = f"skipped: {decision['reason']}"
+    elif distilled and not fs.after_distillation:
+        # bench/quality/FINDINGS.md: after a long distillation on an in-domain transfer set every
+        # finetune on the few labeled images cost val_tune points (0.4-2.5); on an out-of-domain set
+        # it gained 17 (A3), which is what after_distillation "auto" decides per job
+        lineage["finetune"] = "skipped: finetune_student.after_distillation is false"
+        loops["finetune"] = finetune(student, train, out / "last.ckpt", STUDENT_FINETUNE, 0)
+    else:
+        loops["finetune"] = finetune(student, train, out / "last.ckpt", STUDENT_FINETUNE, fs.steps)
+    return _finish_student(cfg, out, student, classes, device, loops, lineage=lineage, bad=train.bad)
+
+
+def check_split(ds: ImageDataset, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (kept, held out) of a per-class split of ``ds``: ``round(fraction * n)`` of each
+    class's ``n`` images held out, at least one and always leaving two, for classes of 3 or more."""
+    by_class: dict[int, list[int]] = {}
+    for i, item in enumerate(ds.items):
+        by_class.setdefault(item.label, []).append(i)
+    rng = torch.Generator().manual_seed(seed)
+    kept: list[int] = []
+    held: list[int] = []
+    for label in sorted(by_class):
+        idx = by_class[label]
+        order = [idx[j] for j in torch.randperm(len(idx), generator=rng).tolist()]
+        n_held = min(max(1, round(fraction * len(idx))), len(idx) - 2) if len(idx) >= 3 else 0
+        held += order[:n_held]
+        kept += order[n_held:]
+    return sorted(kept), sorted(held)
+
+
+def _finetune_if_it_helps(
+    cfg: TrainConfig,
+    out: Path,
+    student: ImageClassifier,
+    train: ImageDataset,
+    classes: list[str],
+    device: torch.device,
+    finetune: Callable[[ImageClassifier, ImageDataset, Path, str, int], LoopResult],
+) -> tuple[ImageClassifier, dict[str, LoopResult], dict[str, Any]]:
+    """``finetune_student.after_distillation: auto``: the distilled student, or the one finetuned on
+    the labeled images if that scores higher (strictly) on labeled images its finetune did not see.
+    With data.val those are data.val, and the finetuned copy is the result. Without, a held-out slice
+    of data.train (``check_split``) judges a copy finetuned on the rest; if it wins, the distilled
+    student is finetuned on all the labeled images. A tie keeps the distilled student. The teacher
+    was finetuned on the held-out slice too, which can only favour the distilled student (whose
+    targets came from it): the check errs towards the recipe's default."""
+    fs = cfg.finetune_student
+    saved = out / "finetune_check.json"
+    loops: dict[str, LoopResult] = {}
+    decision: dict[str, Any] | None = json.loads(saved.read_text()) if saved.exists() else None
+    if cfg.data.val is not None:
+        judge = open_labeled(
+            cfg.data.val, what="val", classes=classes, seed=cfg.seed, cache=cfg.data.cache_images
+        )
+        tuned = copy.deepcopy(student)
+        loops["finetune"] = finetune(tuned, train, out / "last.ckpt", STUDENT_FINETUNE, fs.steps)
+        if decision is None:
+            decision = _compare(student, tuned, judge, device, on="data.val")
+            atomic_write_json(saved, decision)
+        return (tuned if decision["finetune"] else student), loops, decision
+    kept, held = check_split(train, fs.check_fraction, cfg.seed)
+    if decision is None and not held:
+        decision = {
+            "finetune": False,
+            "on": None,
+            "reason": "too few labeled images to check a finetune (a class needs 3 or more); kept as distilled",
+        }
+        atomic_write_json(saved, decision)
+    if decision is None:
+        probe = copy.deepcopy(student)
+        loops["finetune_check"] = finetune(
+            probe, train.subset(kept), out / "check.ckpt", STUDENT_FINETUNE_CHECK, fs.steps
+        )
+        decision = _compare(
+            student, probe, train.subset(held), device, on=f"{len(held)} held-out labeled images"
+        )
+        atomic_write_json(saved, decision)
+        del probe
+    loops["finetune"] = finetune(
+        student, train, out / "last.ckpt", STUDENT_FINETUNE, fs.steps if decision["finetune"] else 0
     )
-    return _finish_student(
-        cfg, out, student, classes, device, {"finetune": loop}, lineage=lineage, bad=train.bad
-    )
+    return student, loops, decision
+
+
+def _compare(
+    distilled: ImageClassifier, tuned: ImageClassifier, judge: ImageDataset, device: torch.device, *, on: str
+) -> dict[str, Any]:
+    before = evaluate_model(distilled, judge, device=device, batch_size=256)["top1"]
+    after = evaluate_model(tuned, judge, device=device, batch_size=256)["top1"]
+    better = after > before
+    verdict = "finetuned" if better else "kept as distilled"
+    reason = f"top-1 on {on}: distilled {before:.1f}, finetuned {after:.1f}; {verdict}"
+    log.info("finetune check: %s", reason)
+    return {"finetune": better, "on": on, "distilled_top1": before, "finetuned_top1": after, "reason": reason}
 
 
 def evaluate(

@@ -56,6 +56,7 @@ TEACHER_CACHE = "teacher cache"
 DISTILL = "distill"
 DISTILL_AGNOSTIC = "distill (task-agnostic)"
 STUDENT_FINETUNE = "student finetune"
+STUDENT_FINETUNE_CHECK = "student finetune check"  # after_distillation auto: a finetune on part of the labels
 EMBED = "embed"
 
 
@@ -367,7 +368,13 @@ def plan_phases(
             )
         elif stage == "finetune_student":
             fs = cfg.finetune_student
-            kept = "distill" in stages and cfg.distill.method == "task_oriented" and not fs.after_distillation
+            distilled = "distill" in stages and cfg.distill.method == "task_oriented"
+            if distilled and fs.after_distillation == "auto" and cfg.data.val is None:
+                # the check's finetune, then (planned; skipped if the check keeps the distilled one) the finetune
+                phases.append(
+                    Phase(STUDENT_FINETUNE_CHECK, fs.steps, fs.batch_size, TRAIN * s_pass, "student train", stage)
+                )
+            kept = distilled and not fs.after_distillation
             phases.append(
                 Phase(STUDENT_FINETUNE, 0 if kept else fs.steps, fs.batch_size, TRAIN * s_pass, "student train", stage)
             )

@@ -266,10 +266,11 @@ class FinetuneStudentRecipe(_Request):
     )
     steps: int | None = Field(None, ge=0, le=100_000, description="Finetuning steps." + _FROM_BUDGET)
     lr: float | None = Field(None, gt=0, le=1, description="Peak learning rate." + _FROM_BUDGET)
-    after_distillation: bool | None = Field(
+    after_distillation: bool | Literal["auto"] | None = Field(
         None,
         description="Finetune a task-distilled student too; `false` keeps it as distilled (the stage then "
-        "trains only a student without task distillation)." + _FROM_BUDGET,
+        "trains only a student without task distillation); `auto` finetunes only if that scores higher on "
+        "a held-out slice of the labeled images (the model's lineage records both scores)." + _FROM_BUDGET,
     )
 
 

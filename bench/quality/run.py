@@ -298,6 +298,9 @@ def run_seed(
             )
             row["test_acc"] = test_acc(f["checkpoint"], eval_ref, device)
             row["val_tune_acc"] = tune_acc(f["checkpoint"])
+            check = (load_checkpoint(f["checkpoint"])[1].get("lineage") or {}).get("finetune_check")
+            if check:  # finetune_student.after_distillation auto: what the job's own check chose
+                row["finetune_check"] = check
         row["wall_s"] = time.perf_counter() - t1 + (t_teacher if name in ("A3", "A4", "A5") else 0.0)
         res[arm] = row
         log.info(
@@ -327,6 +330,10 @@ def aggregate(per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, 
             vals = [r[key] for r in rows if r.get(key) is not None]
             if vals:
                 out[key] = round(statistics.mean(vals), 2)
+        checks = [r["finetune_check"] for r in rows if r.get("finetune_check")]
+        if checks:
+            out["finetune_check_per_seed"] = [c.get("reason") for c in checks]
+            out["finetuned_seeds"] = sum(bool(c.get("finetune")) for c in checks)
         if rows[0].get("per_class_fill"):
             out["per_class_fill_seed0"] = rows[0]["per_class_fill"]
         if any("distill_img_s" in r for r in rows):
@@ -413,6 +420,14 @@ def write_results(result: dict[str, Any], out: Path) -> None:
         lines.append(
             f"| {arm} | {da} | **{r['test_acc']:.2f} ± {r['test_acc_std']:.2f}** | {vt} | {r['wall_s']:.0f} | {r['what']} |"
         )
+    checked = {arm: r for arm, r in arms.items() if r.get("finetune_check_per_seed")}
+    if checked:
+        lines += ["", "The student finetune's check per seed (`finetune_student.after_distillation: auto`):", ""]
+        lines += [
+            f"- {arm}: finetuned in {r['finetuned_seeds']} of {len(r['finetune_check_per_seed'])} seeds: "
+            + "; ".join(r["finetune_check_per_seed"])
+            for arm, r in checked.items()
+        ]
     if result.get("merged_arms"):
         lines += [
             "",

@@ -583,3 +583,138 @@ def test_finished_inputs_feed_a_stage_run_alone(tmp_path: Path) -> None:
 def test_export_without_student_is_a_config_error(base: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="student"):
         pipeline.export(base["cfg"], {"teacher": base["teacher"]["checkpoint"]}, tmp_path / "ex")
+
+
+# --------------------------------------------------------------------------- finetune check (after_distillation auto)
+
+
+def test_check_split_holds_out_a_share_of_each_class_and_leaves_two() -> None:
+    from kt_train.data import Item
+
+    ds = type("DS", (), {})()
+    ds.items = [
+        Item(key=f"{c}{i}", label=c, shard=0) for c, n in enumerate([10, 5, 3, 2, 1]) for i in range(n)
+    ]
+    kept, held = pipeline.check_split(ds, 0.2, seed=0)  # type: ignore[arg-type]
+    assert sorted(kept + held) == list(range(len(ds.items))) and not set(kept) & set(held)
+    held_per_class = [sum(ds.items[i].label == c for i in held) for c in range(5)]
+    assert held_per_class == [2, 1, 1, 0, 0]  # round(0.2 n), at least 1, two left; none below 3 images
+    assert pipeline.check_split(ds, 0.2, seed=0) == (kept, held)  # the same split on a resume
+    assert pipeline.check_split(ds, 0.2, seed=1)[1] != held
+    _, most = pipeline.check_split(ds, 0.9, seed=0)
+    assert [sum(ds.items[i].label == c for i in most) for c in range(5)] == [8, 3, 1, 0, 0]
+
+
+def _weights_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_check_judges_on_held_out_labels_and_the_result_follows_it(
+    base: dict[str, Any], demo_data: dict[str, Path], tmp_path: Path
+) -> None:
+    from kt_train.evaluate import evaluate_model
+
+    distilled = base["distill"]["checkpoint"]
+    student, src = load_checkpoint(distilled)
+    cfg = _cfg(demo_data, tmp_path, finetune_student__steps=3, finetune_student__after_distillation="auto")
+    res = pipeline.finetune_student(cfg, {"student": distilled}, tmp_path / "auto")
+    assert_stage_contract(tmp_path / "auto", res)
+    decision = json.loads((tmp_path / "auto" / "finetune_check.json").read_text())
+    _, ckpt = load_checkpoint(res["checkpoint"])
+    assert ckpt["lineage"]["finetune_check"] == decision
+    # the recorded score of the distilled student is its top-1 on the held-out slice, recomputed
+    train = pipeline.open_labeled(cfg.data.train, what="train", classes=CLASSES)
+    _, held = pipeline.check_split(train, cfg.finetune_student.check_fraction, cfg.seed)
+    assert len(held) == NUM_CLASSES and decision["on"] == f"{len(held)} held-out labeled images"
+    recomputed = evaluate_model(student, train.subset(held), device=torch.device("cpu"))["top1"]
+    assert decision["distilled_top1"] == recomputed
+    assert decision["finetune"] == (decision["finetuned_top1"] > decision["distilled_top1"])
+    history = json.loads((tmp_path / "auto" / "history.json").read_text())
+    assert history["finetune_check"][-1]["step"] == 3  # the check's finetune ran on the rest
+    # kept: the distilled weights as they were; finetuned: changed
+    assert _weights_equal(src["state_dict"], ckpt["state_dict"]) == (not decision["finetune"])
+
+
+@pytest.mark.parametrize("helps", [True, False])
+def test_finetune_check_finetunes_on_all_labels_only_when_the_check_says_so(
+    base: dict[str, Any],
+    demo_data: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    helps: bool,
+) -> None:
+    seen: list[int] = []
+
+    def verdict(distilled: Any, tuned: Any, judge: Any, device: Any, *, on: str) -> dict[str, Any]:
+        seen.append(len(judge))
+        return {
+            "finetune": helps,
+            "on": on,
+            "reason": f"{'finetuned' if helps else 'kept as distilled'} (test)",
+        }
+
+    monkeypatch.setattr(pipeline, "_compare", verdict)
+    distilled = base["distill"]["checkpoint"]
+    _, src = load_checkpoint(distilled)
+    cfg = _cfg(demo_data, tmp_path, finetune_student__steps=3, finetune_student__after_distillation="auto")
+    out = tmp_path / "run"
+    res = pipeline.finetune_student(cfg, {"student": distilled}, out)
+    _, ckpt = load_checkpoint(res["checkpoint"])
+    assert seen == [NUM_CLASSES]
+    assert _weights_equal(src["state_dict"], ckpt["state_dict"]) == (not helps)
+    assert ckpt["lineage"].get("finetune", "").startswith("skipped") == (not helps)
+    history = json.loads((out / "history.json").read_text())
+    steps = [h["step"] for h in history["finetune"]]
+    assert (steps[-1] == 3) if helps else not steps
+    # a resumed stage (the decision on disk) does not check again
+    (out / "_SUCCESS").unlink()
+    monkeypatch.setattr(pipeline, "_compare", _boom)
+    again = pipeline.finetune_student(cfg, {"student": distilled}, out)
+    _, ckpt2 = load_checkpoint(again["checkpoint"])
+    assert _weights_equal(ckpt["state_dict"], ckpt2["state_dict"])
+
+
+def test_finetune_check_uses_data_val_when_given_and_keeps_the_finetuned_copy(
+    base: dict[str, Any], demo_data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    judged: list[int] = []
+    real = pipeline._compare
+
+    def spy(distilled: Any, tuned: Any, judge: Any, device: Any, *, on: str) -> dict[str, Any]:
+        judged.append(len(judge))
+        return {**real(distilled, tuned, judge, device, on=on), "finetune": True}
+
+    monkeypatch.setattr(pipeline, "_compare", spy)
+    distilled = base["distill"]["checkpoint"]
+    _, src = load_checkpoint(distilled)
+    cfg = _cfg(
+        demo_data,
+        tmp_path,
+        finetune_student__steps=3,
+        finetune_student__after_distillation="auto",
+        data__val={"path": str(demo_data["test"])},
+    )
+    res = pipeline.finetune_student(cfg, {"student": distilled}, tmp_path / "val")
+    assert judged == [TEST_PER_CLASS * NUM_CLASSES]  # judged on data.val, no labeled image held out
+    _, ckpt = load_checkpoint(res["checkpoint"])
+    assert ckpt["lineage"]["finetune_check"]["on"] == "data.val"
+    history = json.loads((tmp_path / "val" / "history.json").read_text())
+    assert "finetune_check" not in history and history["finetune"][-1]["step"] == 3
+    assert not _weights_equal(src["state_dict"], ckpt["state_dict"])
+
+
+def test_finetune_check_is_planned_as_its_own_phase(demo_data: dict[str, Path], tmp_path: Path) -> None:
+    from kt_train.progress import STUDENT_FINETUNE, STUDENT_FINETUNE_CHECK, plan_phases
+
+    def names(**overrides: Any) -> dict[str, float]:
+        return {
+            p.name: p.units
+            for p in plan_phases(_cfg(demo_data, tmp_path, finetune_student__steps=7, **overrides))
+        }
+
+    auto = names(finetune_student__after_distillation="auto")
+    assert auto[STUDENT_FINETUNE_CHECK] == 7 and auto[STUDENT_FINETUNE] == 7
+    assert STUDENT_FINETUNE_CHECK not in names(finetune_student__after_distillation=True)
+    assert STUDENT_FINETUNE_CHECK not in names(
+        finetune_student__after_distillation="auto", data__val={"path": str(demo_data["test"])}
+    )
