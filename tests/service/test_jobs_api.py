@@ -544,6 +544,19 @@ def test_per_job_recipe_overrides_land_in_the_config(japi: Api, tenant: dict[str
     assert cfg["curate"]["k_per_crop"] == fast["curate"]["k_per_crop"]
 
 
+def test_a_job_can_ask_for_the_checked_student_finetune(japi: Api, tenant: dict[str, Any]) -> None:
+    body = minimal_body(tenant["dataset"]["id"], gallery_id=tenant["gallery_id"], budget="fast")
+    _, cfg = submit_config(
+        japi, tenant["key"], {**body, "recipe": {"finetune_student": {"after_distillation": "auto"}}}
+    )
+    assert cfg["finetune_student"]["after_distillation"] == "auto"
+    with japi.client(tenant["key"]) as client:
+        bad = client.post(
+            "/v1/jobs", json={**body, "recipe": {"finetune_student": {"after_distillation": "maybe"}}}
+        )
+    assert bad.status_code == 422 and "after_distillation" in bad.text, bad.text
+
+
 def test_the_older_fields_still_work_and_agree_with_recipe(japi: Api, tenant: dict[str, Any]) -> None:
     body = job_body(
         tenant["dataset"]["id"],
