@@ -246,6 +246,7 @@ class Client(_Base):
         self.jobs = Jobs(self)
         self.models = Models(self)
         self.galleries = Galleries(self)
+        self.registered_models = RegisteredModels(self)
 
     def close(self) -> None:
         self._http.close()
@@ -518,6 +519,17 @@ class Galleries:
         return list(self._c.get_json("/galleries")["data"])
 
 
+class RegisteredModels:
+    """Teacher weights an operator registered (`kt admin register-model`) that you may name as a
+    teacher or gallery encoder: each row's ``spec`` (``timm:<arch>@registered:<name>``)."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def list(self, limit: int = 100, offset: int = 0) -> builtins.list[dict[str, Any]]:
+        return list(self._c.get_json("/registered-models", limit=limit, offset=offset)["data"])
+
+
 # --- async
 
 
@@ -551,6 +563,7 @@ class AsyncClient(_Base):
         self.jobs = AsyncJobs(self)
         self.models = AsyncModels(self)
         self.galleries = AsyncGalleries(self)
+        self.registered_models = AsyncRegisteredModels(self)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -743,6 +756,15 @@ class AsyncGalleries:
 
     async def list(self) -> builtins.list[dict[str, Any]]:
         return list((await self._c.get_json("/galleries"))["data"])
+
+
+class AsyncRegisteredModels:
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def list(self, limit: int = 100, offset: int = 0) -> builtins.list[dict[str, Any]]:
+        data = await self._c.get_json("/registered-models", limit=limit, offset=offset)
+        return list(data["data"])
 
 
 __all__ = ["TERMINAL", "APIError", "AsyncClient", "Client", "ServerUnreachable", "zip_directory"]

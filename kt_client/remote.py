@@ -79,6 +79,7 @@ _ROUTE_COMMANDS: list[tuple[str, str, str]] = [
     ("GET", rf"/v1/models/{_ID}", "kt models show {0}"),
     ("GET", rf"/v1/models/{_ID}/download", "kt models download {0}"),
     ("GET", r"/v1/galleries", "kt galleries list"),
+    ("GET", r"/v1/registered-models", "kt registered-models list"),
 ]
 _ROUTE_IN_TEXT = re.compile(
     r"(`?)\b(GET|POST|DELETE|PUT|PATCH) (/v1/[A-Za-z0-9_\-/{}]*[A-Za-z0-9_\-}](?:\?[A-Za-z0-9_=&]+)?)\1"
@@ -310,7 +311,7 @@ def datasets_list(as_json: JsonOpt = False) -> None:
             rows,
             ["id", "name", "task", "num_images", "created_at", "classes"],
             "datasets",
-            drop=("classes", "created_at"),
+            drop=("classes", "created_at", "task"),
         )
 
 
@@ -854,6 +855,31 @@ def galleries_list(as_json: JsonOpt = False) -> None:
         )
 
 
+registered_models_app = typer.Typer(
+    help="Teacher weights an operator registered (`kt admin register-model`) that you may use.",
+    no_args_is_help=True,
+)
+
+
+@registered_models_app.command("list")
+def registered_models_list(as_json: JsonOpt = False) -> None:
+    """The registered models you may name as a teacher (`kt jobs submit --teacher SPEC`) or gallery
+    encoder: the spec column, timm:<arch>@registered:<name>."""
+    with _client() as client:
+        rows = client.registered_models.list()
+    if as_json:
+        _print_json(rows)
+    elif not rows:
+        _stderr("No registered models; an operator adds one with `kt admin register-model NAME WEIGHTS`.")
+    else:
+        _table(
+            rows,
+            ["spec", "input_size", "norm_eval", "shared", "created_at"],
+            "registered models",
+            drop=("created_at", "shared", "norm_eval"),
+        )
+
+
 def add_remote_commands(app: typer.Typer) -> None:
     app.command("login")(login)
     app.command("logout")(logout)
@@ -862,3 +888,4 @@ def add_remote_commands(app: typer.Typer) -> None:
     app.add_typer(jobs_app, name="jobs")
     app.add_typer(models_app, name="models")
     app.add_typer(galleries_app, name="galleries")
+    app.add_typer(registered_models_app, name="registered-models")

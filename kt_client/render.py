@@ -1,8 +1,8 @@
 """How the ``kt`` commands print the server's JSON for people (``--json`` prints it as it is).
 
-- ``table``: a list of rows that fits the terminal: ids whole (they are copied into the next
-  command), other columns folded, and when even that does not fit, the least useful columns left
-  out (the caption says which).
+- ``table``: a list of rows that fits the terminal: ids and specs whole (they are copied into the
+  next command), other columns folded between words, and when even that does not fit, the least
+  useful columns left out (the caption says which).
 - ``record``: one object as field / value, nested values as indented ``key: value`` lines.
 """
 
@@ -20,9 +20,18 @@ from rich.text import Text
 MIN_TEXT = 10
 """The narrowest a folded column gets (a timestamp folds to its date over its time)."""
 
+MAX_WORD = 16
+"""A folded column is at least as wide as its longest word up to this many cells, so a name, a
+status or a task (``classification``) wraps between words, never inside one."""
+
 
 def is_id(column: str) -> bool:
-    return column == "id" or column.endswith("_id")
+    """Columns kept whole, never folded: ids and model specs, which are copied into the next command."""
+    return column == "id" or column.endswith("_id") or column == "spec"
+
+
+def _longest_word(cells: list[str]) -> int:
+    return max((cell_len(word) for cell in cells for word in cell.split()), default=0)
 
 
 def scalar(value: Any) -> str:
@@ -104,7 +113,12 @@ def table(
     the columns to leave out, first to last, while the others do not fit."""
     cells = {col: [_flat(row.get(col)) for row in rows] for col in columns}
     natural = {col: max([cell_len(col), *(cell_len(c) for c in cells[col])]) for col in columns}
-    minimum = {col: natural[col] if is_id(col) else min(natural[col], MIN_TEXT) for col in columns}
+    minimum = {
+        col: natural[col]
+        if is_id(col)
+        else min(natural[col], max(MIN_TEXT, min(MAX_WORD, _longest_word([col, *cells[col]]))))
+        for col in columns
+    }
 
     def overhead(n: int) -> int:  # "│ " + " │ " between + " │"
         return 3 * n + 1

@@ -426,9 +426,12 @@ def visible_model(session: Session, tenant: Tenant, name: str) -> RegisteredMode
     belongs to another tenant or does not exist (names don't leak)."""
     row = session.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
     if row is None or (row.tenant_id is not None and row.tenant_id != tenant.id):
+        visible = session.scalars(select(RegisteredModel.name).where(visible_to(tenant))).all()
+        close = difflib.get_close_matches(name, visible, n=1, cutoff=0.6)  # only names it may see
+        mean = f" (did you mean {close[0]!r}?)" if close else ""
         raise Invalid(
-            f"Unknown registered model {name!r}; `GET /v1/registered-models` lists the ones you may use "
-            "(an operator adds one with `kt admin register-model`)."
+            f"Unknown registered model {name!r}{mean}; `GET /v1/registered-models` lists the ones you may "
+            "use (an operator adds one with `kt admin register-model`)."
         )
     return row
 

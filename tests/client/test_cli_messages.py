@@ -198,8 +198,37 @@ def test_hints_name_kt_commands_instead_of_http_routes() -> None:
         cli_hint("retry it with POST /v1/jobs/ab12/retry once") == "retry it with `kt jobs retry ab12` once"
     )
     assert cli_hint("poll it with `GET /v1/jobs/{job_id}`.") == "poll it with `kt jobs show JOB_ID`."
+    assert cli_hint("`GET /v1/registered-models` lists them") == "`kt registered-models list` lists them"
     # a route with no `kt` command stays as it is
-    assert cli_hint("`GET /v1/registered-models` lists them") == "`GET /v1/registered-models` lists them"
+    assert cli_hint("`POST /v1/admin/galleries` builds one") == "`POST /v1/admin/galleries` builds one"
+
+
+def test_registered_models_list_shows_the_specs_to_name_as_a_teacher(
+    fake_server: Any, monkeypatch: Any
+) -> None:
+    rows = [
+        {
+            "id": _id(), "name": "proxy", "arch": "mobilenetv2_100", "spec": "timm:mobilenetv2_100@registered:proxy",
+            "norm_eval": True, "input_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3, "bytes": 14184496,
+            "sha256": "a5" * 32, "shared": True, "created_at": "2024-05-01T12:34:56",
+        }
+    ]  # fmt: skip
+    seen: list[str] = []
+
+    def answer(req: httpx.Request) -> httpx.Response:
+        seen.append(req.url.path)
+        return httpx.Response(200, json={"data": rows, "count": len(rows)})
+
+    fake_server(answer)
+    monkeypatch.setenv("COLUMNS", "80")
+    res = kt("registered-models", "list")
+    assert res.exit_code == 0, res.stderr
+    assert seen == ["/v1/registered-models"]
+    assert "timm:mobilenetv2_100@registered:proxy" in res.stdout  # whole: pasted into --teacher
+    assert json.loads(kt("registered-models", "list", "--json").stdout) == rows
+    rows.clear()
+    res = kt("registered-models", "list")
+    assert res.exit_code == 0 and "kt admin register-model" in res.stderr
 
 
 def test_a_404_names_the_kt_command_that_lists_the_ids(server: Server, kt_env: dict[str, str]) -> None:
@@ -290,6 +319,35 @@ def test_tables_keep_every_id_whole_and_no_column_empty(
             line for line in kt("datasets", "list").stdout.splitlines() if "left out at this width:" in line
         )
         assert "classes" in note, note
+
+
+@pytest.mark.parametrize("columns", [80, 100, 120])
+def test_tables_wrap_between_words_never_inside_a_short_one(
+    fake_server: Any, monkeypatch: Any, columns: int
+) -> None:
+    # what `kt datasets list` showed after the tutorial's uploads: at 80 columns the name and the
+    # task were cut inside a word ("eurosat-10sho" / "t", "classificati" / "on")
+    datasets = [
+        {**row, "name": name}
+        for row, name in zip(_datasets(2), ["eurosat-test", "eurosat-10shot"], strict=True)
+    ]
+    fake_server(lambda req: httpx.Response(200, json={"data": datasets, "count": 2}))
+    monkeypatch.setenv("COLUMNS", str(columns))
+    res = kt("datasets", "list")
+    assert res.exit_code == 0, res.stderr
+    assert all(len(line) <= columns for line in res.stdout.splitlines()), res.stdout
+    header = next(line for line in res.stdout.splitlines() if line.startswith("┃"))
+    shown = [c.strip() for c in header.strip("┃").split("┃")]
+    assert {"id", "name", "num_images"} <= set(shown), header
+    words = {"eurosat-test", "eurosat-10shot", "1000", "1001"}
+    if "task" in shown:
+        words.add("classification")
+    if "classes" in shown:
+        words |= {"AnnualCrop,", "Forest,", "Highway,", "Industrial,", "SeaLake"}
+    for word in words:
+        assert word in res.stdout, (word, res.stdout)
+    if columns >= 100:
+        assert "task" in shown, header
 
 
 def test_show_prints_nested_values_as_key_value_lines(fake_server: Any, monkeypatch: Any) -> None:

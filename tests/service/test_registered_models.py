@@ -268,6 +268,19 @@ def test_another_tenants_model_answers_like_a_missing_one(world: dict[str, Any])
     )
 
 
+def test_a_misspelt_name_gets_a_did_you_mean_among_the_names_the_tenant_may_see(
+    world: dict[str, Any],
+) -> None:
+    assert "Unknown registered model 'tinyy' (did you mean 'tiny'?)" in detail(
+        submit(world, teacher="timm:resnet10t@registered:tinyy")
+    )
+    # acme's own model is never suggested to another tenant
+    rival = detail(submit(world, key="rival", teacher="timm:resnet10t@registered:acme-onyl"))
+    assert "did you mean" not in rival and "acme-only" not in rival
+    mine = detail(submit(world, teacher="timm:resnet10t@registered:acme-onyl"))
+    assert "(did you mean 'acme-only'?)" in mine
+
+
 def test_a_registered_student_is_refused(world: dict[str, Any]) -> None:
     text = detail(submit(world, student="timm:resnet10t@registered:tiny"))
     assert "teachers and gallery encoders only" in text
