@@ -118,7 +118,11 @@ class StageSteps(_Request):
         None, ge=0, le=1_000_000, description="Distillation steps (= `recipe.distill.steps`)."
     )
     finetune_student: int | None = Field(
-        None, ge=0, le=100_000, description="Student finetuning steps (= `recipe.finetune_student.steps`)."
+        None,
+        ge=0,
+        le=100_000,
+        description="Student finetuning steps (= `recipe.finetune_student.steps`; more than 0 also finetunes "
+        "a task-distilled student unless `recipe.finetune_student.after_distillation` says otherwise).",
     )
 
 
@@ -264,13 +268,20 @@ class FinetuneStudentRecipe(_Request):
     enabled: bool = Field(
         True, description="`false` drops the stage: the exported model is the distilled student."
     )
-    steps: int | None = Field(None, ge=0, le=100_000, description="Finetuning steps." + _FROM_BUDGET)
+    steps: int | None = Field(
+        None,
+        ge=0,
+        le=100_000,
+        description="Finetuning steps; more than 0 also finetunes a task-distilled student unless "
+        "`after_distillation` is given." + _FROM_BUDGET,
+    )
     lr: float | None = Field(None, gt=0, le=1, description="Peak learning rate." + _FROM_BUDGET)
     after_distillation: bool | Literal["auto"] | None = Field(
         None,
         description="Finetune a task-distilled student too; `false` keeps it as distilled (the stage then "
         "trains only a student without task distillation); `auto` finetunes only if that scores higher on "
-        "a held-out slice of the labeled images (the model's lineage records both scores)." + _FROM_BUDGET,
+        "a held-out slice of the labeled images (the model's lineage records both scores). Unset: true when the "
+        "request gives finetune steps (`steps` or `steps.finetune_student`), else the budget's.",
     )
 
 

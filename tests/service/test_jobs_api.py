@@ -557,6 +557,35 @@ def test_a_job_can_ask_for_the_checked_student_finetune(japi: Api, tenant: dict[
     assert bad.status_code == 422 and "after_distillation" in bad.text, bad.text
 
 
+def test_finetune_steps_in_the_request_finetune_the_distilled_student(
+    japi: Api, tenant: dict[str, Any]
+) -> None:
+    from kt_train.recipe import recipe
+
+    # the tutorial's `kt jobs submit ... --gallery G --steps 100,2000,200` had run no student finetune:
+    # the budget keeps a task-distilled student as distilled, so the 200 steps were dropped silently
+    body = minimal_body(tenant["dataset"]["id"], gallery_id=tenant["gallery_id"], budget="fast")
+    assert recipe("fast")["finetune_student"]["after_distillation"] is False
+    for extra in (
+        {"steps": {"finetune_teacher": 2, "distill": 3, "finetune_student": 20}},
+        {"recipe": {"finetune_student": {"steps": 20}}},
+    ):
+        _, cfg = submit_config(japi, tenant["key"], {**body, **extra})
+        assert (
+            cfg["finetune_student"]["steps"] == 20 and cfg["finetune_student"]["after_distillation"] is True
+        )
+    # an explicit after_distillation wins; no steps (or 0) keeps the budget's choice
+    _, cfg = submit_config(
+        japi,
+        tenant["key"],
+        {**body, "recipe": {"finetune_student": {"steps": 20, "after_distillation": "auto"}}},
+    )
+    assert cfg["finetune_student"]["after_distillation"] == "auto"
+    for extra in ({}, {"steps": {"finetune_student": 0}}):
+        _, cfg = submit_config(japi, tenant["key"], {**body, **extra})
+        assert cfg["finetune_student"]["after_distillation"] is False
+
+
 def test_the_older_fields_still_work_and_agree_with_recipe(japi: Api, tenant: dict[str, Any]) -> None:
     body = job_body(
         tenant["dataset"]["id"],

@@ -397,6 +397,10 @@ def _overrides(body: JobCreate) -> dict[str, Any]:
     schema has already refused a legacy field and its ``recipe.*`` twin set to different values."""
     r = body.recipe
     teacher, distill, student = r.teacher, r.distill, r.finetune_student
+    student_steps = _first(student.steps, body.steps.finetune_student)
+    # finetune steps the request names are steps to train: the budget keeps a task-distilled student
+    # as distilled, which would skip them silently (`--steps 100,2000,200` ran no finetune)
+    after_distillation = _first(student.after_distillation, True if student_steps else None)
     return {
         "teacher": {"norm_eval": teacher.norm_eval},
         "finetune_teacher": {
@@ -417,10 +421,10 @@ def _overrides(body: JobCreate) -> dict[str, Any]:
             "cache": {"views": distill.cache_views, "mode": distill.cache_mode},
         },
         "finetune_student": {
-            "steps": _first(student.steps, body.steps.finetune_student),
+            "steps": student_steps,
             "lr": _first(student.lr, body.lr.finetune_student),
             "batch_size": body.batch_size.finetune_student,
-            "after_distillation": student.after_distillation,
+            "after_distillation": after_distillation,
         },
         "curate": {**_set_fields(r.curate), "size": _first(r.curate.size, body.transfer_set_size)},
     }
