@@ -77,7 +77,7 @@ def serve(ctx: typer.Context) -> None:
 
     # before the database, the logs and the workers are made: every tenant's data stays this user's
     os.umask(PRIVATE_UMASK)
-    raise typer.Exit(main(list(ctx.args)))
+    raise typer.Exit(main(list(ctx.args), prog="kt serve"))
 
 
 @app.command(

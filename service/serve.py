@@ -47,9 +47,9 @@ STABLE_AFTER_S = 60.0  # a worker that stayed up this long before it died starts
 SUPERVISE_EVERY_S = 0.2
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, prog: str = "python -m service.serve") -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m service.serve",
+        prog=prog,
         description="Run the vfm-kt service embedded: SQLite database and broker, the API and local workers.",
     )
     parser.add_argument("--host", default=None, help="interface to bind (default: KT_API_HOST or 127.0.0.1)")
@@ -318,20 +318,25 @@ def wait_ready(url: str, stop: threading.Event, timeout: float = READY_TIMEOUT_S
     return False
 
 
-def banner(settings: Settings, base_url: str, workers: int) -> str:
+def banner(settings: Settings, base_url: str, workers: int, admin: str | None = None) -> str:
+    """``admin``: the command that runs service.admin as the user started the server (``kt admin``
+    from ``kt serve``; default ``python -m service.admin``)."""
+    admin = admin or f"{Path(sys.executable).name} -m service.admin"
     return "\n".join(
         [
             f"vfm-kt API:      {base_url}  (docs: {base_url}/docs)",
             f"data dir:        {settings.data_dir}",
             f"workers:         {workers} (logs: {settings.data_dir / 'logs'}/worker-<i>.log)",
             "create an API key:",
-            f"  KT_DATA_DIR={settings.data_dir} {Path(sys.executable).name} -m service.admin create-key --tenant NAME",
+            f"  KT_DATA_DIR={settings.data_dir} {admin} create-key --tenant NAME",
         ]
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m service.serve") -> int:
+    """``prog``: how the user started it (``kt serve``), for --help and the banner's commands."""
+    args = parse_args(argv, prog)
+    args.admin_command = "kt admin" if prog.split()[0] == "kt" else None
     settings, env = resolve_settings(args)
     if args.print_env:
         for name, value in settings_env(settings).items():
@@ -376,7 +381,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
 
     def announce() -> None:
         if wait_ready(f"{base_url}/readyz", stop):
-            print(banner(settings, base_url, args.workers), flush=True)
+            print(banner(settings, base_url, args.workers, getattr(args, "admin_command", None)), flush=True)
             print("ready", flush=True)
         elif not stop.is_set():
             print(f"{base_url}/readyz did not answer 200 within {READY_TIMEOUT_S:g} s", flush=True)

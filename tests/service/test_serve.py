@@ -73,6 +73,26 @@ def test_print_env_resolves_defaults(tmp_path: Path) -> None:
     assert env["KT_SECRET_KEY"] == "<placeholder>"
 
 
+def test_kt_serve_names_the_kt_commands_in_its_help_and_banner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `kt serve --help` said "usage: python -m service.serve" and its banner told a `kt` user to run
+    # `python3 -m service.admin create-key` where the tutorial says `kt admin create-key`
+    from typer.testing import CliRunner
+
+    from kt_client.cli import app
+
+    res = CliRunner().invoke(app, ["serve", "--help"])
+    assert res.exit_code == 0 and res.output.startswith("usage: kt serve "), res.output
+    seen: list[object] = []
+    monkeypatch.setattr(serve, "serve", lambda args, settings: seen.append(args) or 0)
+    for prog, admin in (("kt serve", "kt admin"), ("python -m service.serve", "-m service.admin")):
+        assert serve.main(["--data-dir", str(tmp_path / "d")], prog=prog) == 0
+        settings, _ = serve.resolve_settings(seen[-1])  # type: ignore[arg-type]
+        text = serve.banner(settings, "http://127.0.0.1:8000", 1, seen[-1].admin_command)  # type: ignore[attr-defined]
+        assert f"{admin} create-key --tenant NAME" in text, text
+
+
 def test_worker_command_listens_on_both_queues() -> None:
     cmd = serve.worker_command(0)
     assert cmd[:3] == [sys.executable, "-m", "celery"]
