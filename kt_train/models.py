@@ -272,6 +272,14 @@ def _timm_net(
             if k != "num_classes":
                 kwargs.setdefault(k, v)
     tag = spec.pretrained_tag
+    if load_weights and tag is not None and tag.startswith("registered:"):
+        # the service's spec for weights an operator registered; timm would take it for a Hub tag
+        raise WeightsNotFoundError(
+            f"{spec} names weights registered with the vfm-kt server (`kt admin register-model`); only "
+            "the server's jobs and gallery builds resolve '@registered:NAME'. Outside it, pass the weights "
+            f"file itself: timm:{spec.name}@/path/to/weights.safetensors (the server keeps a registered "
+            f"model in <data dir>/registry/{tag[len('registered:') :]}/)"
+        )
     name = spec.timm_name
     pretrained = load_weights and wpath is None and (hub or tag is not None or "." in spec.name)
     try:

@@ -153,6 +153,16 @@ def test_missing_weights_file(tmp_path: Path) -> None:
     assert str(missing) in str(ei.value)
 
 
+def test_a_registered_spec_outside_the_server_says_to_pass_the_file() -> None:
+    # `kt gallery build --encoder timm:mobilenetv2_100@registered:proxy` (the spec a job takes) had
+    # said the weights were "not available offline" and to fetch 'mobilenetv2_100.registered:proxy'
+    with pytest.raises(WeightsNotFoundError) as ei:
+        create_teacher("timm:test_efficientnet@registered:proxy", NC)
+    text = str(ei.value)
+    assert "kt admin register-model" in text and "timm:test_efficientnet@/path/to/weights.safetensors" in text
+    assert "registry/proxy/" in text and "offline" not in text
+
+
 def test_missing_open_clip_weights_file(tmp_path: Path) -> None:
     with pytest.raises(WeightsNotFoundError, match="does not exist"):
         create_teacher(f"open_clip:ViT-B-32@{tmp_path / 'clip.safetensors'}", NC)
