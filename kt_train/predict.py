@@ -85,6 +85,8 @@ def find_card(model_path: str | Path, card: str | Path | Mapping[str, Any] | Non
     if isinstance(card, Mapping):
         return _check_card(dict(card), "the card given")
     model = Path(model_path)
+    if not model.is_file():  # else the missing card would be named, not the missing model
+        raise ConfigError(f"model file {model} does not exist; download it with `kt models download`")
     if card is not None:
         candidates = [Path(card)]
     else:

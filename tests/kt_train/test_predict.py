@@ -154,6 +154,13 @@ def test_predict_files_csv_and_card_lookup(run: dict[str, Any], odd_images: Path
     shutil.copy(export / "model.onnx", alone)
     with pytest.raises(ConfigError, match="no model card beside"):
         predict_files(alone, None, [odd_images])
+    # a model that is not there is named as missing (it had said "no model card beside model.onnx")
+    from kt_client.cli import app
+
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "nomodel.onnx"), str(odd_images)])
+    text = " ".join(res.output.split())  # the console wraps it
+    assert res.exit_code == 2 and "nomodel.onnx does not exist" in text, res.output
+    assert "kt models download" in text and "model card" not in text
     shown = tmp_path / "show.json"  # `kt models show ID --json`
     shown.write_text(json.dumps({"id": "7", "card": run["card"], "formats": ["onnx"]}))
     assert find_card(alone, shown) == run["card"]
