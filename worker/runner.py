@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import time
 import traceback
@@ -33,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from kt_train import pipeline
 from kt_train.config import TrainConfig, parse_config
 from kt_train.costs import measure_model_costs
-from kt_train.errors import ConfigError, KTError
+from kt_train.errors import ConfigError, KTError, WeightsNotFoundError
 from kt_train.gallery import DEFAULT_ENCODER, build_gallery
 from kt_train.io import SUCCESS, is_disk_full
 from kt_train.progress import EMBED, Phase, ProgressTracker, format_duration, plan_phases, rate_text
@@ -248,10 +249,23 @@ def _finish(
     return status
 
 
+# kt_train's "weights not available" messages end by suggesting a local weights file after '@', which
+# a job's spec may not name (422); on the server the way is a registered model
+_LOCAL_FILE_HINT = re.compile(
+    r",? or (?:pass a local file|download its model\.safetensors and pass):? \S+@\S+\s*$"
+)
+REGISTER_HINT = (
+    "; or have the operator register a weights file (`kt admin register-model NAME weights.safetensors`) "
+    "and name it timm:<arch>@registered:NAME (`kt registered-models list` lists those you may use)"
+)
+
+
 def _message(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
     if not isinstance(err, KTError):
         text = f"{type(err).__name__}: {text}"
+    elif isinstance(err, WeightsNotFoundError) and _LOCAL_FILE_HINT.search(text):
+        text = _LOCAL_FILE_HINT.sub("", text) + REGISTER_HINT
     return text[:MAX_ERROR_CHARS]
 
 

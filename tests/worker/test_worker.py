@@ -122,6 +122,26 @@ def test_user_error_fails_with_message_without_retry(session_factory, worker_set
     assert "did you mean 'student'" in (get_job(session_factory, bad).error or "")
 
 
+@pytest.mark.timeout(120)
+def test_missing_weights_say_how_to_register_them_not_to_name_a_path(
+    session_factory, worker_settings, tenant_id, job_config, tmp_path, monkeypatch
+):
+    """The tutorial's DINOv2 teacher on a server without it: the library's hint to pass a local file
+    after '@' is refused by the API (422), so the job's error names the registered-model way."""
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    cfg = job_config(stages=["finetune_teacher"], teacher__model="timm:test_vit@r160_in1k")
+    job_id = add_job(session_factory, tenant_id, cfg)
+    assert runner.run_job(session_factory, job_id, worker_settings) == "failed"
+    error = get_job(session_factory, job_id).error or ""
+    assert "not available offline" in error and "timm.create_model('test_vit.r160_in1k'" in error
+    assert "kt admin register-model" in error and "@registered:NAME" in error
+    assert "/path/to" not in error and "pass a local file" not in error
+
+
 def test_a_format_failing_its_check_keeps_the_model_and_warns(
     session_factory, worker_settings, tenant_id, job_config, monkeypatch
 ):
