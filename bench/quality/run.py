@@ -239,8 +239,9 @@ def run_seed(
         "A1": None,
         "A2": ("task_agnostic", refs["generic"]),
         "A3": ("task_oriented", refs["generic"]),
-        "A4": ("task_oriented", refs["unlabeled_target"]),
     }
+    if "unlabeled_target" in refs:  # EuroSAT's pool - labeled; CIFAR-10 has no unlabeled target data
+        plan["A4"] = ("task_oriented", refs["unlabeled_target"])
     for arm in arms:
         name, n, steps = parse_arm(arm)
         if name not in plan and name != "A5":
