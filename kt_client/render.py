@@ -144,7 +144,16 @@ def table(
     text_widths = dict(
         zip(
             texts,
-            _widths([natural[c] for c in texts], [minimum[c] for c in texts], available - fixed),
+            _widths(
+                [natural[c] for c in texts],
+                # the spare cells go first to the columns still narrower than their longest word
+                _widths(
+                    [min(natural[c], _longest_word([c, *cells[c]])) for c in texts],
+                    [minimum[c] for c in texts],
+                    available - fixed,
+                ),
+                available - fixed,
+            ),
             strict=True,
         )
     )
