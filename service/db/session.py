@@ -2,7 +2,8 @@
 
 ``make_engine`` knows the two supported backends: SQLite (embedded default; WAL so the API and a
 worker process can share the file, foreign keys switched on since SQLite leaves them off) and
-PostgreSQL (production; ``pool_pre_ping`` so connections dropped by the server are replaced).
+PostgreSQL (production; ``pool_pre_ping`` so connections dropped by the server are replaced; the
+ping is a round trip only for a connection whose socket has something to read, see ``quiet_ping``).
 The schema is owned by Alembic: ``init_db`` runs ``alembic upgrade head``, never ``create_all``.
 
 A PostgreSQL server that is down must cost a request little: connecting gives up after
@@ -16,6 +17,7 @@ probes the server every ``GATE_COOLDOWN_S`` until it answers. The API answers th
 from __future__ import annotations
 
 import logging
+import select
 import threading
 from collections.abc import Iterator
 from functools import lru_cache
@@ -118,6 +120,41 @@ class ConnectGate:
             return
 
 
+def quiet_ping(ping: Any) -> Any:
+    """``pool_pre_ping``'s ping for psycopg connections, without a round trip in the usual case.
+
+    SQLAlchemy pings every connection it takes from the pool with ``SELECT 1``: a round trip (and a
+    wait for the GIL after it) before each request's own query, the status poll's included. An idle
+    connection's socket has nothing to read, though, unless the server closed it: a restart,
+    ``pg_terminate_backend`` or an idle timeout sends an error and then EOF, and a peer that went
+    away silently is found by the TCP keepalives (``POSTGRES_CONNECT_ARGS``), all of which make the
+    socket readable. So an idle connection with a quiet socket is taken as it is, and any other one
+    (readable, in a transaction, closed, not a psycopg connection) gets ``ping``, the real one,
+    which replaces it when it is dead exactly as before."""
+
+    def ping_unless_quiet(dbapi_connection: Any) -> bool:
+        if _idle_and_quiet(dbapi_connection):
+            return True
+        return bool(ping(dbapi_connection))
+
+    return ping_unless_quiet
+
+
+def _idle_and_quiet(dbapi_connection: Any) -> bool:
+    try:
+        if dbapi_connection.closed or dbapi_connection.broken:
+            return False
+        pgconn = dbapi_connection.pgconn
+        if pgconn.transaction_status != 0:  # libpq's PQTRANS_IDLE: no transaction, nothing running
+            return False
+        fd = pgconn.socket
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP)
+        return not poller.poll(0)
+    except Exception:  # whatever this cannot tell, the real ping finds out
+        return False
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for ``url`` with the per-backend settings the service relies on."""
     parsed = make_url(url)
@@ -132,6 +169,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if parsed.get_backend_name() == "postgresql":
         kwargs["connect_args"] = {**POSTGRES_CONNECT_ARGS, **kwargs.get("connect_args", {})}
     engine = create_engine(url, **kwargs)
+    if engine.dialect.driver == "psycopg" and kwargs["pool_pre_ping"]:
+        engine.dialect.do_ping = quiet_ping(engine.dialect.do_ping)  # type: ignore[method-assign]
     gate = ConnectGate()
     event.listen(engine, "do_connect", gate.do_connect)
     event.listen(engine, "engine_disposed", gate.stop)

@@ -6,14 +6,17 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, inspect, select
+from sqlalchemy import Engine, inspect, select, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.orm import Session
 
@@ -71,6 +74,40 @@ def test_migrations_match_models_postgres(postgres_url: str) -> None:
     engine = make_engine(postgres_url)
     try:
         roundtrip(make_session_factory(engine)())
+    finally:
+        engine.dispose()
+
+
+def test_pool_checkout_pings_only_a_connection_the_server_dropped(postgres_url: str, tmp_path: Path) -> None:
+    """``pool_pre_ping`` stays on (a connection the server dropped is replaced, no request sees it
+    fail), but taking a live idle connection from the pool sends nothing: the status poll's one
+    query is its only round trip (it was two, with ``SELECT 1`` before it)."""
+    engine = make_engine(postgres_url)
+    try:
+        with engine.connect() as conn:
+            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+            raw = conn.connection.dbapi_connection
+        assert raw is not None
+        trace = tmp_path / "libpq.trace"
+        with open(trace, "w") as fh:
+            raw.pgconn.trace(fh.fileno())  # type: ignore[attr-defined]
+            try:
+                with engine.connect() as conn:  # the checkout pings (or not) here
+                    assert conn.connection.dbapi_connection is raw
+            finally:
+                raw.pgconn.untrace()  # type: ignore[attr-defined]
+        assert trace.read_text() == "", "the checkout of a live idle connection talked to the server"
+
+        admin_url = make_url(postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
+        with psycopg.connect(admin_url, autocommit=True) as admin:  # the server drops it
+            admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+            deadline = time.monotonic() + 10
+            alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = %s"
+            while admin.execute(alive, [pid]).fetchone() != (0,):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        with engine.connect() as conn:  # replaced at checkout: no error
+            assert conn.execute(text("SELECT pg_backend_pid()")).scalar() != pid
     finally:
         engine.dispose()
 
