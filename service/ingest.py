@@ -5,7 +5,7 @@ process's threadpool it competes with every other request for the GIL and the co
 polls behind five back-to-back uploads waited hundreds of milliseconds (bench/service/run.py
 --mixed: p99 595 ms beside two training jobs). So uploads go to a small pool of their own
 processes (``KT_INGEST_PROCESSES``, default 2; 0: the API's threadpool as before), started with
-``spawn`` (the API process has threads: no fork) and run at niceness ``KT_INGEST_NICE`` (10): when
+``spawn`` (the API process has threads: no fork) and run at niceness ``KT_INGEST_NICE`` (19): when
 the cores are short, the API's requests go first and the uploads take the rest.
 
 The pool is one per API process, started with the app (so its processes are part of the API's

@@ -82,13 +82,13 @@ class Settings(BaseSettings):
         "would otherwise wait behind (service.ingest).",
     )
     ingest_nice: int = Field(
-        default=10,
+        default=19,
         ge=0,
         le=19,
         description="CPU niceness of the ingest processes: the API's requests go first.",
     )
     worker_nice: int = Field(
-        default=10,
+        default=19,
         ge=0,
         le=19,
         description="CPU niceness a worker process takes at start: on a machine it shares with the API "

@@ -53,7 +53,7 @@ def _record_concurrency(sender: Any = None, **_: Any) -> None:
 
 @worker_init.connect
 def _lower_priority(**_: Any) -> None:
-    """Before any task: the worker takes niceness ``KT_WORKER_NICE`` (default 10), so on a machine
+    """Before any task: the worker takes niceness ``KT_WORKER_NICE`` (default 19, the lowest), so on a machine
     it shares with the API (``kt serve``, a small box) the API's requests go first and training
     takes the rest of the cores; alone on a machine it changes nothing. Pool processes inherit it."""
     nice = get_settings().worker_nice

@@ -22,7 +22,7 @@ def _pool_pids() -> list[int]:
 
 def test_uploads_run_in_niced_ingest_processes_with_the_same_answers(tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "data")
-    assert settings.ingest_processes == 2 and settings.ingest_nice == 10
+    assert settings.ingest_processes == 2 and settings.ingest_nice == 19
     answers = {}
     for where, s in (("pool", settings), ("api", make_settings(tmp_path / "data0", ingest_processes=0))):
         with (
@@ -40,7 +40,7 @@ def test_uploads_run_in_niced_ingest_processes_with_the_same_answers(tmp_path: P
             if where == "pool":
                 pids = _pool_pids()
                 assert len(pids) == 2 and os.getpid() not in pids
-                assert all(os.getpriority(os.PRIO_PROCESS, pid) >= 10 for pid in pids)
+                assert all(os.getpriority(os.PRIO_PROCESS, pid) == 19 for pid in pids)
     assert answers["pool"] == answers["api"]
     assert answers["pool"][0] == 201 and answers["pool"][2] == 422 and "a.png" in answers["pool"][3]
 
