@@ -527,8 +527,9 @@ def jobs_submit(
     steps: Annotated[
         str | None,
         typer.Option(
-            help="finetune_teacher,distill,finetune_student steps, e.g. 100,300,100 "
-            "(older form; prefer --distill-steps / --set recipe.*)."
+            help="Steps of the teacher's linear probe, the distillation and the student finetune, e.g. "
+            "100,300,100 (the teacher's full finetune keeps the budget's: --set "
+            "recipe.teacher.full_finetune_steps=N; older form, prefer --distill-steps / --set recipe.*)."
         ),
     ] = None,
     export: Annotated[str | None, typer.Option(help="Export formats, e.g. safetensors,onnx.")] = None,

@@ -256,6 +256,9 @@ def test_jobs_submit_help_lists_the_recipe_options() -> None:
         for knob in field.annotation.model_fields:  # type: ignore[union-attr]
             assert knob in text, f"recipe.{section}.{knob}"
     assert "  list " in kt("transfer-sets", "--help").stdout  # the ids --transfer-set takes
+    # --steps A,B,C: A is the linear probe only (a walk-through's --steps 20,100,20 still ran the
+    # budget's 150 full-finetune steps of the teacher); the help says so and how to change those
+    assert "teacher's linear probe" in text and "recipe.teacher.full_finetune_steps=N" in text
 
 
 def test_jobs_submit_options_build_the_request(monkeypatch: Any, tmp_path: Path) -> None:
