@@ -219,6 +219,9 @@ def login(
         _stderr("Error: give the server's URL and an API key: `kt login URL --key KEY`")
         raise typer.Exit(EXIT_USAGE)
     url = str(url_arg or url_opt).rstrip("/")
+    if not url.lower().startswith(("http://", "https://")):  # httpx: "missing an 'http://'" as unreachable
+        _stderr(f"Error: the URL needs its scheme: `kt login http://{url} --key KEY` (or https://)")
+        raise typer.Exit(EXIT_USAGE)
     if verify:
         from kt_client.client import Client
         from kt_client.errors import APIError, AuthenticationError, ServerError, ServerUnreachable

@@ -94,6 +94,14 @@ def test_login_takes_the_url_as_an_argument_and_a_missing_key_is_a_usage_error(o
     assert saved == {"url": "http://127.0.0.1:8000", "api_key": "kt_x_y"}
 
 
+def test_a_login_url_without_its_scheme_is_a_usage_error(offline_env: Path) -> None:
+    # `kt login 127.0.0.1:8000` said "Cannot reach the vfm-kt server ... missing an 'http://'" (exit 3)
+    res = kt("login", "127.0.0.1:8000", "--key", "kt_abcdefgh_secret")
+    assert res.exit_code == 2, res.stderr
+    assert "`kt login http://127.0.0.1:8000 --key KEY`" in res.stderr and "Cannot reach" not in res.stderr
+    assert not (offline_env / "credentials.json").exists()
+
+
 def test_an_unreachable_server_names_the_url_it_tried_and_where_it_came_from(
     offline_env: Path, monkeypatch: Any
 ) -> None:
