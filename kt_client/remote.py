@@ -835,6 +835,12 @@ def models_download(
 ) -> None:
     """Download one exported format of a model, and its card beside it (<name>.model_card.json),
     so that `kt predict FILE IMAGES...` runs it with the card's preprocessing."""
+    from kt_train.formats import EXPORT_FORMATS, not_exported_message
+
+    if format not in EXPORT_FORMATS:  # the server's 422 would name its query parameter, not the way
+        why = not_exported_message(format) or f"unknown format {format!r}"
+        _stderr(f"Error: {why}; `kt models download {model_id} --format {'|'.join(EXPORT_FORMATS)}`")
+        raise typer.Exit(EXIT_USAGE)
     with _client() as client:
         path = client.models.download(model_id, format, output, card=True)
     _saved(path, as_json)

@@ -102,6 +102,19 @@ def test_a_login_url_without_its_scheme_is_a_usage_error(offline_env: Path) -> N
     assert not (offline_env / "credentials.json").exists()
 
 
+def test_download_in_a_format_that_is_not_exported_names_the_conversion(fake_server: Any) -> None:
+    # `kt models download ID --format tflite` answered "Invalid request: query.format: Input should be ..."
+    sent: list[httpx.Request] = []
+    fake_server(lambda req: sent.append(req) or httpx.Response(500))
+    res = kt("models", "download", "m1", "--format", "tflite")
+    text = " ".join(res.stderr.split())
+    assert res.exit_code == 2 and "onnx2tf -i model.onnx" in text, res.stderr
+    assert "`kt models download m1 --format safetensors|onnx|torchscript`" in text and "query." not in text
+    res = kt("models", "download", "m1", "--format", "onx")
+    assert res.exit_code == 2 and "unknown format 'onx'" in res.stderr
+    assert not sent  # refused before any request
+
+
 def test_an_unreachable_server_names_the_url_it_tried_and_where_it_came_from(
     offline_env: Path, monkeypatch: Any
 ) -> None:
