@@ -65,7 +65,7 @@ COPY migrations ./migrations
 COPY service ./service
 COPY worker ./worker
 COPY kt_train ./kt_train
-RUN pip install -e . && python -c "import torch, worker.app"
+RUN pip install -e ".[tensorboard]" && python -c "import torch, tensorboard, worker.app"
 USER kt
 VOLUME ["/data"]
 HEALTHCHECK --interval=60s --timeout=30s --start-period=120s --retries=3 \

@@ -163,3 +163,11 @@ def test_the_package_takes_a_torch_range_and_the_setup_pins_the_build() -> None:
         assert "==" not in req and ">=" in req, f"{req!r}: the package must take a range of {name}"
     setup = (REPO / ".ci/setup").read_text()
     assert "torch==2.14.1" in setup and "torchvision==0.29.1" in setup
+
+
+def test_the_worker_image_installs_the_tensorboard_extra() -> None:
+    """Training curves go to TensorBoard beside history.json only where the package is installed
+    (kt_train/tensorboard.py): the worker image installs the extra and checks the import."""
+    worker = (REPO / "Dockerfile").read_text().split("AS worker", 1)[1]
+    assert re.search(r"pip install -e \"\.\[[^\]]*tensorboard[^\]]*\]\"", worker)
+    assert "import torch, tensorboard" in worker
