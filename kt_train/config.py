@@ -153,6 +153,12 @@ class TeacherCacheConfig(_Strict):
         description="where caches live, one directory per (teacher, transfer set, augmentation, views, "
         "topk, seed); share it between runs to reuse a cache (default: <out_dir>/teacher_cache)",
     )
+    max_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="cap on the bytes of the caches in `dir`: past it, the least recently used caches that "
+        "no run is building or reading are deleted after a cache is opened or built (null or 0: no cap)",
+    )
     batch_size: int = Field(256, ge=1, description="teacher batch size while building the cache")
 
 

@@ -429,6 +429,7 @@ def distill(
     if cfg.compile:
         forward = torch.compile(forward)  # type: ignore[assignment]
     cache_info: dict[str, Any] | None = None
+    held_cache: Any = None
     transfer: Any
     if _use_cache(dc, len(images)):
         from .teacher_cache import CachedViews, kd_loss_topk, open_or_build
@@ -443,22 +444,17 @@ def distill(
             topk=dc.cache.topk,
             seed=cfg.seed,
             num_classes=len(classes),
+            max_bytes=dc.cache.max_bytes,
             batch_size=dc.cache.batch_size,
             num_workers=resolve_num_workers(cfg.data.num_workers, device),
             device=device,
             autocast_dtype=resolve_precision(cfg.precision, device),
             reporter=reporter,
         )
+        held_cache = cache
         del teacher  # no teacher in the loop: its memory goes back before training starts
         transfer = CachedViews(images, augment, cache, render_size=min(size, student.data_config.input_size))
-        cache_info = {
-            "path": str(cache.path),
-            "built": built,
-            "views": cache.views,
-            "topk": cache.topk,
-            "build_seconds": cache.meta["build_seconds"],
-            "build_views_per_s": cache.meta["build_views_per_s"],
-        }
+        cache_info = {**_cache_info(cache, built), "topk": cache.topk}
 
         def targets(batch: Any, s_logits: torch.Tensor) -> torch.Tensor:
             vals, idx = batch[1].to(device, non_blocking=True), batch[2].to(device, non_blocking=True)
@@ -486,20 +482,24 @@ def distill(
             metrics["ce"] = ce.detach()
         return loss, metrics
 
-    loop = _fit(
-        cfg,
-        dc,
-        task="distill",
-        modules={"student": student},
-        groups=param_groups(student, dc.weight_decay),
-        step_fn=step,
-        dataset=transfer,
-        ckpt_path=out / "last.ckpt",
-        seed=cfg.seed,
-        device=device,
-        reporter=reporter,
-        data_parallel=is_distributed(),
-    )
+    try:
+        loop = _fit(
+            cfg,
+            dc,
+            task="distill",
+            modules={"student": student},
+            groups=param_groups(student, dc.weight_decay),
+            step_fn=step,
+            dataset=transfer,
+            ckpt_path=out / "last.ckpt",
+            seed=cfg.seed,
+            device=device,
+            reporter=reporter,
+            data_parallel=is_distributed(),
+        )
+    finally:  # the cache may be evicted once no run reads it
+        if held_cache is not None:
+            held_cache.release()
     if rank() != 0:  # data parallel: rank 0 writes the student and the outputs
         barrier()
         return read_outputs(out)
@@ -558,6 +558,23 @@ def max_distill_batch(cfg: TrainConfig, teacher_checkpoint: str | Path, *, limit
         student.zero_grad(set_to_none=True)
 
     return find_batch_size(try_step, limit=limit, multiple_of=world_size())
+
+
+def _cache_info(cache: Any, built: bool) -> dict[str, Any]:
+    """What a distillation records of its teacher-output cache: built now (``build_seconds``: this
+    run's) or reused (built: false, ``build_seconds`` 0; ``reused_build_seconds``: what the run that
+    built it spent)."""
+    info = {
+        "path": str(cache.path),
+        "key": cache.path.name,
+        "built": built,
+        "views": cache.views,
+        "build_seconds": cache.meta["build_seconds"] if built else 0.0,
+        "build_views_per_s": cache.meta["build_views_per_s"],
+    }
+    if not built:
+        info["reused_build_seconds"] = cache.meta["build_seconds"]
+    return info
 
 
 def cache_views(dc: Any, num_images: int) -> int:
@@ -627,6 +644,7 @@ def distill_task_agnostic(
     loss_fn = cosine_feature_loss if dc.feature_loss == "cosine" else contrastive_feature_loss
     transfer: Any
     cache_info: dict[str, Any] | None = None
+    held_cache: Any = None
     if _use_cache(dc, len(images)):
         # The same cache as task-oriented distillation, holding the backbone's full feature vector
         # per view (top-k over all t_dim dimensions: values + their positions, scattered back).
@@ -643,15 +661,17 @@ def distill_task_agnostic(
             seed=cfg.seed,
             num_classes=t_dim,
             teacher_sha256="features:" + module_sha256(backbone),
+            max_bytes=dc.cache.max_bytes,
             batch_size=dc.cache.batch_size,
             num_workers=resolve_num_workers(cfg.data.num_workers, device),
             device=device,
             autocast_dtype=resolve_precision(cfg.precision, device),
             reporter=reporter,
         )
+        held_cache = cache
         del backbone
         transfer = CachedViews(images, augment, cache, render_size=min(size, student.data_config.input_size))
-        cache_info = {"path": str(cache.path), "built": built, "views": cache.views, "features": t_dim}
+        cache_info = {**_cache_info(cache, built), "features": t_dim}
 
         def step(batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
             x = _views(batch, device, channels_last=cfg.channels_last)
@@ -668,19 +688,23 @@ def distill_task_agnostic(
                 target = backbone(x.contiguous(memory_format=torch.channels_last))
             return loss_fn(projection(student.features(x)), target), {}
 
-    loop = _fit(
-        cfg,
-        dc,
-        task="distill (task-agnostic)",
-        modules={"student": student, "projection": projection},
-        groups=param_groups(student, dc.weight_decay) + param_groups(projection, dc.weight_decay),
-        step_fn=step,
-        dataset=transfer,
-        ckpt_path=out / "last.ckpt",
-        seed=cfg.seed,
-        device=device,
-        reporter=reporter,
-    )
+    try:
+        loop = _fit(
+            cfg,
+            dc,
+            task="distill (task-agnostic)",
+            modules={"student": student, "projection": projection},
+            groups=param_groups(student, dc.weight_decay) + param_groups(projection, dc.weight_decay),
+            step_fn=step,
+            dataset=transfer,
+            ckpt_path=out / "last.ckpt",
+            seed=cfg.seed,
+            device=device,
+            reporter=reporter,
+        )
+    finally:  # the cache may be evicted once no run reads it
+        if held_cache is not None:
+            held_cache.release()
     return _finish_student(
         cfg,
         out,
@@ -698,6 +722,7 @@ def distill_task_agnostic(
         },
         bad=transfer.bad,
         evaluate=False,
+        extra={"teacher_cache": cache_info} if cache_info else None,
     )
 
 

@@ -21,12 +21,16 @@ size, ``views``, ``k`` and the seed, so a cache is reused by any student trained
 teacher on the same set and rebuilt when any of these change. A build writes into ``<key>.partial``
 and records its progress, so a killed build resumes; the directory is renamed into place when
 complete, and a file lock keeps two processes from building the same key at once.
+
+The directory of caches is a ``kt_train.cache_store`` store: a run reading a cache holds a shared
+lock on it (``TeacherCache.lease``), opening one marks it used, and with ``max_bytes`` the least
+recently used caches not in use are deleted once the store passes the cap (the worker keeps one
+store per tenant, shared by its jobs).
 """
 
 from __future__ import annotations
 
 import copy
-import fcntl
 import hashlib
 import itertools
 import json
@@ -34,9 +38,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from . import cache_store
 from .data import ImageDataset
 from .errors import ConfigError, DatasetError
 from .io import atomic_write_json
@@ -165,6 +168,12 @@ class TeacherCache:
     logits: np.ndarray
     indices: np.ndarray
     valid: np.ndarray
+    # held while the cache is read: eviction keeps it (``release`` when done)
+    lease: cache_store.Lease | None = field(default=None, repr=False, compare=False)
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
 
     @property
     def num_items(self) -> int:
@@ -290,17 +299,6 @@ def kd_loss_topk(
 
 
 # --------------------------------------------------------------------------- building
-
-
-@contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _open_arrays(
@@ -466,38 +464,60 @@ def open_or_build(
     seed: int,
     num_classes: int,
     teacher_sha256: str | None = None,
+    max_bytes: int | None = None,
     **build: Any,
 ) -> tuple[TeacherCache, bool]:
     """The cache for this (teacher, transfer set, augmentation, views, k, seed) under ``root``:
     opened if it exists, else built. ``teacher_loader()`` returns the teacher, called only to build.
     The teacher is identified by its checkpoint's bytes, or by ``teacher_sha256`` when it has no
-    checkpoint file. Returns (cache, built_now)."""
+    checkpoint file. Returns (cache, built_now); the cache holds a lease on its entry (eviction
+    keeps it) until ``cache.release()``. ``max_bytes``: the store's cap; past it, the least
+    recently used caches not in use are deleted (``cache_store.evict``) once this one is ready."""
     if teacher_sha256 is None:
         if teacher_checkpoint is None:
             raise ValueError("open_or_build needs the teacher's checkpoint or its teacher_sha256")
         teacher_sha256 = file_sha256(teacher_checkpoint)
     key = cache_key(teacher_sha256, dataset, augment, views=views, topk=topk, seed=seed)
     path = Path(root) / key
-    with _lock(Path(root) / f"{key}.lock"):
-        if (path / "cache.json").exists():
-            cache = TeacherCache.open(path)
-            log.info("teacher cache: reusing %s (%d images x %d views)", path, cache.num_items, cache.views)
-            return cache, False
-        meta = {
-            "key": key,
-            "teacher_checkpoint": str(teacher_checkpoint or teacher_sha256),
-            "transfer": dataset.name,
-        }
-        cache = build_teacher_cache(
-            teacher_loader(),
-            dataset,
-            augment,
-            path,
-            views=views,
-            topk=topk,
-            seed=seed,
-            num_classes=num_classes,
-            meta=meta,
-            **build,
-        )
-        return cache, True
+    with cache_store.exclusive(root, key):
+        built = not (path / "cache.json").exists()
+        if built:
+            _build(
+                path,
+                key,
+                teacher_checkpoint,
+                teacher_sha256,
+                teacher_loader,
+                dataset,
+                augment,
+                views=views,
+                topk=topk,
+                seed=seed,
+                num_classes=num_classes,
+                **build,
+            )
+        cache = TeacherCache.open(path)
+        cache.lease = cache_store.Lease.take(root, key)
+        cache_store.touch(path)
+    if not built:
+        log.info("teacher cache: reusing %s (%d images x %d views)", path, cache.num_items, cache.views)
+    cache_store.evict(root, max_bytes)
+    return cache, built
+
+
+def _build(
+    path: Path,
+    key: str,
+    teacher_checkpoint: str | Path | None,
+    teacher_sha256: str,
+    teacher_loader: Any,
+    dataset: ImageDataset,
+    augment: TrainAugment,
+    **build: Any,
+) -> None:
+    meta = {
+        "key": key,
+        "teacher_checkpoint": str(teacher_checkpoint or teacher_sha256),
+        "transfer": dataset.name,
+    }
+    build_teacher_cache(teacher_loader(), dataset, augment, path, meta=meta, **build)

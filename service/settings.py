@@ -190,6 +190,13 @@ class Settings(BaseSettings):
         description="Bytes of images one tenant's datasets may hold on disk (default 20 GiB); an upload "
         "that would pass it answers 413 and keeps nothing. 0: no limit. Overridable per tenant.",
     )
+    max_cache_bytes_per_tenant: int = Field(
+        default=20 * 1024**3,
+        ge=0,
+        description="Bytes the workers' content-addressed caches (teacher outputs, "
+        "`<data_dir>/tenants/<tenant>/cache`) may hold per tenant (default 20 GiB): past it, the least "
+        "recently used caches that no job is building or reading are deleted. 0: no cap.",
+    )
     gallery_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="Folders on the server an admin gallery build (`POST /v1/admin/galleries`) may read "

@@ -330,8 +330,23 @@ def _raw_config(job: Job) -> dict[str, Any]:
     return raw
 
 
+def tenant_cache_dir(settings: Settings, tenant_id: str) -> Path:
+    """The tenant's content-addressed caches, shared by its jobs and by no other tenant's:
+    ``<data_dir>/tenants/<tenant_id>/cache`` (``kt_train.cache_store``)."""
+    return Path(settings.data_dir) / "tenants" / tenant_id / "cache"
+
+
 def _build_config(job: Job, settings: Settings) -> TrainConfig:
     data = {**_raw_config(job), "out_dir": str(job_run_dir(settings, job.id))}
+    # the teacher-output cache lives in the tenant's store, whatever the config said: a second job
+    # with the same teacher and transfer set reuses it; another tenant's jobs never see it
+    distill = dict(data.get("distill") or {})
+    distill["cache"] = {
+        **(distill.get("cache") or {}),
+        "dir": str(tenant_cache_dir(settings, job.tenant_id) / "teacher_outputs"),
+        "max_bytes": settings.max_cache_bytes_per_tenant,
+    }
+    data["distill"] = distill
     return parse_config(data, f"of job {job.id}")
 
 
@@ -529,6 +544,8 @@ def _run_stages(
         res = funcs[name](cfg, dict(inputs), out_root / name, reporter)
         # a stage finished by an earlier attempt returns at once: keep the time it really took
         timings.setdefault(name, round(time.perf_counter() - t0, 2))
+        if isinstance(res.get("teacher_cache"), dict) and "built" in res["teacher_cache"]:  # the store
+            timings.setdefault("teacher_cache", _cache_timing(res["teacher_cache"]))
         results[name] = res
         _wire(name, res, inputs)
         reporter.end_stage(name, done=resumed)
@@ -548,6 +565,17 @@ def _run_stages(
         row.status, row.progress, row.eta_s, row.finished_at = "succeeded", 1.0, None, utcnow()
         row.metrics, row.stage_timings = metrics, timings
         session.commit()
+
+
+def _cache_timing(info: dict[str, Any]) -> dict[str, Any]:
+    """The stage timings' ``teacher_cache`` entry: the seconds this job spent building the cache
+    (0 when it reused one from the tenant's store) and whether it built it."""
+    out = {"seconds": info.get("build_seconds", 0.0), "built": bool(info.get("built"))}
+    if "key" in info:
+        out["key"] = info["key"]
+    if "reused_build_seconds" in info:
+        out["saved_seconds"] = info["reused_build_seconds"]
+    return out
 
 
 def gallery_dir(settings: Settings, job_id: str) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from kt_train import pipeline, teacher_cache
+from kt_train import cache_store, pipeline, teacher_cache
 from kt_train.config import parse_config
 from kt_train.data import load_unlabeled
 from kt_train.errors import ConfigError
@@ -178,6 +179,31 @@ def test_open_or_build_reuses_and_never_loads_the_teacher_again(
     assert built3 and len(loads) == 2
 
 
+def test_a_capped_store_evicts_the_least_recently_used_cache_but_not_one_being_read(
+    teacher: dict[str, Any], demo_data: dict[str, Path], tmp_path: Path
+) -> None:
+    ds = _images(demo_data)
+    kw = dict(topk=10, seed=0, num_classes=len(teacher["classes"]), batch_size=32)
+    a, _ = open_or_build(tmp_path, teacher["checkpoint"], lambda: _model(teacher), ds, AUG, views=1, **kw)
+    one = cache_store.store_bytes(tmp_path)
+    # a is still being read: a second cache past the cap keeps it (the store stays over for now)
+    b, _ = open_or_build(
+        tmp_path, teacher["checkpoint"], lambda: _model(teacher), ds, AUG, views=2, max_bytes=one + 1, **kw
+    )
+    assert a.path.is_dir() and b.path.is_dir()
+    a.release()
+    b.release()
+    os.utime(b.path, (1, 1))  # b was used longest ago
+    # opening a again (reused, marked used) evicts b, now the least recently used
+    a2, built = open_or_build(
+        tmp_path, teacher["checkpoint"], lambda: _model(teacher), ds, AUG, views=1, max_bytes=one + 1, **kw
+    )
+    assert not built and a2.path == a.path and a2.lease is not None and a2.lease.held
+    assert not b.path.exists() and cache_store.store_bytes(tmp_path) == one
+    a2.release()
+    assert not a2.lease.held
+
+
 def test_killed_build_resumes_and_matches_a_clean_build(
     teacher: dict[str, Any], demo_data: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -269,6 +295,10 @@ def test_distill_stage_cached_mode_builds_once_and_reuses_across_students(
     b = pipeline.distill(cfg_b, dict(inputs), tmp_path / "b" / "distill")
     assert b["teacher_cache"]["built"] is False and b["teacher_cache"]["path"] == a["teacher_cache"]["path"]
     assert calls == []
+    # the reuse is recorded: nothing spent building, what the first run spent
+    assert b["teacher_cache"]["build_seconds"] == 0.0
+    assert b["teacher_cache"]["reused_build_seconds"] == a["teacher_cache"]["build_seconds"]
+    assert b["teacher_cache"]["key"] == a["teacher_cache"]["key"] == Path(a["teacher_cache"]["path"]).name
 
 
 def test_auto_mode_picks_the_cache_only_when_it_saves_teacher_passes(
