@@ -1202,11 +1202,19 @@ def stage_funcs(cfg: TrainConfig) -> dict[str, Callable[..., Outputs]]:
     return STAGE_FUNCS
 
 
+def seed_run(cfg: TrainConfig) -> None:
+    """Seed the global RNG the models are initialized from (a new head, a random-init student) with
+    ``cfg.seed``, before the first stage: the same config gives the same models whatever ran in
+    the process before (a worker runs many jobs), so two jobs with the same data, teacher, recipe
+    and seed finetune byte-identical teachers on CPU and share their teacher-output cache."""
+    torch.manual_seed(cfg.seed)
+
+
 def run_pipeline(cfg: TrainConfig, reporter: Reporter | None = None) -> dict[str, Outputs]:
     """Run ``cfg.stages`` (in ``run_order``) under ``cfg.out_dir``, each stage fed the outputs
     before it, and those of stages before them that an earlier run finished (``finished_inputs``)."""
     init_from_env(cfg.device)  # first: joining the group may draw from the global RNG
-    torch.manual_seed(cfg.seed)
+    seed_run(cfg)
     main = rank() == 0
     funcs = stage_funcs(cfg)
     if cfg.task == "classification":

@@ -534,6 +534,7 @@ def _run_stages(
     inputs: dict[str, Any] = {}
     results: dict[str, dict[str, Any]] = {}
     funcs = pipeline.stage_funcs(cfg)  # the task's stages (kt_train.tasks for segmentation)
+    pipeline.seed_run(cfg)  # as `kt train`: the models' init depends on the config, not on earlier jobs
     for name in order:
         resumed = (out_root / name / SUCCESS).is_file()
         if where is not None:
