@@ -266,6 +266,18 @@ class CurateConfig(_Strict):
     )
     nprobe: int | None = Field(None, ge=1, description="IVF lists visited per search (default: the index's)")
     ef_search: int | None = Field(None, ge=1, description="HNSW search depth (default: the index's)")
+    cache_dir: str | None = Field(
+        None,
+        description="where the embeddings of the query views and of the gallery candidates' crops are kept, "
+        "one entry per (encoder, gallery, images, crops); share it between runs to reuse them (null: "
+        "embedded every run)",
+    )
+    cache_max_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="cap on the bytes in `cache_dir`: past it, the least recently used entries are deleted "
+        "(null or 0: no cap)",
+    )
     encoder: str | None = Field(
         None, description="query encoder spec (default: the one recorded in the gallery)"
     )

@@ -15,9 +15,12 @@ The selection functions work on plain arrays so that they can be tested on hand-
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from . import cache_store
 from .config import CurateConfig
 from .errors import ConfigError, DatasetError
 from .io import atomic_write, atomic_write_json, atomic_write_text
@@ -474,6 +478,44 @@ def teacher_outputs(
     return np.concatenate(feats), np.concatenate(probs)
 
 
+def _gallery_identity(gallery: Gallery) -> dict[str, Any]:
+    """What names a gallery's images and vectors: its folder and a digest of its gallery.json."""
+    doc = json.dumps(gallery.doc, sort_keys=True, default=str).encode()
+    return {"path": str(gallery.path), "doc": hashlib.sha256(doc).hexdigest()}
+
+
+def embed_cached(
+    cfg: CurateConfig, what: str, desc: dict[str, Any], compute: Callable[[], np.ndarray]
+) -> tuple[np.ndarray, bool | None]:
+    """``compute()``'s vectors, kept in ``cfg.cache_dir`` (a ``kt_train.cache_store`` store) under a
+    key hashing ``what`` and ``desc`` (the encoder and the exact images and crops embedded), so a
+    second curation of the same labeled images on the same gallery embeds nothing. Returns
+    (vectors, built now); built is None without a cache dir."""
+    if not cfg.cache_dir:
+        return compute(), None
+    root = Path(cfg.cache_dir)
+    body = json.dumps({"what": what, "version": 1, **desc}, sort_keys=True, default=str)
+    key = hashlib.sha256(body.encode()).hexdigest()[:16]
+    path = root / key
+    with cache_store.exclusive(root, key):
+        built = not (path / "vectors.npy").is_file()
+        if built:
+            vectors = np.asarray(compute(), dtype=np.float32)
+            tmp = root / f"{key}{cache_store.PARTIAL}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            np.save(tmp / "vectors.npy", vectors)
+            atomic_write_text(tmp / "key.json", body)
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+        else:
+            vectors = np.load(path / "vectors.npy")
+        cache_store.touch(path)
+        cache_store.evict(root, cfg.cache_max_bytes)  # this entry's lock is held: it stays
+    log.info("curate: %s embeddings %s (%s)", what, "stored" if built else "reused", path)
+    return vectors, built
+
+
 def curate_transfer_set(
     gallery: Gallery,
     labeled: ImageDataset,
@@ -522,7 +564,20 @@ def curate_transfer_set(
         for box in crop_boxes(img.width, img.height, cfg.crops, cfg.crop_scales, seed=cfg.seed * 100_003 + q):
             crop_imgs.append(_crop(img, box))
             query_of_row.append(q)
-    qv = encoder.encode_images(crop_imgs)
+    cached: dict[str, bool] = {}
+    if cfg.cache_dir:
+        from .teacher_cache import dataset_fingerprint
+
+        qdesc = {
+            "encoder": encoder.describe(),
+            "images": dataset_fingerprint(labeled),
+            "crops": [cfg.crops, list(cfg.crop_scales), cfg.seed],
+        }
+    else:
+        qdesc = {}
+    qv, built = embed_cached(cfg, "queries", qdesc, lambda: encoder.encode_images(crop_imgs))
+    if built is not None:
+        cached["queries"] = built
     qrow = np.asarray(query_of_row)
     timings["embed_queries_s"] = time.perf_counter() - t
     say(f"embedded {nq} queries x {1 + cfg.crops} views")
@@ -560,7 +615,15 @@ def curate_transfer_set(
                 extra_ids.append(int(gids[ci]))
                 extra_boxes.append(box)
         if extra_imgs:
-            gvec = np.concatenate([gvec, encoder.encode_images(extra_imgs)])
+            cdesc = {
+                "encoder": encoder.describe(),
+                "gallery": _gallery_identity(gallery),
+                "crops": [[i, list(b)] for i, b in zip(extra_ids, extra_boxes, strict=True)],
+            }
+            cvec, built = embed_cached(cfg, "gallery_crops", cdesc, lambda: encoder.encode_images(extra_imgs))
+            if built is not None:
+                cached["gallery_crops"] = built
+            gvec = np.concatenate([gvec, cvec])
             gids = np.concatenate([gids, np.asarray(extra_ids, np.int64)])
             boxes += extra_boxes
         timings["gallery_crops_s"] = time.perf_counter() - t
@@ -728,6 +791,8 @@ def curate_transfer_set(
         "per_class_fill": per_class_fill,
         "config": cfg.model_dump(mode="json"),
         "timings": {k: round(v, 3) for k, v in timings.items()},
+        # with curate.cache_dir: per embedding set, whether it was embedded now (true) or reused
+        **({"embeddings_built": cached} if cached else {}),
         "seconds": round(time.perf_counter() - t_start, 3),
     }
     if len(rows) < cfg.size:

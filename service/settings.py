@@ -193,9 +193,9 @@ class Settings(BaseSettings):
     max_cache_bytes_per_tenant: int = Field(
         default=20 * 1024**3,
         ge=0,
-        description="Bytes the workers' content-addressed caches (teacher outputs, "
-        "`<data_dir>/tenants/<tenant>/cache`) may hold per tenant (default 20 GiB): past it, the least "
-        "recently used caches that no job is building or reading are deleted. 0: no cap.",
+        description="Bytes each of a tenant's content-addressed cache stores may hold (default 20 GiB): the "
+        "teacher outputs and the curate embeddings its jobs share, under `<data_dir>/tenants/<tenant>/cache`. "
+        "Past it, the least recently used entries that no job is building or reading are deleted. 0: no cap.",
     )
     gallery_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,

@@ -339,7 +339,8 @@ def tenant_cache_dir(settings: Settings, tenant_id: str) -> Path:
 def _build_config(job: Job, settings: Settings) -> TrainConfig:
     data = {**_raw_config(job), "out_dir": str(job_run_dir(settings, job.id))}
     # the teacher-output cache lives in the tenant's store, whatever the config said: a second job
-    # with the same teacher and transfer set reuses it; another tenant's jobs never see it
+    # with the same teacher and transfer set reuses it; another tenant's jobs never see it (each
+    # store capped at KT_MAX_CACHE_BYTES_PER_TENANT)
     distill = dict(data.get("distill") or {})
     distill["cache"] = {
         **(distill.get("cache") or {}),
@@ -347,6 +348,12 @@ def _build_config(job: Job, settings: Settings) -> TrainConfig:
         "max_bytes": settings.max_cache_bytes_per_tenant,
     }
     data["distill"] = distill
+    # so do the embeddings of the curate stage's query views and gallery-candidate crops
+    data["curate"] = {
+        **(data.get("curate") or {}),
+        "cache_dir": str(tenant_cache_dir(settings, job.tenant_id) / "embeddings"),
+        "cache_max_bytes": settings.max_cache_bytes_per_tenant,
+    }
     return parse_config(data, f"of job {job.id}")
 
 

@@ -123,6 +123,38 @@ def test_gallery_side_crops_become_items_with_boxes(world: dict) -> None:
         assert 0 <= x0 < x1 <= 32 and 0 <= y0 < y1 <= 32
 
 
+def test_query_and_gallery_crop_embeddings_are_reused_from_the_cache_dir(
+    world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """curate.cache_dir: a second curation of the same labeled images on the same gallery embeds
+    nothing (the worker gives it the tenant's store) and selects the same set."""
+    store = tmp_path / "embeddings"
+    cfg = _cfg(size=30, gallery_crops=2, cache_dir=str(store))
+    first = curate_transfer_set(world["gallery"], world["labeled"], cfg)
+    assert first.summary["embeddings_built"] == {"queries": True, "gallery_crops": True}
+    assert len(list(store.glob("*/vectors.npy"))) == 2
+    calls = []
+    real = Encoder.encode_images
+    monkeypatch.setattr(
+        Encoder, "encode_images", lambda self, imgs: calls.append(len(imgs)) or real(self, imgs)
+    )
+    again = curate_transfer_set(world["gallery"], world["labeled"], cfg)
+    assert again.summary["embeddings_built"] == {"queries": False, "gallery_crops": False}
+    assert calls == [] and again.rows == first.rows
+    # other crops of the queries: another entry (and other hits, so maybe other gallery crops)
+    other = curate_transfer_set(
+        world["gallery"], world["labeled"], _cfg(size=30, gallery_crops=2, crops=3, cache_dir=str(store))
+    )
+    assert other.summary["embeddings_built"]["queries"] is True and calls
+    assert len(list(store.glob("*/vectors.npy"))) >= 3
+    # a cap of one byte keeps only the newest entry (the others were not in use)
+    capped = _cfg(size=30, gallery_crops=2, crops=3, cache_dir=str(store), cache_max_bytes=1)
+    curate_transfer_set(world["gallery"], world["labeled"], capped)
+    assert len(list(store.glob("*/vectors.npy"))) == 1
+    without = curate_transfer_set(world["gallery"], world["labeled"], _cfg(size=30, gallery_crops=2))
+    assert "embeddings_built" not in without.summary
+
+
 def test_errors_a_user_can_cause(world: dict, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"larger than gallery .* \(61 items\)"):
         curate_transfer_set(world["gallery"], world["labeled"], _cfg(size=1000))

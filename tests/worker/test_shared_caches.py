@@ -86,6 +86,15 @@ def test_jobs_of_a_tenant_share_its_teacher_cache_and_no_other_tenant_does(
             distill__cache={"mode": "cached", "views": 1, "dir": str(_store(worker_settings, tenant_a))},
         ),
     )
+    # the worker's config: both caches (teacher outputs, curate embeddings) in the tenant's store
+    cfg = runner._build_config(get_job(session_factory, b1), worker_settings)
+    root = Path(worker_settings.data_dir) / "tenants" / tenant_b / "cache"
+    assert (cfg.distill.cache.dir, cfg.curate.cache_dir) == (
+        str(root / "teacher_outputs"),
+        str(root / "embeddings"),
+    )
+    cap = worker_settings.max_cache_bytes_per_tenant
+    assert cfg.distill.cache.max_bytes == cfg.curate.cache_max_bytes == cap > 0
     for j in (a1, a2, b1):
         assert runner.run_job(session_factory, j, worker_settings, log_interval_s=0) == "succeeded"
     _check_jobs(session_factory, worker_settings, tenant_a, tenant_b, a1, a2, b1)
