@@ -8,6 +8,7 @@ A gallery is a directory::
     shards/shard-00000/shard.json      count, id_offset, skipped images
     shards/shard-00000/_SUCCESS
     index/shard-00000.faiss            one index per shard (kt_train.index)
+    index/merged.faiss + merged.ivfdata   or one IVF index over all shards, its lists on disk
     _SUCCESS                           the whole gallery is complete
 
 Ids are global and contiguous: ``0 .. count-1``, shard by shard (``id = id_offset + row``).
@@ -62,6 +63,8 @@ GALLERY_JSON = "gallery.json"
 SHARD_JSON = "shard.json"
 EMBEDDINGS = "embeddings.npy"
 META = "meta.parquet"
+TRAINED_INDEX = "trained.faiss"  # index/: the empty trained IVF index an on-disk index is built from
+MERGED_INDEX = "merged.faiss"  # index/: the on-disk index (+ merged.ivfdata)
 MAX_SKIPPED_LISTED = 20
 _MAX_WARNINGS = 20
 
@@ -990,10 +993,28 @@ class Gallery:
     def _index_path(self, name: str) -> Path:
         return self.path / "index" / f"{name}.faiss"
 
-    def build_index(self, kind: str = "auto", memory_budget_bytes: int | None = None, **kw: Any) -> None:
-        """(Re)build and save one FAISS index per shard and record it in gallery.json."""
+    def build_index(
+        self,
+        kind: str = "auto",
+        memory_budget_bytes: int | None = None,
+        *,
+        on_disk: bool | None = None,
+        **kw: Any,
+    ) -> None:
+        """(Re)build and save the gallery's FAISS index and record it in gallery.json: one index per
+        shard, or (``on_disk``; by default when ``kt_index.choose_index`` finds that the whole
+        gallery's IVF index exceeds ``memory_budget_bytes``) one IVF index over every shard whose
+        inverted lists stay on disk and are memory-mapped by searches (``build_ondisk_index``)."""
         from . import index as kt_index
 
+        whole = kt_index.choose_index(
+            self.count, self.dim, memory_budget_bytes=memory_budget_bytes, kind=kind
+        )
+        if on_disk is None:
+            on_disk = whole.on_disk and whole.kind in kt_index.IVF_KINDS
+        if on_disk:
+            self.build_ondisk_index(whole, requested=kind, **kw)
+            return
         entries = []
         for s, sh in enumerate(self.shards):
             budget = None if memory_budget_bytes is None else int(memory_budget_bytes * sh.count / self.count)
@@ -1008,10 +1029,83 @@ class Gallery:
             entries.append(
                 {"name": sh.name, "path": str(path.relative_to(self.path)), "plan": plan.to_dict()}
             )
-        self.doc["index"] = {"kind": kind, "shards": entries}
+        self._record_index({"kind": kind, "shards": entries})
+
+    def _record_index(self, entry: dict[str, Any]) -> None:
+        self.doc["index"] = entry
         atomic_write_json(self.path / GALLERY_JSON, self.doc)
         with self._lock:
             self._index = None
+
+    def build_ondisk_index(
+        self, plan: Any, *, requested: str | None = None, train_size: int = 262_144, seed: int = 0, **kw: Any
+    ) -> None:
+        """One IVF index over the whole gallery with its lists on disk: the quantizer trained once on
+        a random sample of ``train_size`` vectors (``index/trained.faiss``), each shard added to a
+        copy of it with its global ids (``index/parts/``), the parts merged into
+        ``index/merged.faiss`` + ``index/merged.ivfdata`` and then deleted. ``plan``: an IVF
+        ``IndexPlan`` for ``self.count`` vectors (``kt_index.choose_index``)."""
+        from . import index as kt_index
+
+        t = time.perf_counter()
+        rng = np.random.default_rng(seed)
+        m = min(self.count, train_size)
+        sample = self.vectors(np.sort(rng.choice(self.count, size=m, replace=False)))
+        trained = kt_index.train_empty_index(sample, plan, seed=seed)
+        del sample
+        index_dir = self.path / "index"
+        trained_path = kt_index.save_index(trained, index_dir / TRAINED_INDEX)
+        parts = [
+            kt_index.add_shard(
+                trained, self._embeddings(s), sh.id_offset, index_dir / "parts" / f"{sh.name}.faiss", **kw
+            )
+            for s, sh in enumerate(self.shards)
+        ]
+        self.merge_index_parts(trained_path, parts, plan.to_dict(), requested=requested)
+        log.info("gallery %s: on-disk %s index in %.1f s", self.name, plan.kind, time.perf_counter() - t)
+
+    def merge_index_parts(
+        self,
+        trained_path: Path,
+        parts: Sequence[Path],
+        plan: dict[str, Any],
+        *,
+        requested: str | None = None,
+        id_map: dict[str, Any] | None = None,
+    ) -> None:
+        """Merge per-shard IVF parts (``kt_index.add_shard`` outputs of ``trained_path``) into
+        ``index/merged.faiss`` on disk, record it (``id_map``: how the parts' ids map to gallery ids,
+        see ``_from_index_ids``) and delete the parts."""
+        from . import index as kt_index
+
+        merged = kt_index.merge_shards(trained_path, parts, self.path / "index" / MERGED_INDEX)
+        entry: dict[str, Any] = {
+            "kind": requested or plan.get("kind"),
+            "on_disk": {
+                "path": str(merged.relative_to(self.path)),
+                "ivfdata": str(merged.with_suffix(kt_index.IVFDATA_SUFFIX).relative_to(self.path)),
+                "plan": {**plan, "on_disk": True},
+            },
+            "shards": [],
+        }
+        if id_map is not None:
+            entry["on_disk"]["id_map"] = id_map
+        self._record_index(entry)
+        for part in parts:
+            Path(part).unlink(missing_ok=True)
+
+    def _from_index_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Gallery ids of an on-disk index's ids. A distributed build numbers the vectors of
+        planned shard ``k`` from ``k * stride`` (known before any shard is embedded, so a redone
+        shard gets the same ids); with skipped images the gallery's contiguous ids differ."""
+        id_map = ((self.doc.get("index") or {}).get("on_disk") or {}).get("id_map")
+        if not id_map:
+            return ids
+        stride = int(id_map["stride"])
+        offsets = np.asarray(id_map["offsets"], dtype=np.int64)
+        valid = ids >= 0
+        safe = np.where(valid, ids, 0)
+        return np.where(valid, offsets[safe // stride] + safe % stride, -1)
 
     def _sharded_index(self) -> Any:
         from . import index as kt_index
@@ -1022,11 +1116,15 @@ class Gallery:
                     raise DatasetError(
                         f"gallery {self.name!r} has no index; build it with Gallery.build_index() ('kt gallery index')"
                     )
-                parts = [
-                    # an index planned bigger than the memory budget is memory-mapped, not read
-                    (kt_index.load_index(self.path / e["path"], mmap=e["plan"]["on_disk"]), sh.id_offset)
-                    for e, sh in zip(self.doc["index"]["shards"], self.shards, strict=True)
-                ]
+                merged = self.doc["index"].get("on_disk")
+                if merged:  # one index, its lists memory-mapped from disk
+                    parts = [(kt_index.load_ondisk_index(self.path / merged["path"]), 0)]
+                else:
+                    parts = [
+                        # an index planned bigger than the memory budget is memory-mapped, not read
+                        (kt_index.load_index(self.path / e["path"], mmap=e["plan"]["on_disk"]), sh.id_offset)
+                        for e, sh in zip(self.doc["index"]["shards"], self.shards, strict=True)
+                    ]
                 self._index = kt_index.ShardedIndex(parts)
             return self._index
 
@@ -1040,7 +1138,8 @@ class Gallery:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (scores, global ids) for each query row over all shards."""
         q = np.ascontiguousarray(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
-        return self._sharded_index().search(q, k, nprobe=nprobe, ef_search=ef_search)
+        scores, ids = self._sharded_index().search(q, k, nprobe=nprobe, ef_search=ef_search)
+        return scores, self._from_index_ids(ids)
 
     # -- encoder -------------------------------------------------------------------------------
 

@@ -7,12 +7,21 @@ converting float16 to float32 one batch at a time, so a float16 memmap of 10M ve
 memory as float32. Search parameters (nprobe, efSearch) go with each call (``search``) and never
 mutate the index, which other requests share. ``ShardedIndex`` searches several indexes (one per
 gallery shard or machine) as one gallery.
+
+Indexes bigger than RAM (``IndexPlan.on_disk``) are built the autofaiss way, which is also how many
+workers build one gallery: ``train_empty_index`` trains the quantizer (and PQ codebooks) once on a
+sample; ``add_shard`` adds each shard's vectors to a copy of that empty index with global ids and
+saves it (temp file + rename, so a shard redone after a crash replaces its file, never appends);
+``merge_shards`` merges the shards' inverted lists into one ``OnDiskInvertedLists`` file
+(``faiss.contrib.ondisk.merge_ondisk``: ``<name>.faiss`` + ``<name>.ivfdata``), which
+``load_ondisk_index`` memory-maps read-only. Shards made from different trained indexes are refused.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,21 +36,29 @@ import numpy as np
 from .errors import ConfigError
 
 __all__ = [
+    "IVF_KINDS",
     "KINDS",
     "IndexPlan",
     "ShardedIndex",
+    "add_shard",
     "build_index",
     "choose_index",
     "default_nprobe",
     "exact_search",
+    "is_memory_mapped",
     "load_index",
+    "load_ondisk_index",
+    "merge_shards",
     "recall_at_k",
     "rerank",
     "save_index",
     "search",
+    "train_empty_index",
 ]
 
 KINDS = ("flat", "hnsw", "ivf_flat", "ivf_pq")
+IVF_KINDS = ("ivf_flat", "ivf_pq")  # the kinds that can be trained once, filled per shard and merged on disk
+IVFDATA_SUFFIX = ".ivfdata"  # the inverted lists of a merged on-disk index, beside its .faiss file
 
 # Size rules of ``choose_index`` (kind="auto").
 FLAT_MAX_N = 50_000  # below this, exact search is fast enough and needs no training
@@ -328,6 +345,20 @@ def _sample_from_chunks(
     return out
 
 
+def _new_index(plan: IndexPlan, dim: int) -> faiss.Index:
+    index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    hnsw = _hnsw_of(index)
+    if hnsw is not None:
+        hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    ivf = faiss.try_extract_index_ivf(index)
+    ivfpq: Any = faiss.downcast_index(ivf) if ivf is not None else None
+    if isinstance(ivfpq, faiss.IndexIVFPQ):
+        # Polysemous codes serve Hamming pre-filtering, which search() never uses, and training
+        # them costs ~10x the PQ itself.
+        ivfpq.do_polysemous_training = False  # type: ignore[attr-defined]  # missing from the stubs
+    return index
+
+
 def build_index(
     vectors: Vectors,
     plan: IndexPlan | None = None,
@@ -369,16 +400,7 @@ def build_index(
     if plan.dim and plan.dim != dim:
         raise ConfigError(f"the plan is for {plan.dim}-d vectors but the vectors are {dim}-d")
 
-    index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
-    hnsw = _hnsw_of(index)
-    if hnsw is not None:
-        hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-    ivf = faiss.try_extract_index_ivf(index)
-    ivfpq: Any = faiss.downcast_index(ivf) if ivf is not None else None
-    if isinstance(ivfpq, faiss.IndexIVFPQ):
-        # Polysemous codes serve Hamming pre-filtering, which search() never uses, and training
-        # them costs ~10x the PQ itself.
-        ivfpq.do_polysemous_training = False  # type: ignore[attr-defined]  # missing from the stubs
+    index = _new_index(plan, dim)
     needs_training = not index.is_trained
 
     chunks: Iterable[np.ndarray]
@@ -443,6 +465,146 @@ def build_index(
         )
     _set_defaults(index)
     return index
+
+
+# --------------------------------------------------------------------------- trained once, filled per shard, merged on disk
+
+
+def train_empty_index(sample: np.ndarray, plan: IndexPlan, *, seed: int = 0) -> faiss.Index:
+    """The IVF (or IVF-PQ) index of ``plan``, trained on ``sample`` (L2-normalized rows [m, d],
+    float16/float32, e.g. a random sample of the gallery) and holding no vectors: the index every
+    shard of a distributed build copies (``add_shard``), so that their lists can be merged."""
+    if plan.kind not in IVF_KINDS:
+        raise ConfigError(
+            f"only IVF indexes ({', '.join(IVF_KINDS)}) can be trained once and filled shard by shard, "
+            f"the plan is {plan.kind!r}; plan with kind='ivf_flat' or 'ivf_pq'"
+        )
+    x = _as_float32_rows(sample, plan.dim or None, "training vectors")
+    if len(x) == 0:
+        raise ConfigError("no training vectors; the sample of the gallery is empty")
+    _check_normalized(x, "training vectors")
+    if plan.kind == "ivf_pq" and len(x) < PQ_MIN_TRAIN:
+        raise ConfigError(
+            f"ivf_pq needs at least {PQ_MIN_TRAIN} training vectors, got {len(x)}; use kind='ivf_flat'"
+        )
+    index = _new_index(plan, x.shape[1])
+    _train(index, x, seed)
+    _set_defaults(index)
+    return index
+
+
+def _ivf(index: faiss.Index, what: str) -> Any:
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        raise ConfigError(
+            f"{what} is not an IVF index; shards are filled copies of train_empty_index's index"
+        )
+    return ivf
+
+
+def add_shard(
+    trained: faiss.Index | str | Path,
+    vectors: np.ndarray | Iterable[np.ndarray],
+    id_start: int,
+    out_path: str | Path,
+    *,
+    add_batch: int = 262_144,
+) -> Path:
+    """Add ``vectors`` ([n, d] L2-normalized, a memmap is fine, or chunks) to a copy of the empty
+    ``trained`` index (the index or its file) with ids ``id_start .. id_start + n - 1`` and save it
+    to ``out_path`` (temp file + rename). Ids are a function of the arguments only, so a shard redone
+    (a crashed or redelivered task) writes the same file again instead of adding its vectors twice."""
+    index = load_index(trained) if isinstance(trained, (str, Path)) else faiss.clone_index(trained)
+    ivf = _ivf(index, str(trained) if isinstance(trained, (str, Path)) else "the trained index")
+    if index.ntotal:
+        raise ConfigError(f"the trained index holds {index.ntotal} vectors already; pass the empty one")
+    if id_start < 0:
+        raise ConfigError(f"id_start must be >= 0, got {id_start}")
+    chunks = (
+        (vectors[s : s + add_batch] for s in range(0, len(vectors), add_batch))
+        if isinstance(vectors, np.ndarray)
+        else _batches(vectors, add_batch)
+    )
+    next_id = int(id_start)
+    for batch in chunks:
+        x = _as_float32_rows(batch, ivf.d, "vectors")
+        _check_normalized(x, "vectors")
+        index.add_with_ids(x, np.arange(next_id, next_id + len(x), dtype=np.int64))
+        next_id += len(x)
+    return save_index(index, out_path)
+
+
+def _centroids(index: faiss.Index) -> np.ndarray:
+    ivf = _ivf(index, "index")
+    return np.asarray(ivf.quantizer.reconstruct_n(0, ivf.nlist))
+
+
+def merge_shards(trained: str | Path, shard_paths: Sequence[str | Path], out_path: str | Path) -> Path:
+    """Merge the inverted lists of ``shard_paths`` (``add_shard`` outputs of the same ``trained``
+    index file) into one on-disk index: ``out_path`` (the trained index pointing at its lists) and
+    ``out_path`` with suffix ``.ivfdata`` (the lists, ``faiss.contrib.ondisk.merge_ondisk``). Both
+    are written in a temp folder beside and renamed into place (lists first), so a reader never sees
+    a half-merged index. Load it with ``load_ondisk_index``. Shards trained apart are refused: their
+    lists would be searched with the wrong centroids."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    trained, out_path = Path(trained), Path(out_path)
+    if not shard_paths:
+        raise ConfigError("no shards to merge; add_shard writes one index file per shard")
+    index = load_index(trained)
+    ivf = _ivf(index, str(trained))
+    if index.ntotal:
+        raise ConfigError(f"{trained} holds {index.ntotal} vectors; merge into the empty trained index")
+    centroids = _centroids(index)
+    for shard in shard_paths:
+        part = load_index(shard, mmap=True)  # the lists are not read, only the quantizer
+        if part.d != index.d or not np.array_equal(_centroids(part), centroids):
+            raise ConfigError(
+                f"shard {shard} was not filled from {trained} (different trained quantizer); rebuild it "
+                "with add_shard from that trained index: lists of indexes trained apart cannot be merged"
+            )
+        del part
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.parent / f".merge-{out_path.name}.{os.getpid()}.{time.monotonic_ns()}"
+    tmp.mkdir()
+    ivfdata = out_path.with_name(out_path.stem + IVFDATA_SUFFIX)
+    try:
+        tmp_data = tmp / ivfdata.name  # the index records this name; load_ondisk_index looks beside it
+        merge_ondisk(index, [str(p) for p in shard_paths], str(tmp_data))
+        index.ntotal = ivf.ntotal  # merge_ondisk sets it on the IVF part, which may be wrapped
+        faiss.write_index(index, str(tmp / out_path.name))
+        del index, ivf
+        os.replace(tmp_data, ivfdata)
+        os.replace(tmp / out_path.name, out_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_path
+
+
+def load_ondisk_index(path: str | Path) -> faiss.Index:
+    """A ``merge_shards`` index: its inverted lists are memory-mapped read-only from the
+    ``.ivfdata`` file beside ``path`` (found there even when the folder was moved), so only the
+    quantizer is in memory and the lists come from disk (the page cache) as searches touch them."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no index file at {path}; build the gallery's index first (kt gallery build)")
+    data = path.with_name(path.stem + IVFDATA_SUFFIX)
+    if not data.is_file():
+        raise ConfigError(f"{path} has no inverted lists file {data.name} beside it; rebuild the index")
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError as e:
+        raise ConfigError(f"{path} is not a readable on-disk FAISS index ({e}); rebuild the index") from e
+
+
+def is_memory_mapped(index: faiss.Index) -> bool:
+    """Whether ``index``'s inverted lists are memory-mapped from a file (an on-disk index, or one
+    read with ``load_index(mmap=True)``) rather than held in memory."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return False
+    lists: Any = ivf.invlists
+    return lists is not None and isinstance(faiss.downcast_InvertedLists(lists), faiss.OnDiskInvertedLists)
 
 
 # --------------------------------------------------------------------------- searching

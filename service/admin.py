@@ -142,6 +142,9 @@ def gallery_index_kind(meta: dict[str, Any]) -> str:
         return "none"
     if not isinstance(index, dict):
         return str(index)
+    on_disk = index.get("on_disk")
+    if isinstance(on_disk, dict) and isinstance(on_disk.get("plan"), dict) and on_disk["plan"].get("kind"):
+        return f"{on_disk['plan']['kind']} (on disk)"  # one IVF index over all shards, lists memory-mapped
     built = []
     for shard in index.get("shards") or []:
         kind = ((shard or {}).get("plan") or {}).get("kind") if isinstance(shard, dict) else None
