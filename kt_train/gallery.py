@@ -449,8 +449,10 @@ def _finalize(
     *,
     index_kind: str | None,
     memory_budget_bytes: int | None,
+    make_index: Callable[[Gallery], None] | None = None,
 ) -> Gallery:
-    """Contiguous ids across shards, the per-shard indexes, then gallery.json 'complete' + _SUCCESS."""
+    """Contiguous ids across shards, the per-shard indexes (or ``make_index``'s), then gallery.json
+    'complete' + _SUCCESS."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -479,7 +481,9 @@ def _finalize(
     doc.update(count=offset, shards=shards, skipped=skipped, num_skipped=num_skipped, index=None)
     atomic_write_json(out / GALLERY_JSON, doc)
     gallery = Gallery(out, doc)
-    if index_kind is not None:
+    if make_index is not None:
+        make_index(gallery)
+    elif index_kind is not None:
         gallery.build_index(index_kind, memory_budget_bytes=memory_budget_bytes)
     gallery.doc["status"] = "complete"
     atomic_write_json(out / GALLERY_JSON, gallery.doc)
