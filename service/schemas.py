@@ -602,6 +602,11 @@ class GalleryBuildCreate(_Request):
     batch_size: int = Field(128, ge=1, le=4096)
     shard_size: int = Field(50_000, ge=1, le=10_000_000, description="Images per shard (the unit of resume).")
     device: str | None = _DEVICE
+    distributed: bool = Field(
+        False,
+        description="Build as a Celery canvas: the quantizer trained once, one task per shard taken by any "
+        "worker of the queue, the shards merged into one on-disk IVF index. Needs two or more worker slots.",
+    )
 
 
 class GalleryPublic(BaseModel):

@@ -24,7 +24,7 @@ REDIS_SCHEMES = ("redis://", "rediss://", "redis+socket://")
 
 def make_celery(settings: Settings) -> Celery:
     """A Celery app for ``settings`` (the worker's is ``celery_app``; tests make their own)."""
-    app = Celery("kt", include=["worker.tasks"])
+    app = Celery("kt", include=["worker.tasks", "worker.gallery_tasks"])
     app.conf.update(
         broker_url=settings.broker_url,
         result_backend=settings.result_backend,

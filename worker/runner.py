@@ -35,7 +35,7 @@ from kt_train import pipeline
 from kt_train.config import TrainConfig, parse_config
 from kt_train.costs import measure_model_costs
 from kt_train.errors import ConfigError, KTError, WeightsNotFoundError
-from kt_train.gallery import DEFAULT_ENCODER, build_gallery
+from kt_train.gallery import DEFAULT_ENCODER, Gallery, build_gallery
 from kt_train.io import SUCCESS, is_disk_full
 from kt_train.progress import EMBED, Phase, ProgressTracker, format_duration, plan_phases, rate_text
 from service.admin import register_gallery
@@ -625,18 +625,19 @@ def _run_build_gallery(
     def progress(done: int, total: int, images_per_s: float) -> None:
         reporter.report_units(EMBED, done, total, f"{done}/{total} images, {images_per_s:.1f}/s")
 
-    gallery = build_gallery(
-        [str(s) for s in sources],
-        out,
-        encoder=str(raw.get("encoder") or DEFAULT_ENCODER),
-        image_size=raw.get("image_size"),
-        name=name,
-        batch_size=int(raw.get("batch_size") or 128),
-        shard_size=int(raw.get("shard_size") or 50_000),
-        index_kind=str(raw.get("index_kind") or "auto"),
-        progress=progress,
-        device=None if device in (None, "auto") else str(device),
-    )
+    options: dict[str, Any] = {
+        "encoder": str(raw.get("encoder") or DEFAULT_ENCODER),
+        "image_size": raw.get("image_size"),
+        "name": name,
+        "batch_size": int(raw.get("batch_size") or 128),
+        "shard_size": int(raw.get("shard_size") or 50_000),
+        "index_kind": str(raw.get("index_kind") or "auto"),
+        "device": None if device in (None, "auto") else str(device),
+    }
+    if raw.get("distributed"):
+        gallery = _build_distributed(job, [str(s) for s in sources], out, options, reporter, joblog)
+    else:
+        gallery = build_gallery([str(s) for s in sources], out, progress=progress, **options)
     reporter.end_stage(stage)
     reporter.flush()  # a last cancel check before the gallery becomes visible
     seconds = round(time.perf_counter() - t0, 2)
@@ -662,6 +663,44 @@ def _run_build_gallery(
         job_row.finished_at, job_row.metrics, job_row.stage_timings = utcnow(), metrics, {stage: seconds}
         session.commit()
     joblog.write(f"gallery {row.name!r} registered as {row.id}")
+
+
+DISTRIBUTED_POLL_S = 1.0
+
+
+def _build_distributed(
+    job: Job, sources: list[str], out: Path, options: dict[str, Any], reporter: JobReporter, joblog: JobLog
+) -> Gallery:
+    """A ``distributed`` gallery build: plan it here, send the Celery canvas of
+    ``worker.gallery_tasks`` (train the quantizer, one task per shard, merge) to the job's queue,
+    and hold the job (heartbeat, progress = shards done / total, cancel) until the canvas has marked
+    the gallery complete. A retried job plans the same build again and sends the canvas again: its
+    finished steps are kept (every step is idempotent). Needs a free worker slot besides this one."""
+    from kt_train import gallery_shards
+    from worker import gallery_tasks
+
+    device = options.pop("device")
+    info = gallery_shards.plan_distributed_build(sources, out, device=device, **options)
+    if not info["complete"]:
+        result = gallery_tasks.dispatch(str(out), info["shards"], queue=job.queue, device=device)
+        joblog.write(
+            f"distributed build: {info['listed']} images in {info['shards']} shard task(s) on queue "
+            f"{job.queue}, index {info['index']}"
+        )
+        try:
+            while not ((out / SUCCESS).is_file() and gallery_shards.shards_done(out)[0] == info["shards"]):
+                done, total = gallery_shards.shards_done(out)
+                reporter.report_units(EMBED, done, max(total, 1), f"{done}/{total} shards")
+                why = gallery_tasks.failure(result)
+                if why is not None:
+                    raise ConfigError(f"distributed gallery build: {why}")
+                time.sleep(DISTRIBUTED_POLL_S)
+        except Cancelled:
+            gallery_tasks.revoke(result)
+            raise
+        n = info["shards"]
+        reporter.report_units(EMBED, n, max(n, 1), f"{n}/{n} shards, merged on disk")
+    return Gallery.open(out)
 
 
 def _warnings(name: str, res: dict[str, Any]) -> list[str]:

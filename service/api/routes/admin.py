@@ -151,6 +151,7 @@ def build_gallery(
         "batch_size": body.batch_size,
         "shard_size": body.shard_size,
         "device": body.device,
+        "distributed": body.distributed,
     }
     request = body.model_dump(mode="json")
     job = submit_job(session, settings, tenant, "build_gallery", config, request, device=body.device)
