@@ -347,6 +347,14 @@ def gallery_build(
         str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when present)")
     ] = None,
     progress_interval: ProgressIntervalOpt = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="N > 1: train the IVF quantizer once, embed and index the shards in N processes, merge "
+            "them into one on-disk index (kt_train.gallery_shards; the service runs the same steps as a "
+            "Celery canvas)"
+        ),
+    ] = 1,
 ) -> None:
     """Embed images into a gallery (resumable: finished shards are kept), then index it.
 
@@ -362,6 +370,24 @@ def gallery_build(
         parsed.append((src, split) if sep else src)
 
     def build(progress: Any) -> Any:
+        if workers > 1:
+            from .gallery_shards import build_gallery_parallel
+
+            return build_gallery_parallel(
+                parsed,
+                out,
+                workers=workers,
+                encoder=encoder or DEFAULT_ENCODER,
+                image_size=image_size,
+                name=name,
+                batch_size=batch_size,
+                shard_size=shard_size,
+                index_kind=index,
+                memory_budget_bytes=int(memory_gb * 2**30) if memory_gb else None,
+                overwrite=overwrite,
+                device=device,
+                progress=lambda done, total: progress(done, total, 0.0),
+            )
         return build_gallery(
             parsed,
             out,

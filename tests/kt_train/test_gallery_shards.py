@@ -92,3 +92,19 @@ def test_a_small_flat_plan_skips_training_and_indexes_per_shard(tmp_path: Path) 
     assert not (out / "index" / "trained.faiss").exists()
     _, ids = g.search(g.vectors([4, 11]), 1)
     assert ids[:, 0].tolist() == [4, 11]
+
+
+def test_kt_gallery_build_with_workers_merges_on_disk(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kt_train.cli import app
+
+    src = make_images(tmp_path / "src", 30)
+    out = tmp_path / "g"
+    args = ["gallery", "build", str(src), "-o", str(out), "--encoder", ENCODER, "--image-size", "32"]
+    res = CliRunner().invoke(app, [*args, "--shard-size", "10", "--index", "ivf_flat", "--workers", "2"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    g = Gallery.open(out)
+    assert g.count == 30 and g.doc["index"]["on_disk"]["path"] == "index/merged.faiss"
+    _, ids = g.search(g.vectors([0, 29]), 1, nprobe=64)
+    assert ids[:, 0].tolist() == [0, 29]
