@@ -310,6 +310,25 @@ class _ShardBuffer:
     def complete(self) -> bool:
         return self.received == self.stop - self.start
 
+    def take(self, batch: dict[str, Any], vecs: np.ndarray | None, listing: Any) -> tuple[int, list[str]]:
+        """Add a batch's rows (``vecs`` holds the readable images' embeddings, in order); returns
+        how many were embedded and the errors of the images that could not be read."""
+        j, errors = 0, []
+        for pos, w, h, err in zip(batch["pos"], batch["width"], batch["height"], batch["error"], strict=True):
+            if err is not None:
+                self.skipped.append({"source": listing.source[pos], "key": listing.key[pos], "error": err})
+                errors.append(err)
+                continue
+            assert vecs is not None
+            self.emb[self.rows] = vecs[j]
+            self.rows += 1
+            j += 1
+            self.positions.append(pos)
+            self.width.append(w)
+            self.height.append(h)
+        self.received += len(batch["pos"])
+        return j, errors
+
 
 class _ShardBatches:
     """Batches of listing positions that never straddle two shards (a batch sampler, built lazily)."""
@@ -579,22 +598,11 @@ def build_gallery(
         vecs = vectors.cpu().numpy().astype(np.float16) if vectors is not None else None
         k = batch["pos"][0] // shard_size
         buf = buffers.get(k) or buffers.setdefault(k, _ShardBuffer(k, ranges[k][0], ranges[k][1], enc.dim))
-        j = 0
-        for pos, w, h, err in zip(batch["pos"], batch["width"], batch["height"], batch["error"], strict=True):
-            if err is not None:
-                buf.skipped.append({"source": listing.source[pos], "key": listing.key[pos], "error": err})
-                if warned < _MAX_WARNINGS:
-                    log.warning("gallery %s: skipping %s", out.name, err)
-                warned += 1
-                continue
-            assert vecs is not None
-            buf.emb[buf.rows] = vecs[j]
-            buf.rows += 1
-            j += 1
-            buf.positions.append(pos)
-            buf.width.append(w)
-            buf.height.append(h)
-        buf.received += len(batch["pos"])
+        j, errors = buf.take(batch, vecs, listing)
+        for err in errors:
+            if warned < _MAX_WARNINGS:
+                log.warning("gallery %s: skipping %s", out.name, err)
+            warned += 1
         done += len(batch["pos"])
         embedded += j
         if buf.complete:

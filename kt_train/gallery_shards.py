@@ -179,19 +179,7 @@ def _embed(
             if len(batch["pixels"])
             else None
         )
-        j = 0
-        for pos, w, h, err in zip(batch["pos"], batch["width"], batch["height"], batch["error"], strict=True):
-            if err is not None:
-                buf.skipped.append({"source": listing.source[pos], "key": listing.key[pos], "error": err})
-                continue
-            assert vecs is not None
-            buf.emb[buf.rows] = vecs[j]
-            buf.rows += 1
-            j += 1
-            buf.positions.append(pos)
-            buf.width.append(w)
-            buf.height.append(h)
-        buf.received += len(batch["pos"])
+        buf.take(batch, vecs, listing)
     return buf
 
 
