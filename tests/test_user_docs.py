@@ -62,3 +62,13 @@ def test_tutorial_commands_exist(words: list[str]) -> None:
         words = words[:1]
     res = CliRunner().invoke(app, [*words, "--help"])
     assert res.exit_code == 0, f"kt {' '.join(words)} --help: {res.output}"
+
+
+def test_scale_plan_cites_committed_measurements() -> None:
+    """docs/scale.md derives every figure from bench/results/: each file it names must exist."""
+    text = (REPO / "docs" / "scale.md").read_text()
+    cited = set(re.findall(r"bench/results/[\w.-]+\.(?:json|md)", text))
+    assert cited, "docs/scale.md names no bench/results file; say where each figure comes from"
+    missing = sorted(c for c in cited if not (REPO / c).is_file())
+    assert not missing, f"docs/scale.md cites results that are not committed: {missing}"
+    assert "docs/scale.md" in (REPO / "README.md").read_text()
