@@ -309,13 +309,16 @@ gallery_app = typer.Typer(
 app.add_typer(gallery_app, name="gallery")
 
 
-def _gallery_progress(progress: Progress, what: str) -> Any:
+def _gallery_progress(progress: Progress, what: str, unit: str = "image") -> Any:
+    """A bar of ``unit``s (images, or a ``--workers N`` build's shards, which reports no rate)."""
     task: dict[str, TaskID] = {}
+    label = what if unit == "image" else f"{what} ({unit}s)"
 
     def update(done: int, total: int, rate: float) -> None:
         if "t" not in task:
-            task["t"] = progress.add_task(what, total=total, metrics="")
-        progress.update(task["t"], completed=done, total=total, metrics=f"{rate:.0f} img/s")
+            task["t"] = progress.add_task(label, total=total, metrics="")
+        metrics = f"{rate:.0f} img/s" if unit == "image" else ""
+        progress.update(task["t"], completed=done, total=total, metrics=metrics)
 
     return update
 
@@ -342,7 +345,9 @@ def gallery_build(
     index: Annotated[str, typer.Option(help="auto, flat, hnsw, ivf_flat or ivf_pq")] = "auto",
     memory_gb: Annotated[float | None, typer.Option(help="memory budget of the index in GB")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace a gallery built from other sources")] = False,
-    num_workers: Annotated[int, typer.Option(help="image-decoding worker processes")] = 0,
+    num_workers: Annotated[
+        int, typer.Option(help="image-decoding worker processes (of each shard process with --workers N)")
+    ] = 0,
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when present)")
     ] = None,
@@ -385,8 +390,9 @@ def gallery_build(
                 index_kind=index,
                 memory_budget_bytes=int(memory_gb * 2**30) if memory_gb else None,
                 overwrite=overwrite,
+                num_workers=num_workers,
                 device=device,
-                progress=lambda done, total: progress(done, total, 0.0),
+                progress=lambda done, total: progress(done, total, 0.0),  # shards, not images
             )
         return build_gallery(
             parsed,
@@ -404,12 +410,13 @@ def gallery_build(
             progress=progress,
         )
 
+    unit = "shard" if workers > 1 else "image"  # build_gallery_parallel counts shards
     try:
         if console.is_terminal:
             with _progress() as bars:
-                g = build(_gallery_progress(bars, EMBED))
+                g = build(_gallery_progress(bars, EMBED, unit))
         else:
-            lines = _line_reporter([Phase(EMBED, 1, unit="image", group=EMBED)], progress_interval)
+            lines = _line_reporter([Phase(EMBED, 1, unit=unit, group=EMBED)], progress_interval)
             g = build(lambda done, total, _rate: lines.report(EMBED, done, total))
     except KTError as e:
         _fail(e)

@@ -9,6 +9,7 @@ A gallery is a directory::
     shards/shard-00000/_SUCCESS
     index/shard-00000.faiss            one index per shard (kt_train.index)
     index/merged.faiss + merged.ivfdata   or one IVF index over all shards, its lists on disk
+    listing/shard-00000.parquet        a distributed build's planned listing (gallery_shards)
     _SUCCESS                           the whole gallery is complete
 
 Ids are global and contiguous: ``0 .. count-1``, shard by shard (``id = id_offset + row``).
@@ -33,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import numpy as np
 import torch
@@ -253,6 +254,20 @@ class _Listing:
         return h.hexdigest()
 
 
+class _Rows(Protocol):
+    """What embedding and writing a shard read of a listing: a ``_Listing``, or the rows of one
+    shard read back from a planned build's listing files (``gallery_shards``)."""
+
+    datasets: list[ImageDataset]
+    ds_index: np.ndarray
+    item_index: np.ndarray
+    source: list[str]
+    key: list[str]
+    box: list[list[float] | None]
+    url: list[str | None]
+    caption: list[str | None]
+
+
 class _EmbedDataset(torch.utils.data.Dataset):
     """Position in the listing -> (uint8 pixels | None, position, width, height, error | None).
 
@@ -260,7 +275,7 @@ class _EmbedDataset(torch.utils.data.Dataset):
     readable one: a gallery must hold each image once, and say which ones it left out.
     """
 
-    def __init__(self, listing: _Listing, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __init__(self, listing: _Rows, transform: Callable[[Image.Image], torch.Tensor]) -> None:
         self.datasets = listing.datasets
         self.ds_index = listing.ds_index
         self.item_index = listing.item_index
@@ -310,7 +325,7 @@ class _ShardBuffer:
     def complete(self) -> bool:
         return self.received == self.stop - self.start
 
-    def take(self, batch: dict[str, Any], vecs: np.ndarray | None, listing: Any) -> tuple[int, list[str]]:
+    def take(self, batch: dict[str, Any], vecs: np.ndarray | None, listing: _Rows) -> tuple[int, list[str]]:
         """Add a batch's rows (``vecs`` holds the readable images' embeddings, in order); returns
         how many were embedded and the errors of the images that could not be read."""
         j, errors = 0, []
@@ -360,7 +375,7 @@ def _meta_table(ids: np.ndarray, cols: Mapping[str, Sequence[Any]]) -> Any:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _write_shard(shard_dir: Path, buf: _ShardBuffer, listing: _Listing, id_offset: int) -> dict[str, Any]:
+def _write_shard(shard_dir: Path, buf: _ShardBuffer, listing: _Rows, id_offset: int) -> dict[str, Any]:
     shard_dir.mkdir(parents=True, exist_ok=True)
     (shard_dir / SUCCESS).unlink(missing_ok=True)
     pos = buf.positions
@@ -424,7 +439,7 @@ def _prepare_out_dir(out: Path, plan: dict[str, Any], overwrite: bool) -> dict[s
                 f"{out} already holds gallery {doc.get('name')!r}, made with other {', '.join(sorted(diffs))}; "
                 f"use a new output directory, or pass overwrite=True (kt gallery build --overwrite) to replace it"
             )
-        for sub in ("shards", "index"):
+        for sub in ("shards", "index", "listing"):  # listing/: a distributed build's (gallery_shards)
             shutil.rmtree(out / sub, ignore_errors=True)
         for f in (SUCCESS, GALLERY_JSON):
             (out / f).unlink(missing_ok=True)

@@ -4,6 +4,7 @@ ids (gaps of unreadable images mapped away), and the same vectors as a one-proce
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,91 @@ def test_shards_in_any_order_and_twice_give_one_gallery_without_duplicate_ids(tm
     np.testing.assert_allclose(one.vectors(one.ids()), opened.vectors(opened.ids()), atol=2e-3)
 
 
+def test_shard_tasks_read_only_their_listing_file_and_match_the_one_process_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plan writes the listing once (listing/shard-<k>.parquet); the quantizer and the shards
+    never list the sources again, and the gallery is the one ``build_gallery`` makes: same ids,
+    metadata (tar sidecars' url/caption, crop boxes), skipped images and vectors."""
+    import json
+
+    from kt_train import data as kt_data
+    from kt_train import gallery as kt_gallery
+
+    from .test_gallery import write_img2dataset_shard
+
+    folder = make_images(tmp_path / "src", 40, broken=(7, 31))
+    tar = tmp_path / "shards" / "00000.tar"
+    tar.parent.mkdir()
+    write_img2dataset_shard(tar, [(f"{i:09d}", (10 * i, 200 - 10 * i, 90)) for i in range(6)])
+    crops = tmp_path / "crops"
+    for i in range(3):
+        write_image(crops / f"c_{i}.png", 30, 26, seed=100 + i)
+    manifest = crops / "boxes.jsonl"
+    lines = [
+        {"path": "c_0.png", "box": [1.5, 2.25, 20.75, 19.5]},
+        {"path": str(crops / "c_1.png"), "box": None},
+        {"path": "c_2.png", "box": [0, 0, 10, 12]},
+        {"path": "broken.png"},  # not an image: skipped by its shard task
+    ]
+    (crops / "broken.png").write_bytes(b"not an image")
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    sources = [folder, tar, manifest]
+    kw = {"encoder": ENCODER, "image_size": 32, "shard_size": 20, "batch_size": 8, "device": "cpu"}
+
+    out = tmp_path / "g"
+    info = gs.plan_distributed_build(sources, out, index_kind="ivf_flat", train_size=30, **kw)
+    assert (info["shards"], info["listed"]) == (3, 50)
+    files = sorted(p.name for p in (out / "listing").iterdir())
+    assert files == ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+    # a lost listing file is written again by planning again; the others are kept
+    (out / "listing" / "shard-00001.parquet").unlink()
+    kept = (out / "listing" / "shard-00000.parquet").stat().st_mtime_ns
+    gs.plan_distributed_build(sources, out, index_kind="ivf_flat", train_size=30, **kw)
+    assert (out / "listing" / "shard-00001.parquet").is_file()
+    assert (out / "listing" / "shard-00000.parquet").stat().st_mtime_ns == kept
+
+    def no_listing(*_a: object, **_k: object) -> None:
+        raise AssertionError("a step after the plan listed the sources")
+
+    for mod, attr in (
+        (gs, "_Listing"),
+        (kt_gallery, "_Listing"),
+        (kt_gallery, "_tar_sidecars"),
+        (kt_gallery, "load_unlabeled"),
+        (kt_data, "load_unlabeled"),
+    ):
+        monkeypatch.setattr(mod, attr, no_listing)
+    assert gs.train_quantizer(out) is not None
+    gs.build_shard(out, 2)
+    gs.build_shard(out, 0, num_workers=1)  # the loader's decoding processes
+    (out / "listing" / "shard-00001.parquet").unlink()
+    with pytest.raises(DatasetError, match="cannot read the listing of shard 1"):
+        gs.build_shard(out, 1)
+    monkeypatch.undo()
+    gs.plan_distributed_build(sources, out, index_kind="ivf_flat", train_size=30, **kw)
+    for mod, attr in ((gs, "_Listing"), (kt_gallery, "_Listing"), (kt_gallery, "load_unlabeled")):
+        monkeypatch.setattr(mod, attr, no_listing)
+    gs.build_shard(out, 1)
+    g = gs.finish_build(out)
+    monkeypatch.undo()
+
+    one = build_gallery(sources, tmp_path / "one", index_kind="flat", **kw)
+    assert g.count == one.count == 47
+    assert g.metadata() == one.metadata()
+
+    def skipped(doc: dict) -> list:  # without the addresses of the decoder's BytesIO objects
+        return [{**s, "error": re.sub(r"0x[0-9a-f]+", "0x", s["error"])} for s in doc["skipped"]]
+
+    assert skipped(g.doc) == skipped(one.doc) and g.doc["num_skipped"] == one.doc["num_skipped"] == 3
+    assert any(s["key"] == "broken.png" for s in g.doc["skipped"])
+    rows = {r["key"]: r for r in g.metadata()}
+    assert rows["000000002.jpg"]["url"] == "https://example.com/000000002.jpg"
+    assert rows["c_0.png"]["box"] == pytest.approx([1.5, 2.25, 20.75, 19.5])
+    np.testing.assert_allclose(one.vectors(one.ids()), g.vectors(g.ids()), atol=2e-3)
+    assert [s["count"] for s in g.doc["shards"]] == [s["count"] for s in one.doc["shards"]]
+
+
 def test_a_small_flat_plan_skips_training_and_indexes_per_shard(tmp_path: Path) -> None:
     src = make_images(tmp_path / "src", 12)
     out = tmp_path / "g"
@@ -104,6 +190,7 @@ def test_kt_gallery_build_with_workers_merges_on_disk(tmp_path: Path) -> None:
     args = ["gallery", "build", str(src), "-o", str(out), "--encoder", ENCODER, "--image-size", "32"]
     res = CliRunner().invoke(app, [*args, "--shard-size", "10", "--index", "ivf_flat", "--workers", "2"])
     assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "embed: done, 3 shards" in res.output  # the progress counts shards, not images
     g = Gallery.open(out)
     assert g.count == 30 and g.doc["index"]["on_disk"]["path"] == "index/merged.faiss"
     _, ids = g.search(g.vectors([0, 29]), 1, nprobe=64)
