@@ -375,6 +375,18 @@ def gallery_build(
         parsed.append((src, split) if sep else src)
 
     def build(progress: Any) -> Any:
+        common: dict[str, Any] = {
+            "encoder": encoder or DEFAULT_ENCODER,
+            "image_size": image_size,
+            "name": name,
+            "batch_size": batch_size,
+            "shard_size": shard_size,
+            "index_kind": index,
+            "memory_budget_bytes": int(memory_gb * 2**30) if memory_gb else None,
+            "overwrite": overwrite,
+            "num_workers": num_workers,
+            "device": device,
+        }
         if workers > 1:
             from .gallery_shards import build_gallery_parallel
 
@@ -382,33 +394,10 @@ def gallery_build(
                 parsed,
                 out,
                 workers=workers,
-                encoder=encoder or DEFAULT_ENCODER,
-                image_size=image_size,
-                name=name,
-                batch_size=batch_size,
-                shard_size=shard_size,
-                index_kind=index,
-                memory_budget_bytes=int(memory_gb * 2**30) if memory_gb else None,
-                overwrite=overwrite,
-                num_workers=num_workers,
-                device=device,
                 progress=lambda done, total: progress(done, total, 0.0),  # shards, not images
+                **common,
             )
-        return build_gallery(
-            parsed,
-            out,
-            encoder=encoder or DEFAULT_ENCODER,
-            image_size=image_size,
-            name=name,
-            batch_size=batch_size,
-            shard_size=shard_size,
-            index_kind=index,
-            memory_budget_bytes=int(memory_gb * 2**30) if memory_gb else None,
-            overwrite=overwrite,
-            num_workers=num_workers,
-            device=device,
-            progress=progress,
-        )
+        return build_gallery(parsed, out, progress=progress, **common)
 
     unit = "shard" if workers > 1 else "image"  # build_gallery_parallel counts shards
     try:

@@ -308,6 +308,18 @@ def _collate(samples: list[tuple[torch.Tensor | None, int, int, int, str | None]
 # building
 
 
+def _build_plan(listing: Any, desc: dict[str, Any], shard_size: int) -> dict[str, Any]:
+    """What a build is made of (its sources, encoder, shard size and listing), recorded in the
+    build dir so a resumed build, one process or many, checks it is the same build."""
+    return {
+        "sources": listing.records,
+        "encoder": desc,
+        "shard_size": int(shard_size),
+        "listed": len(listing),
+        "listing_sha1": listing.fingerprint(),
+    }
+
+
 class _ShardBuffer:
     """Rows of one shard as batches come back, written out when the last position arrives."""
 
@@ -568,13 +580,7 @@ def build_gallery(
     else:
         enc = Encoder.from_spec(str(encoder), image_size=image_size, device=device, batch_size=batch_size)
     desc = enc.describe()
-    plan = {
-        "sources": listing.records,
-        "encoder": desc,
-        "shard_size": int(shard_size),
-        "listed": total,
-        "listing_sha1": listing.fingerprint(),
-    }
+    plan = _build_plan(listing, desc, shard_size)
     existing = _prepare_out_dir(out, plan, overwrite)
     if existing is not None and existing.get("status") == "complete":
         try:

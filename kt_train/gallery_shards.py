@@ -55,6 +55,7 @@ from .gallery import (
     SourceArg,
     _abs,
     _base_doc,
+    _build_plan,
     _collate,
     _EmbedDataset,
     _finalize,
@@ -230,13 +231,7 @@ def plan_distributed_build(
     total = len(listing)
     enc = Encoder.from_spec(str(encoder), image_size=image_size, device=device, batch_size=batch_size)
     desc = enc.describe()
-    plan = {
-        "sources": listing.records,
-        "encoder": desc,
-        "shard_size": int(shard_size),
-        "listed": total,
-        "listing_sha1": listing.fingerprint(),
-    }
+    plan = _build_plan(listing, desc, shard_size)
     n_shards = math.ceil(total / shard_size)
     index_plan = kt_index.choose_index(
         total, enc.dim, memory_budget_bytes=memory_budget_bytes, kind=index_kind
