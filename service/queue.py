@@ -52,6 +52,17 @@ def queue_for(device: str | None, settings: Settings) -> str:
     return settings.default_queue
 
 
+def stage_queue(stage: str, device: str | None, settings: Settings) -> str | None:
+    """The queue stage ``stage`` of a pipeline job asking for ``device`` runs on, or ``None`` for
+    "where the job already is". Stages are routed only while ``settings.stage_queues``
+    (``KT_STAGE_QUEUES``) names some, and only for a job that names no device (or ``auto``): a stage
+    named there runs on its queue, the others on ``settings.default_queue``. A job asking for
+    ``cpu`` or ``cuda`` stays on that device's queue (``queue_for``) from its first stage to its last."""
+    if not settings.stage_queues or device not in (None, "auto"):
+        return None
+    return settings.stage_queues.get(stage, settings.default_queue)
+
+
 def enqueue_job(settings: Settings, job_id: str, queue: str = DEFAULT_QUEUE) -> None:
     """Send ``kt.run_job(job_id)`` to ``queue``; raises when the broker can't be reached."""
     if queue not in QUEUES:

@@ -110,6 +110,15 @@ class Settings(BaseSettings):
         description="Celery queue of jobs whose request names no device (`device: cuda` always goes to "
         "`gpu`, `device: cpu` to `cpu`). Set `gpu` where GPU workers should take every job.",
     )
+    # per-stage queues (issue 16 part 3): a pipeline job is a chain of stage tasks (worker.tasks)
+    stage_queues: Annotated[dict[str, Literal["cpu", "gpu"]], NoDecode] = Field(
+        default_factory=dict,
+        description="The queue each stage of a pipeline job runs on, for jobs whose request names no "
+        "device: a JSON object or `stage=queue` pairs separated by `,`, e.g. `curate=cpu,distill=gpu`. "
+        "A stage it does not name runs on `default_queue`; a job that names a device (`cpu`, `cuda`) "
+        "runs every stage on that device's queue. Empty (the default): every stage runs where the job "
+        "was queued, one stage after the other on the worker that started it.",
+    )
     job_heartbeat_timeout_s: float = Field(
         default=300.0,
         gt=0,
@@ -261,6 +270,31 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("stage_queues", mode="before")
+    @classmethod
+    def _parse_stage_queues(cls, value: Any) -> Any:
+        """``KT_STAGE_QUEUES`` as a JSON object or ``stage=queue`` pairs; only the pipeline's stages."""
+        from kt_train.config import STAGES  # torch-free, like every kt_train.config import of the service
+
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("{"):
+                value = json.loads(text)
+            else:
+                pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+                if any(len(pair) != 2 for pair in pairs):
+                    raise ValueError(
+                        f"KT_STAGE_QUEUES {text!r}: give `stage=queue` pairs, e.g. `curate=cpu,distill=gpu`"
+                    )
+                value = {k.strip(): v.strip() for k, v in pairs}
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(STAGES))
+            if unknown:
+                raise ValueError(
+                    f"KT_STAGE_QUEUES names no stage {unknown}; the stages are {', '.join(STAGES)}"
+                )
         return value
 
     @field_validator("webhook_allowed_networks")

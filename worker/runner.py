@@ -13,6 +13,14 @@ shards of a gallery), so running the same job again after a crash continues wher
 run stopped (temp files a killed attempt left behind are removed first); running a finished or
 canceled job again does nothing. A full disk fails the job at once with a message naming the file
 and ``KT_DATA_DIR`` (retrying can't help until space is freed; then ``POST /v1/jobs/{id}/retry``).
+
+Per-stage queues (``KT_STAGE_QUEUES``, ``service.queue.stage_queue``): a Celery task runs a job's
+stages while they belong to the queue it serves (``serving``); at the first stage that belongs to
+another queue it hands the job off (``hand_off``): the row goes back to ``queued`` on that queue,
+marked with the stage it goes on at (``worker.scheduler.HANDOFF``), and ``dispatch`` sends the chain
+of stage tasks that carries the job on (``worker.tasks``). The worker that takes it there continues
+the same attempt from the stages done on disk under the shared data dir. Without stage queues (the
+default) no job is handed off: every stage runs on the worker that started the job, as before.
 """
 
 from __future__ import annotations
@@ -40,9 +48,11 @@ from kt_train.io import SUCCESS, is_disk_full
 from kt_train.progress import EMBED, Phase, ProgressTracker, format_duration, plan_phases, rate_text
 from service.admin import register_gallery
 from service.db.models import JOB_FINAL_STATUSES, Job, Model, utcnow
+from service.queue import stage_queue
 from service.settings import Settings
 from worker.joblog import JobLog, job_log_path
 from worker.liveness import Heartbeat, heartbeat_interval_s, stale, stop_requested
+from worker.scheduler import HANDOFF, continues_at
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +72,20 @@ class ClaimLost(Exception):
 
 class JobRetry(Exception):
     """An unexpected (non-user) error on an attempt that may still be retried."""
+
+
+# Sends the rest of a job's chain of stage tasks: (job id, [(first stage, queue), ...]), one link per
+# run of consecutive stages on one queue (``worker.tasks.send_chain``); raises when the broker refuses.
+Dispatch = Callable[[str, list[tuple[str, str]]], None]
+
+
+class HandOff(Exception):
+    """The next stage to run, ``stage``, belongs to another queue than the one this task serves:
+    the job is handed to the chain's next link there (``links``: the rest of the chain)."""
+
+    def __init__(self, stage: str, queue: str, links: list[tuple[str, str]]) -> None:
+        super().__init__(f"stage {stage} runs on queue {queue!r}")
+        self.stage, self.queue, self.links = stage, queue, links
 
 
 def job_run_dir(settings: Settings, job_id: str) -> Path:
@@ -336,6 +360,31 @@ def tenant_cache_dir(settings: Settings, tenant_id: str) -> Path:
     return Path(settings.data_dir) / "tenants" / tenant_id / "cache"
 
 
+def stage_queues(cfg: TrainConfig, settings: Settings, stages: Sequence[str]) -> list[tuple[str, str | None]]:
+    """(stage, the queue it runs on) for ``stages`` (``service.queue.stage_queue``); ``None``: where
+    the job is (no stage queues, a job that names its device, or a stage with nothing to do: curate
+    without a gallery)."""
+    out: list[tuple[str, str | None]] = []
+    for name in stages:
+        idle = name == "curate" and cfg.curate.gallery is None
+        out.append((name, None if idle else stage_queue(name, cfg.device, settings)))
+    return out
+
+
+def chain_links(routes: list[tuple[str, str | None]], here: str) -> list[tuple[str, str]]:
+    """The links of a chain of stage tasks for ``routes`` (``stage_queues``): (first stage, queue)
+    for each run of consecutive stages on one queue; a stage routed nowhere joins the run before it
+    (or ``here``, the queue the job is on, for the first)."""
+    links: list[tuple[str, str]] = []
+    current = here
+    for name, queue in routes:
+        queue = queue or current
+        if not links or queue != current:
+            links.append((name, queue))
+        current = queue
+    return links
+
+
 def _build_config(job: Job, settings: Settings) -> TrainConfig:
     data = {**_raw_config(job), "out_dir": str(job_run_dir(settings, job.id))}
     # the teacher-output cache lives in the tenant's store, whatever the config said: a second job
@@ -439,22 +488,37 @@ def run_claimed(
     retry_delay_s: float = 0.0,
     progress_interval_s: float = 2.0,
     log_interval_s: float = 30.0,
+    serving: str | None = None,
+    dispatch: Dispatch | None = None,
+    worker_name: str | None = None,
 ) -> str:
     """Run ``job``, which this worker has just claimed (``claim``, or the fair scheduler's
     ``worker.scheduler.claim_next``), to a final status; see ``run_job``. An unexpected error on
     an attempt that ``can_retry`` requeues the job not to be started before ``retry_delay_s``
-    from now (``jobs.run_after``: the backoff lives in the row, so no worker takes it early)."""
+    from now (``jobs.run_after``: the backoff lives in the row, so no worker takes it early).
+
+    ``serving``, ``dispatch``: the queue this Celery task serves and how to send the chain of stage
+    tasks; a pipeline job is run here up to its first stage on another queue, then handed off
+    (``hand_off``; returns ``"queued"``). Without them every stage runs here. ``worker_name`` (the
+    Celery node name; default the host name) is recorded per stage (``stage_timings["workers"]``)."""
     job_id = job.id
     joblog = JobLog(job_log_path(settings, job_id))
-    joblog.write(
-        f"attempt {job.attempts} of {job.kind} job started on {socket.gethostname()} (queue {job.queue})"
-    )
+    worker_name = worker_name or socket.gethostname()
+    goes_on = continues_at(job)
+    if goes_on is not None:
+        joblog.write(
+            f"attempt {job.attempts} goes on at stage {goes_on} on {worker_name} (queue {job.queue})"
+        )
+    else:
+        joblog.write(f"attempt {job.attempts} of {job.kind} job started on {worker_name} (queue {job.queue})")
+    if serving is None or dispatch is None:
+        serving = dispatch = None
     where: dict[str, Any] = {}  # the stage running now and its directory (for error messages)
     try:
         # the heartbeat first: it also tells this worker's row (and so a supervisor) which job it holds
         beat = Heartbeat(session_factory, job_id, heartbeat_interval_s(settings), attempt=job.attempts)
         with beat, joblog.capture():
-            if job.attempts > 1:
+            if job.attempts > 1 and goes_on is None:
                 stale_temps = remove_stale_temp_files(
                     job_run_dir(settings, job_id), heartbeat_interval_s(settings)
                 )
@@ -469,11 +533,22 @@ def run_claimed(
                 )
             else:
                 _run_stages(
-                    session_factory, job, settings, joblog, progress_interval_s, log_interval_s, where
+                    session_factory,
+                    job,
+                    settings,
+                    joblog,
+                    progress_interval_s,
+                    log_interval_s,
+                    where,
+                    serving=serving,
+                    worker_name=worker_name,
                 )
         log.info("job %s succeeded", job_id)
         joblog.write("job succeeded")
         return "succeeded"
+    except HandOff as hop:
+        assert dispatch is not None  # only a task that can send the chain hands off
+        return hand_off(session_factory, job, hop, joblog, dispatch)
     except ClaimLost as err:
         log.warning("job %s: attempt %d stops: %s", job_id, job.attempts, err)
         joblog.write(f"attempt {job.attempts} stopped: {err}")
@@ -515,17 +590,27 @@ def _run_stages(
     progress_interval_s: float,
     log_interval_s: float,
     where: dict[str, Any] | None = None,
+    *,
+    serving: str | None = None,
+    worker_name: str | None = None,
 ) -> None:
     """A ``pipeline`` or ``curate`` job: the stages of its training config, one after the other
     (``pipeline.run_order``: evaluate before export). An export format that fails its check leaves
     the job succeeded with a warning (``metrics.warnings``; the card's ``failed_formats``): the
-    model is registered with the formats that passed."""
+    model is registered with the formats that passed.
+
+    With ``serving`` (the queue of the Celery task running it), the first stage still to run that
+    belongs to another queue raises ``HandOff`` at that stage's boundary, after a last cancel check.
+    Stages an earlier task or attempt finished return their recorded outputs at once (``_SUCCESS``),
+    which feed the stages run here."""
     job_id = job.id
     timings: dict[str, Any] = dict(job.stage_timings or {})
+    workers: dict[str, str] = dict(timings.get("workers") or {})
     cfg = _build_config(job, settings)
     out_root = Path(cfg.out_dir)
     out_root.mkdir(parents=True, exist_ok=True)
     order = pipeline.run_order(cfg.stages)
+    routes = dict(stage_queues(cfg, settings, order)) if serving is not None else {}
     reporter = JobReporter(
         session_factory,
         job_id,
@@ -544,9 +629,15 @@ def _run_stages(
     pipeline.seed_run(cfg)  # as `kt train`: the models' init depends on the config, not on earlier jobs
     for name in order:
         resumed = (out_root / name / SUCCESS).is_file()
+        queue = routes.get(name)
+        if not resumed and serving is not None and queue is not None and queue != serving:
+            reporter.flush()  # a cancel asked for meanwhile ends the job here, at the stage boundary
+            rest = order[order.index(name) :]
+            raise HandOff(name, queue, chain_links(stage_queues(cfg, settings, rest), queue))
         if where is not None:
             where.update(stage=name, dir=out_root / name)
-        joblog.write(f"stage {name}: " + ("done by an earlier attempt, reusing it" if resumed else "started"))
+        started = f"started on {worker_name}" + (f" (queue {serving})" if serving else "")
+        joblog.write(f"stage {name}: " + ("done by an earlier attempt, reusing it" if resumed else started))
         reporter.begin_stage(name)
         t0 = time.perf_counter()
         res = funcs[name](cfg, dict(inputs), out_root / name, reporter)
@@ -559,6 +650,9 @@ def _run_stages(
         reporter.end_stage(name, done=resumed)
         if not resumed:
             joblog.write(f"stage {name}: finished in {timings[name]:.1f} s")
+            if worker_name is not None:
+                workers[name] = worker_name
+                timings["workers"] = dict(workers)
         for warning in _warnings(name, res):
             joblog.write(f"warning: {warning}")
         _set(session_factory, job_id, stage_timings=dict(timings))
@@ -573,6 +667,68 @@ def _run_stages(
         row.status, row.progress, row.eta_s, row.finished_at = "succeeded", 1.0, None, utcnow()
         row.metrics, row.stage_timings = metrics, timings
         session.commit()
+
+
+def hand_off(
+    session_factory: sessionmaker[Session], job: Job, hop: HandOff, joblog: JobLog, dispatch: Dispatch
+) -> str:
+    """Hand attempt ``job.attempts`` on to the chain's next link: the row ``queued`` on ``hop.queue``
+    at stage ``hop.stage``, marked as handed off (``worker.scheduler.HANDOFF``: the reaper looks at
+    running jobs only, and whoever takes it goes on with the same attempt), then the chain sent.
+    Returns the job's status: ``"queued"``; ``"canceled"`` when a cancel came first; the row's
+    status when this attempt no longer held it. If the broker refuses the chain, the row goes back
+    to ``running`` on ``hop.queue`` with its heartbeat left to go stale, so that the reaper requeues
+    it there (as ``service.workers.release_job`` does)."""
+    with session_factory() as session:
+        row = session.get(Job, job.id)
+        if row is None:
+            return "canceled"
+        if row.status != "running" or row.attempts != job.attempts:
+            return row.status
+        if row.cancel_requested:
+            session.rollback()
+            return _finish(session_factory, job.id, "canceled", joblog)
+        params = dict(row.params or {})
+        before = dict(params)
+        params[HANDOFF] = {
+            "stage": hop.stage,
+            "queue": hop.queue,
+            "attempt": job.attempts,
+            "retries": int(params.get("retries") or 0),
+            "at": utcnow().isoformat(),
+            "state": "queued",
+        }
+        held = [Job.id == job.id, Job.status == "running", Job.attempts == job.attempts]
+        done = session.execute(
+            update(Job)
+            .where(*held, Job.cancel_requested.is_(False))
+            .values(status="queued", queue=hop.queue, stage=hop.stage, eta_s=None, error=None, params=params)
+        )
+        session.commit()
+    if done.rowcount != 1:  # type: ignore[attr-defined]
+        with session_factory() as session:
+            row = session.get(Job, job.id)
+            if row is not None and row.status == "running" and row.cancel_requested:
+                return _finish(session_factory, job.id, "canceled", joblog)
+            return row.status if row is not None else "canceled"
+    links = ", ".join(f"{stage} on {queue}" for stage, queue in hop.links)
+    joblog.write(f"stage {hop.stage}: queued on '{hop.queue}' for the chain's next stage task ({links})")
+    try:
+        dispatch(job.id, hop.links)
+    except Exception as err:
+        log.error("job %s: could not send its chain (%s); the reaper requeues it", job.id, err)
+        joblog.write(
+            f"stage {hop.stage}: the chain could not be sent ({err}); the reaper will requeue the job"
+        )
+        with session_factory() as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.status == "queued")
+                .values(status="running", params=before)
+            )
+            session.commit()
+        return "running"
+    return "queued"
 
 
 def _cache_timing(info: dict[str, Any]) -> dict[str, Any]:

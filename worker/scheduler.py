@@ -20,6 +20,12 @@ job selected ``FOR UPDATE SKIP LOCKED`` on PostgreSQL (a row another worker or t
 passed over, never waited for; SQLite's write lock serializes claims instead), set ``running`` by
 a conditional UPDATE, and the tenant's ``last_started_at`` set. A tenant at its cap, or whose job
 was just taken by another worker, is skipped for the next one in the order.
+
+A pipeline job whose stages run on different queues (``KT_STAGE_QUEUES``) is a chain of stage tasks:
+between two of them it waits ``queued`` on the next stage's queue, marked as handed off
+(``HANDOFF`` in its params, ``waiting_stage``). Whoever takes it there, the chain's next link
+(``claim_stage``) or a worker asking for the next job on that queue (``claim_next``), continues the
+same attempt (its count of attempts is not raised) under the same cap and in the same fair order.
 """
 
 from __future__ import annotations
@@ -39,6 +45,34 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 _NEVER = datetime.min.replace(tzinfo=timezone.utc)
+
+# ``jobs.params`` key of a pipeline job handed off between two of its stage tasks (``worker.runner``):
+# {"stage", "queue", "attempt", "retries", "at", "state": "queued" until a worker takes it, then "claimed"}
+HANDOFF = "handoff"
+
+
+def waiting_stage(job: Job) -> str | None:
+    """The stage a queued job waits to go on at, when its last stage task handed it off to the next
+    one (the same attempt goes on); ``None`` for a job to start, or start again as a new attempt. A
+    mark left by an attempt that was since taken for lost or retried (``POST /v1/jobs/{id}/retry``
+    counts ``retries``) no longer counts."""
+    params = job.params or {}
+    mark = params.get(HANDOFF)
+    if job.status != "queued" or not isinstance(mark, dict) or mark.get("state") != "queued":
+        return None
+    if mark.get("attempt") != job.attempts or mark.get("retries") != int(params.get("retries") or 0):
+        return None
+    stage = mark.get("stage")
+    return stage if isinstance(stage, str) else None
+
+
+def continues_at(job: Job) -> str | None:
+    """The stage a job just claimed goes on at, when it was claimed as a continuation of its chain
+    (``waiting_stage`` when it was claimed); ``None`` for a new attempt."""
+    mark = (job.params or {}).get(HANDOFF)
+    if job.status != "running" or not isinstance(mark, dict) or mark.get("state") != "claimed":
+        return None
+    return mark.get("stage") if mark.get("attempt") == job.attempts else None
 
 
 def waiting(queue: str, now: datetime) -> list[ColumnElement[bool]]:
@@ -97,11 +131,20 @@ def cancel_stale_queued(session_factory: sessionmaker[Session], now: datetime) -
 
 
 def claim_for_tenant(
-    session_factory: sessionmaker[Session], settings: Settings, tenant_id: str, queue: str, now: datetime
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    tenant_id: str,
+    queue: str,
+    now: datetime,
+    *,
+    job_id: str | None = None,
+    stage: str | None = None,
 ) -> Job | None:
     """Start the tenant's oldest waiting job on ``queue`` (the row set ``running``, its attempt
     counted, heartbeat fresh), unless the tenant is at its running cap or another worker took the
-    job first: then ``None``."""
+    job first: then ``None``. ``job_id``: that job only; ``stage``: only if it waits to go on at
+    that stage (``waiting_stage``). A job handed off between two stage tasks goes on as the same
+    attempt (not counted again)."""
     with session_factory() as session:
         try:
             limits = quotas.lock_tenant(session, settings, tenant_id)
@@ -111,11 +154,14 @@ def claim_for_tenant(
             session.rollback()
             return None
         pick = select(Job).where(Job.tenant_id == tenant_id, *waiting(queue, now))
+        if job_id is not None:
+            pick = pick.where(Job.id == job_id)
         pick = pick.order_by(Job.created_at, Job.id).limit(1)
         if session.get_bind().dialect.name != "sqlite":
             pick = pick.with_for_update(skip_locked=True, of=Job)
         job = session.scalars(pick).first()
-        if job is None:
+        goes_on = None if job is None else waiting_stage(job)
+        if job is None or (stage is not None and goes_on != stage):
             session.rollback()
             return None
         values: dict[str, Any] = {
@@ -126,6 +172,9 @@ def claim_for_tenant(
             "run_after": None,
             "error": None,
         }
+        if goes_on is not None:  # the next stage task of the same attempt
+            mark = {**job.params[HANDOFF], "state": "claimed"}
+            values.update(attempts=Job.attempts, params={**job.params, HANDOFF: mark})
         taken = session.execute(update(Job).where(Job.id == job.id, Job.status == "queued").values(**values))
         if taken.rowcount != 1:  # type: ignore[attr-defined]
             session.rollback()
@@ -154,3 +203,19 @@ def claim_next(session_factory: sessionmaker[Session], settings: Settings, queue
             )
             return job
     return None
+
+
+def claim_stage(
+    session_factory: sessionmaker[Session], settings: Settings, job_id: str, stage: str, queue: str
+) -> Job | None:
+    """Go on with job ``job_id`` at ``stage`` on ``queue`` (a link of its chain of stage tasks), if
+    it waits there for that stage (``waiting_stage``) and its tenant is below its running cap;
+    otherwise ``None`` (canceled meanwhile, taken by another worker, or its tenant at its cap: then
+    a worker asking ``claim_next`` on that queue takes it in the fair order)."""
+    now = utcnow()
+    with session_factory() as session:
+        job = session.get(Job, job_id)
+        if job is None or waiting_stage(job) != stage or job.queue != queue:
+            return None
+        tenant_id = job.tenant_id
+    return claim_for_tenant(session_factory, settings, tenant_id, queue, now, job_id=job_id, stage=stage)

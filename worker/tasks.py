@@ -4,6 +4,18 @@ The API enqueues a job by name, after committing its row:
 ``celery_app.send_task("kt.run_job", args=[job_id], queue="cpu")``. The message wakes a worker on
 that queue, which then starts jobs in the fair order of ``worker.scheduler`` (the message's own
 job, or another tenant's that has waited longer) until none is left that it may start.
+
+A pipeline job whose stages run on different queues (``KT_STAGE_QUEUES``, e.g. ``curate=cpu,
+distill=gpu``) is a Celery ``chain`` of ``kt.run_stage`` tasks, one per run of consecutive stages on
+one queue, each sent to its queue. The task that started the job runs its stages up to the first one
+on another queue, hands the job off there (``worker.runner.hand_off``: the row ``queued`` on that
+queue, marked with the stage it goes on at) and sends the chain (``send_chain``). Each link takes the
+job if it still waits for that stage (``worker.scheduler.claim_stage``), runs its stages from the
+files the earlier ones left in the shared data dir, and at the next queue sends the rest of the
+chain it came with; then, like ``kt.run_job``, it starts the fair next jobs on its queue. A link
+whose job is no longer waiting for it (canceled, failed, taken by a worker asking for the next job
+on that queue) ends its chain there. The row stays the source of truth: cancel, retry and the
+reaper act on it as for any job.
 """
 
 from __future__ import annotations
@@ -15,14 +27,16 @@ import threading
 from types import ModuleType
 from typing import Any
 
+from celery import chain, signature
 from celery.exceptions import Reject
 from celery.signals import worker_init, worker_ready, worker_shutdown, worker_shutting_down
 from celery.worker import state as worker_state
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.models import Job
 from service.db.session import SessionLocal
-from service.queue import DEFAULT_QUEUE, QUEUES
+from service.queue import DEFAULT_QUEUE, PUBLISH_RETRY_POLICY, QUEUES, enqueue_job
 from service.settings import Settings, get_settings
 from worker import liveness, scheduler
 from worker.app import celery_app
@@ -34,6 +48,7 @@ _threads_set = False
 
 log = logging.getLogger(__name__)
 
+RUN_STAGE = "kt.run_stage"
 MAX_RETRIES = 3
 BACKOFF_BASE_S = 10.0
 BACKOFF_MAX_S = 600.0
@@ -130,20 +145,112 @@ def warm_up(**_: Any) -> None:
     threading.Thread(target=_runner, name="kt-warm-up", daemon=True).start()
 
 
-def _run_claimed(session_factory: sessionmaker[Session], settings: Settings, job: Job) -> str:
-    """Run a claimed job; an unexpected error on one of its first ``MAX_RETRIES`` attempts (since
-    a manual retry) requeues it, not to start before ``backoff_s`` (10, 20, 40 s) has passed."""
+def _link(job_id: str, stage: str, queue: str) -> Any:
+    """The chain link that goes on with job ``job_id`` at ``stage`` on ``queue``."""
+    return celery_app.signature(RUN_STAGE, args=(job_id, stage), queue=queue, immutable=True)
+
+
+def _is_link(step: dict[str, Any], job_id: str, stage: str, queue: str) -> bool:
+    options = step.get("options") or {}
+    return (
+        step.get("task") == RUN_STAGE
+        and list(step.get("args") or []) == [job_id, stage]
+        and options.get("queue") == queue
+    )
+
+
+def send_chain(
+    job_id: str, links: list[tuple[str, str]], carried: list[dict[str, Any]] | None = None
+) -> None:
+    """Send the rest of job ``job_id``'s chain of stage tasks, ``links`` ((first stage, queue) each,
+    ``worker.runner.chain_links``). When ``carried``, the chain the running link came with
+    (``Task.request.chain``: reversed), already goes on with that stage on that queue, its next link
+    is sent with the remainder (as Celery would have once this task returned; sent now, because this
+    task goes on to other jobs); otherwise a new ``chain`` of ``kt.run_stage`` tasks."""
+    stage, queue = links[0]
+    publish = {"retry": True, "retry_policy": PUBLISH_RETRY_POLICY}
+    if carried and _is_link(carried[-1], job_id, stage, queue):
+        signature(carried[-1], app=celery_app).apply_async(chain=carried[:-1], **publish)
+        return
+    chain(*(_link(job_id, s, q) for s, q in links)).apply_async(**publish)
+
+
+def _wake_tenant(session_factory: sessionmaker[Session], settings: Settings, job: Job, queue: str) -> None:
+    """Job ``job`` no longer runs here (it ended, was handed to its next stage task, or requeued):
+    its tenant may have jobs on other queues that waited for its running slot (its cap) and that no
+    message would start now. Each such queue gets a ``kt.run_job`` message (this task's own queue
+    is served next by this worker itself)."""
+    try:
+        with session_factory() as session:
+            waiting = session.execute(
+                select(Job.queue, Job.id).where(
+                    Job.tenant_id == job.tenant_id,
+                    Job.status == "queued",
+                    Job.queue != queue,
+                    Job.id != job.id,
+                )
+            ).all()
+        for other, job_id in dict(waiting).items():
+            enqueue_job(settings, job_id, other)
+    except Exception:  # the database or broker is down: the next message on those queues starts them
+        log.warning("job %s: its tenant's other queues were not woken", job.id, exc_info=True)
+
+
+def _worker_name(request: Any) -> str:
+    """This worker's Celery node name (``cpu-1@host``), recorded for each stage it runs."""
+    return str(getattr(request, "hostname", None) or f"celery@{socket.gethostname()}")
+
+
+def _run_claimed(
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    job: Job,
+    queue: str | None = None,
+    worker: str | None = None,
+    carried: list[dict[str, Any]] | None = None,
+) -> str:
+    """Run a claimed job, here up to its first stage on another queue than ``queue`` (then handed to
+    its chain of stage tasks, ``send_chain``, ``carried``: the chain this task came with); an
+    unexpected error on one of its first ``MAX_RETRIES`` attempts (since a manual retry) requeues
+    it, not to start before ``backoff_s`` (10, 20, 40 s) has passed."""
     runner = _runner()
     attempt = liveness.attempts_since_retry(job)
     delay = backoff_s(max(0, attempt - 1))
+
+    def dispatch(job_id: str, links: list[tuple[str, str]]) -> None:
+        send_chain(job_id, links, carried)
+
     try:
         return runner.run_claimed(
-            session_factory, job, settings, can_retry=attempt <= MAX_RETRIES, retry_delay_s=delay
+            session_factory,
+            job,
+            settings,
+            can_retry=attempt <= MAX_RETRIES,
+            retry_delay_s=delay,
+            serving=queue,
+            dispatch=dispatch if queue is not None else None,
+            worker_name=worker,
         )
     except runner.JobRetry as err:
         log.warning("job %s: %s; retry %d in %.0f s", job.id, err, attempt, delay)
         _wake_later(job, delay)
         return "queued"
+    finally:
+        _wake_tenant(session_factory, settings, job, queue or job.queue)
+
+
+def _run_next_jobs(
+    session_factory: sessionmaker[Session], settings: Settings, queue: str, worker: str
+) -> list[str]:
+    """Start the jobs ``worker.scheduler.claim_next`` picks on ``queue``, one after the other, until
+    none is left that this worker may start (or the worker is stopping)."""
+    outcomes: list[str] = []
+    while not _shutting_down():
+        job = scheduler.claim_next(session_factory, settings, queue)
+        if job is None:
+            break
+        outcomes.append(f"{job.id}: {_run_claimed(session_factory, settings, job, queue, worker)}")
+    return outcomes
 
 
 @celery_app.task(name="kt.run_job", bind=True, acks_late=True)
@@ -161,13 +268,37 @@ def run_job(self: Any, job_id: str) -> str:
     _size_threads()
     session_factory, settings = SessionLocal(), get_settings()
     queue = _queue_of(self.request, session_factory, job_id)
-    outcomes: list[str] = []
-    while not _shutting_down():
-        job = scheduler.claim_next(session_factory, settings, queue)
-        if job is None:
-            break
-        outcomes.append(f"{job.id}: {_run_claimed(session_factory, settings, job)}")
+    outcomes = _run_next_jobs(session_factory, settings, queue, _worker_name(self.request))
     return "; ".join(outcomes) or f"nothing to start on {queue!r} (job {job_id} was started already)"
+
+
+@celery_app.task(name=RUN_STAGE, bind=True, acks_late=True, ignore_result=True)
+def run_stage(self: Any, job_id: str, stage: str) -> str:
+    """A link of job ``job_id``'s chain of stage tasks: go on with the job at ``stage`` if it waits
+    for that stage on this message's queue (``worker.scheduler.claim_stage``), up to its next stage
+    on another queue (where the rest of the chain this link came with goes on, ``send_chain``); then
+    start the fair next jobs on this queue, as ``kt.run_job`` does. A job no longer waiting for this
+    stage (canceled, failed, taken by another worker) ends the chain here: Celery sends nothing more.
+
+    A stopping worker hands the message back (``Reject(requeue=True)``), its chain with it."""
+    if _shutting_down():
+        raise Reject("this worker is stopping; the message is left for the next one", requeue=True)
+    # the rest of the chain goes on only from a hand-off (send_chain), never when this task returns
+    carried = list(self.request.chain or [])
+    self.request.chain = None
+    _size_threads()
+    session_factory, settings = SessionLocal(), get_settings()
+    queue = _queue_of(self.request, session_factory, job_id)
+    worker = _worker_name(self.request)
+    job = scheduler.claim_stage(session_factory, settings, job_id, stage, queue)
+    if job is None:
+        outcomes = [f"{job_id}: not waiting for stage {stage} on {queue!r}; its chain ends here"]
+    else:
+        outcomes = [
+            f"{job_id} from {stage}: {_run_claimed(session_factory, settings, job, queue, worker, carried)}"
+        ]
+    outcomes += _run_next_jobs(session_factory, settings, queue, worker)
+    return "; ".join(outcomes)
 
 
 _reaper: liveness.Reaper | None = None

@@ -42,7 +42,7 @@ def _check_jobs(factory: Any, settings: Any, tenant_a: str, tenant_b: str, a1: s
     jobs = {j: get_job(factory, j) for j in (a1, a2, b1)}
     for j, job in jobs.items():
         assert job.status == "succeeded", (j, job.error)
-        assert set(job.stage_timings) == {*STAGES, "teacher_cache"}
+        assert set(job.stage_timings) == {*STAGES, "teacher_cache", "workers"}
     first, second = sorted([a1, a2], key=lambda j: jobs[j].finished_at)
     built, reused = jobs[first].stage_timings["teacher_cache"], jobs[second].stage_timings["teacher_cache"]
     assert built["built"] is True and built["seconds"] >= 0  # (rounded to 0.01 s: 16 tiny views)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from datetime import timedelta
@@ -32,7 +33,9 @@ def test_run_job_succeeds_and_records_everything(session_factory, worker_setting
     job = get_job(session_factory, job_id)
     assert (job.status, job.progress, job.eta_s, job.error, job.attempts) == ("succeeded", 1.0, None, None, 1)
     assert job.stage == "export" and job.started_at and job.finished_at  # evaluate runs before export
-    assert set(job.stage_timings) == set(STAGES)
+    assert set(job.stage_timings) == {*STAGES, "workers"}
+    # where each stage ran: the host (a Celery worker records its node name, test_stage_chain)
+    assert job.stage_timings["workers"] == dict.fromkeys(STAGES, socket.gethostname())
     assert 0.0 <= job.metrics["student_top1"] <= 100.0  # percent and "student" in job.metrics["test"]
     run_dir = worker_settings.data_dir / "jobs" / job_id / "run"
     assert (run_dir / "export" / "_SUCCESS").is_file()
@@ -98,7 +101,7 @@ def test_cancel_while_running_stops_between_steps_and_keeps_finished_stages(
     job = get_job(session_factory, job_id)
     assert job.status == "canceled" and job.stage == "distill"
     assert 0.0 < job.progress < 1.0
-    assert set(job.stage_timings) == {"finetune_teacher"}
+    assert set(job.stage_timings) == {"finetune_teacher", "workers"}
     run_dir = worker_settings.data_dir / "jobs" / job_id / "run"
     assert (run_dir / "finetune_teacher" / "_SUCCESS").is_file()
     assert not (run_dir / "distill" / "_SUCCESS").exists()
@@ -314,7 +317,15 @@ def test_celery_worker_runs_a_job(worker_backend, job_config, tmp_path, subproce
         assert job is not None and job.status == "succeeded", (
             f"job: {job and job.status} {job and job.error}\n{tail}"
         )
-        assert job.attempts == 1 and set(job.stage_timings) == {"finetune_teacher", "distill", "export"}
+        assert job.attempts == 1 and set(job.stage_timings) == {
+            "finetune_teacher",
+            "distill",
+            "export",
+            "workers",
+        }
+        # every stage ran on this one worker, which records its Celery node name per stage
+        assert set(job.stage_timings["workers"]) == {"finetune_teacher", "distill", "export"}
+        assert {name.split("@")[0] for name in job.stage_timings["workers"].values()} == {"celery"}
         # the worker lowered its own CPU priority (KT_WORKER_NICE, default 19): the API's requests go first
         assert os.getpriority(os.PRIO_PROCESS, proc.pid) == 19
         with factory() as s:
