@@ -157,10 +157,13 @@ class JobReporter:
         self.last_log = float("-inf")
 
     # --- pipeline side
-    def begin_stage(self, name: str) -> None:
+    def begin_stage(self, name: str, *, write: bool = True) -> None:
+        """Stage ``name`` begins; ``write=False`` for one an earlier task finished (it returns at
+        once): the row keeps showing the stage the job is really at."""
         self.stage = name
         self.tracker.begin_stage(name)
-        self.flush(stage=name)
+        if write:
+            self.flush(stage=name)
 
     def end_stage(self, name: str, *, done: bool = False) -> None:
         """``name`` ended; ``done``: an earlier attempt had finished it (all its work is done)."""
@@ -611,6 +614,7 @@ def _run_stages(
     out_root.mkdir(parents=True, exist_ok=True)
     order = pipeline.run_order(cfg.stages)
     routes = dict(stage_queues(cfg, settings, order)) if serving is not None else {}
+    earlier = "attempt" if continues_at(job) is None else "stage task"
     reporter = JobReporter(
         session_factory,
         job_id,
@@ -637,8 +641,10 @@ def _run_stages(
         if where is not None:
             where.update(stage=name, dir=out_root / name)
         started = f"started on {worker_name}" + (f" (queue {serving})" if serving else "")
-        joblog.write(f"stage {name}: " + ("done by an earlier attempt, reusing it" if resumed else started))
-        reporter.begin_stage(name)
+        joblog.write(
+            f"stage {name}: " + (f"done by an earlier {earlier}, reusing it" if resumed else started)
+        )
+        reporter.begin_stage(name, write=not resumed)
         t0 = time.perf_counter()
         res = funcs[name](cfg, dict(inputs), out_root / name, reporter)
         # a stage finished by an earlier attempt returns at once: keep the time it really took

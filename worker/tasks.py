@@ -34,7 +34,8 @@ from celery.worker import state as worker_state
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.models import Job
+from service import quotas
+from service.db.models import Job, Tenant
 from service.db.session import SessionLocal
 from service.queue import DEFAULT_QUEUE, PUBLISH_RETRY_POLICY, QUEUES, enqueue_job
 from service.settings import Settings, get_settings
@@ -176,12 +177,17 @@ def send_chain(
 
 
 def _wake_tenant(session_factory: sessionmaker[Session], settings: Settings, job: Job, queue: str) -> None:
-    """Job ``job`` no longer runs here (it ended, was handed to its next stage task, or requeued):
-    its tenant may have jobs on other queues that waited for its running slot (its cap) and that no
-    message would start now. Each such queue gets a ``kt.run_job`` message (this task's own queue
-    is served next by this worker itself)."""
+    """Job ``job`` no longer runs here (it ended, was handed to its next stage task, or requeued).
+    If that took its tenant below its running cap, the tenant's jobs on other queues may have waited
+    for this slot with no message left to start them (one handed off between stage tasks whose link
+    found the tenant at its cap, say): each such queue gets a ``kt.run_job`` message (this task's
+    own queue is served next by this worker itself)."""
     try:
         with session_factory() as session:
+            own_cap = session.scalar(select(Tenant.max_running_jobs).where(Tenant.id == job.tenant_id))
+            cap = quotas.limits_for(settings, own_cap, None, None).running_jobs
+            if not cap or quotas.count_jobs(session, job.tenant_id, "running") + 1 < cap:
+                return  # it was below its cap: nothing waited for this slot
             waiting = session.execute(
                 select(Job.queue, Job.id).where(
                     Job.tenant_id == job.tenant_id,

@@ -349,8 +349,8 @@ def start_api(env: dict[str, str], log: Path) -> tuple[Proc, str]:
     return proc, url
 
 
-def worker_cmd(name: str) -> list[str]:
-    cmd = [str(VENV_BIN / "celery"), "-A", "worker.app:celery_app", "worker", "-Q", "cpu", "--pool", "solo"]
+def worker_cmd(name: str, queues: str = "cpu") -> list[str]:
+    cmd = [str(VENV_BIN / "celery"), "-A", "worker.app:celery_app", "worker", "-Q", queues, "--pool", "solo"]
     cmd += ["-c", "1", "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
     return [*cmd, "-n", f"{name}-{os.getpid()}@%h"]
 
@@ -371,9 +371,12 @@ def worker_env(data_dir: Path, database_url: str, broker_url: str, **extra: str)
     return child_env(**values)
 
 
-def start_worker(env: dict[str, str], log: Path, name: str, prefix: list[str] | None = None) -> Proc:
-    """A Celery worker process (``prefix``: a wrapper command it runs under); returns once ready."""
-    proc = Proc([*(prefix or []), *worker_cmd(name)], env, log)
+def start_worker(
+    env: dict[str, str], log: Path, name: str, prefix: list[str] | None = None, queues: str = "cpu"
+) -> Proc:
+    """A Celery worker process on ``queues`` (``prefix``: a wrapper command it runs under); returns
+    once ready."""
+    proc = Proc([*(prefix or []), *worker_cmd(name, queues)], env, log)
 
     def ready() -> bool:
         assert proc.alive(), f"the worker exited with {proc.popen.returncode}\n{proc.tail()}"
