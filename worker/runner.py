@@ -615,6 +615,15 @@ def _run_stages(
     order = pipeline.run_order(cfg.stages)
     routes = dict(stage_queues(cfg, settings, order)) if serving is not None else {}
     earlier = "attempt" if continues_at(job) is None else "stage task"
+    for name in order:  # the next stage belongs elsewhere: hand off before loading or timing models
+        queue = routes.get(name)
+        if queue is None or (out_root / name / SUCCESS).is_file():
+            continue
+        if queue != serving:
+            raise HandOff(
+                name, queue, chain_links(stage_queues(cfg, settings, order[order.index(name) :]), queue)
+            )
+        break
     reporter = JobReporter(
         session_factory,
         job_id,
@@ -656,8 +665,8 @@ def _run_stages(
         reporter.end_stage(name, done=resumed)
         if not resumed:
             joblog.write(f"stage {name}: finished in {timings[name]:.1f} s")
-            if worker_name is not None:
-                workers[name] = worker_name
+            if worker_name is not None:  # the first to finish it (curate without a gallery reruns)
+                workers.setdefault(name, worker_name)
                 timings["workers"] = dict(workers)
         for warning in _warnings(name, res):
             joblog.write(f"warning: {warning}")
