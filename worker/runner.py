@@ -723,7 +723,8 @@ def hand_off(
     if done.rowcount != 1:  # type: ignore[attr-defined]
         with session_factory() as session:
             row = session.get(Job, job.id)
-            if row is not None and row.status == "running" and row.cancel_requested:
+            held_here = row is not None and row.status == "running" and row.attempts == job.attempts
+            if row is not None and held_here and row.cancel_requested:
                 return _finish(session_factory, job.id, "canceled", joblog)
             return row.status if row is not None else "canceled"
     links = ", ".join(f"{stage} on {queue}" for stage, queue in hop.links)

@@ -274,6 +274,30 @@ def test_a_lost_stage_task_is_requeued_to_its_stage_queue_as_a_new_attempt(
     assert "stage finetune_teacher: done by an earlier attempt, reusing it" in logged(settings, job_id)
 
 
+def test_a_chain_the_broker_refuses_is_left_to_the_reaper_on_the_next_stages_queue(
+    session_factory, worker_settings, tenant_id, job_config
+):
+    settings = chained(worker_settings, {"distill": "gpu"})
+    job_id = add_job(session_factory, tenant_id, job_config(device="auto"))
+
+    def broker_down(job_id: str, links: list[tuple[str, str]]) -> None:
+        raise ConnectionError("redis is down")
+
+    job = scheduler.claim_next(session_factory, settings, "cpu")
+    assert job is not None
+    runs = runner.run_claimed(session_factory, job, settings, serving="cpu", dispatch=broker_down)
+    assert runs == "running"
+    row = get_job(session_factory, job_id)
+    assert (row.status, row.queue, row.attempts) == ("running", "gpu", 1) and "handoff" not in row.params
+    requeue: list[tuple[str, str]] = []
+    later = utcnow() + timedelta(hours=1)
+    liveness.reap_lost_jobs(
+        session_factory, settings, now=later, enqueue=lambda s, j, q: requeue.append((j, q))
+    )
+    assert requeue == [(job_id, "gpu")] and get_job(session_factory, job_id).status == "queued"
+    assert "the chain could not be sent (redis is down)" in logged(settings, job_id)
+
+
 @contextmanager
 def api_client(settings: Settings, tenant: str) -> Iterator[TestClient]:
     engine = make_engine(settings.database_url)
