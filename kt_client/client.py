@@ -10,8 +10,9 @@
 
 Every method returns the server's JSON (dicts and lists). An error answer raises an ``APIError``
 subclass carrying the status code and the server's ``detail`` message verbatim; no answer at all
-raises ``ServerUnreachable``. A 429 is retried after its ``Retry-After`` (bounded); connection
-errors are retried for GETs only (they are idempotent).
+raises ``ServerUnreachable``. A 429 is retried after its ``Retry-After`` (bounded); so is a 503
+with ``Retry-After`` to a dataset upload (every upload turn of the server taken: it read and kept
+nothing); connection errors are retried for GETs only (they are idempotent).
 """
 
 from __future__ import annotations
@@ -188,15 +189,25 @@ class _Base:
     def _url(self, path: str) -> str:
         return path if path.startswith(("/v1/", "/readyz", "/healthz")) else API_PREFIX + path
 
-    def _wait_s(self, resp: httpx.Response | None, attempt: int) -> float | None:
+    def _wait_s(self, resp: httpx.Response | None, attempt: int, busy_ok: bool = False) -> float | None:
         """Seconds to wait before retrying, or None to give up. ``resp`` None: a connection error
-        (retried ``connect_retries`` times, with a short backoff: a server that is down answers fast)."""
+        (retried ``connect_retries`` times, with a short backoff: a server that is down answers fast).
+        ``busy_ok``: the request may be sent again after a 503 with ``Retry-After``."""
         if resp is None:
             if attempt >= self.connect_retries:
                 return None
             return min(self.max_retry_wait_s, 0.5 * 2**attempt) * (0.5 + random.random() / 2)
         if resp.status_code == 429 and attempt < self.max_retries:
             return min(self.max_retry_wait_s, _retry_after(resp, 1.0))
+        if (
+            resp.status_code == 503
+            and busy_ok
+            and "Retry-After" in resp.headers
+            and attempt < self.max_retries
+        ):
+            # the wait it asks for and up to a quarter more, so that the clients it refused together
+            # do not all come back together
+            return min(self.max_retry_wait_s, _retry_after(resp, 1.0) * (1 + random.random() / 4))
         return None
 
     def _unreachable(self, method: str, path: str, err: Exception) -> ServerUnreachable:
@@ -267,9 +278,11 @@ class Client(_Base):
         body: Callable[[], Iterator[bytes]] | None = None,
         headers: dict[str, str] | None = None,
         stream: bool = False,
+        busy_ok: bool = False,
     ) -> httpx.Response:
         """One API call with the retries; raises ``APIError``/``ServerUnreachable``. ``body``: a
-        factory of the streamed request body (called again for a retry)."""
+        factory of the streamed request body (called again for a retry). ``busy_ok``: retry a 503
+        with ``Retry-After`` too (the caller knows that the server then did nothing with it)."""
         url = self._url(path)
         attempt = 0
         while True:
@@ -289,7 +302,7 @@ class Client(_Base):
                 return resp
             content = resp.read()
             resp.close()
-            wait = self._wait_s(resp, attempt)
+            wait = self._wait_s(resp, attempt, busy_ok)
             if wait is None:
                 raise error_for(resp.status_code, content, method=method, url=str(req.url))
             time.sleep(wait)
@@ -343,7 +356,7 @@ class Datasets:
         with upload_file(src) as zip_path:
             form = _multipart(zip_path, name, src.name if src.suffix == ".zip" else f"{src.name}.zip", task)
             resp = self._c.request(
-                "POST", "/datasets", body=lambda: form.chunks(progress), headers=form.headers
+                "POST", "/datasets", body=lambda: form.chunks(progress), headers=form.headers, busy_ok=True
             )
         return dict(resp.json())
 
@@ -584,6 +597,7 @@ class AsyncClient(_Base):
         body: Callable[[], AsyncIterator[bytes]] | None = None,
         headers: dict[str, str] | None = None,
         stream: bool = False,
+        busy_ok: bool = False,
     ) -> httpx.Response:
         url = self._url(path)
         attempt = 0
@@ -604,7 +618,7 @@ class AsyncClient(_Base):
                 return resp
             content = await resp.aread()
             await resp.aclose()
-            wait = self._wait_s(resp, attempt)
+            wait = self._wait_s(resp, attempt, busy_ok)
             if wait is None:
                 raise error_for(resp.status_code, content, method=method, url=str(req.url))
             await asyncio.sleep(wait)
@@ -645,7 +659,7 @@ class AsyncDatasets:
         with upload_file(src) as zip_path:
             form = _multipart(zip_path, name, src.name if src.suffix == ".zip" else f"{src.name}.zip")
             resp = await self._c.request(
-                "POST", "/datasets", body=lambda: form.achunks(progress), headers=form.headers
+                "POST", "/datasets", body=lambda: form.achunks(progress), headers=form.headers, busy_ok=True
             )
         return dict(resp.json())
 

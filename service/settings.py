@@ -87,6 +87,41 @@ class Settings(BaseSettings):
         le=19,
         description="CPU niceness of the ingest processes: the API's requests go first.",
     )
+    concurrent_uploads: int = Field(
+        default=2,
+        ge=1,
+        description="Dataset uploads each API process receives and validates at once (service.uploads."
+        "UploadGate); the next ones wait for a turn, their bodies unread (the client's sending pauses). "
+        "Bounds the CPU and temp disk that uploads take from the process.",
+    )
+    upload_queue: int = Field(
+        default=16,
+        ge=0,
+        description="Uploads that may wait for a turn in each API process; one more answers 503 with "
+        "`Retry-After` at once, nothing read or kept (the `kt` client sends it again after the wait).",
+    )
+    upload_queue_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds an upload waits for a turn before it answers 503 with `Retry-After` (0: "
+        "none waits). Keep it well below the clients' write timeout (the `kt` client's is 120 s).",
+    )
+    upload_pace_ms: float = Field(
+        default=2.0,
+        ge=0,
+        description="When an API process is busy for its uploads (service.uploads.UploadPacer): after "
+        "each chunk of an upload's body the upload lets the event loop run whatever else is ready; when "
+        "that took longer than this many milliseconds, or another request's handler is running in the "
+        "threadpool (a status poll), the chunk counts against `upload_busy_mb_s`. 0 turns pacing off: "
+        "uploads always read at full speed.",
+    )
+    upload_busy_mb_s: float = Field(
+        default=4.0,
+        ge=0,
+        description="MiB a second that the uploads of one API process read together while it is busy "
+        "(`upload_pace_ms`); an idle process reads them at full speed. The unread rest waits in the "
+        "socket, so that short requests such as status polls go first. 0 turns pacing off.",
+    )
     worker_nice: int = Field(
         default=19,
         ge=0,

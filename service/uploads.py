@@ -1,5 +1,12 @@
 """Dataset uploads: receive a multipart zip by streaming it to disk, then validate and extract it.
 
+``UploadGate`` admits uploads: a few at a time per API process (``KT_CONCURRENT_UPLOADS``), the
+rest waiting their turn or, past the queue, answered 503 with ``Retry-After``. ``UploadPacer``
+reads an upload's body at full speed while the process has nothing else to do, and at a shared
+budget of bytes a second while it is busy (``KT_UPLOAD_PACE_MS``, ``KT_UPLOAD_BUSY_MB_S``): five
+uploaders at full speed took the CPU that 200 status polls a second needed, and the polls waited
+(bench/service/run.py --mixed).
+
 ``receive_upload`` parses the request body as it arrives (never whole into memory), writes the
 ``file`` field to a temp file under ``<data_dir>/tmp`` and stops with 413 as soon as the limit is
 passed. ``ingest_zip`` checks every entry (no absolute paths, ``..``, drive letters or symlinks;
@@ -11,6 +18,9 @@ Nothing is skipped silently: anything unusable is a 4xx that lists what to fix.
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import csv
 import io
 import itertools
@@ -20,21 +30,24 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 import unicodedata
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, cast
 
+from anyio import to_thread
 from PIL import Image, UnidentifiedImageError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from service import cleanup, storage
-from service.api.errors import BadRequest, Invalid, TooLarge
+from service.api.errors import BadRequest, Invalid, Overloaded, TooLarge
 from service.settings import Settings
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -51,6 +64,8 @@ MAX_FIELD_BYTES = 4096  # text form fields (`name`)
 MULTIPART_OVERHEAD = 1024 * 1024  # body bytes allowed beyond the file itself (headers, boundaries)
 SHOWN = 5  # how many offending entries an error message lists
 COPY_CHUNK = 1024 * 1024
+UPLOAD_RETRY_AFTER_S = 5  # what a refused upload is told to wait: about one 100 MB upload's turn
+MAX_PAUSE_S = 1.0  # the longest pause between two chunks of a paced upload
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _METHODS = {zipfile.ZIP_STORED: "store", zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2",
@@ -76,6 +91,151 @@ def _short(text: str, limit: int = 120) -> str:
 def _listing(items: list[str]) -> str:
     shown = ", ".join(items[:SHOWN])
     return shown + (f" (and {len(items) - SHOWN} more)" if len(items) > SHOWN else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Admission and pacing
+
+
+class UploadGate:
+    """Admission of uploads in one API process: at most ``slots`` uploads are received and
+    validated at once; the others wait for a turn in their order of arrival, their bodies unread
+    (the server reads none of it, so the client's connection just pauses), at most ``queue`` of
+    them and each at most ``timeout_s``. Past either limit the upload is refused with 503 and
+    ``Retry-After`` (``Overloaded``) before a byte of its body is read; nothing is kept.
+
+    Bound to the event loop of the app it belongs to (``upload_gate``); not thread-safe."""
+
+    def __init__(self, slots: int, queue: int, timeout_s: float, busy_bytes_s: float = 0.0) -> None:
+        self.slots, self.queue, self.timeout_s = slots, queue, timeout_s
+        self.budget = ReadBudget(busy_bytes_s) if busy_bytes_s > 0 else None  # shared by its uploads
+        self.active = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def _busy(self, waited: bool) -> Overloaded:
+        if waited:
+            how = f"no turn came within {self.timeout_s:g} s"
+        elif self.queue == 0 or self.timeout_s <= 0:
+            how = "it keeps none waiting"
+        else:
+            how = f"{self.waiting} more are already waiting for a turn, as many as it keeps"
+        return Overloaded(
+            f"The server is receiving as many uploads as it takes at once ({self.slots}) and {how}; "
+            f"nothing of this upload was read or kept. Send it again in {UPLOAD_RETRY_AFTER_S} s (the "
+            "Retry-After header); `kt datasets upload` and the Python client do so by themselves.",
+            UPLOAD_RETRY_AFTER_S,
+        )
+
+    async def _acquire(self) -> None:
+        if self.active < self.slots and not self._waiters:
+            self.active += 1
+            return
+        if len(self._waiters) >= self.queue or self.timeout_s <= 0:
+            raise self._busy(waited=False)
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(turn)
+        try:
+            await asyncio.wait({turn}, timeout=self.timeout_s)
+        except BaseException:  # the request was cancelled while it waited
+            self._leave(turn)
+            raise
+        if not turn.done():
+            self._leave(turn)
+            raise self._busy(waited=True)
+
+    def _leave(self, turn: asyncio.Future[None]) -> None:
+        if turn.done():  # handed a turn as it gave up: pass it on
+            self._release()
+        else:
+            turn.cancel()
+            self._waiters.remove(turn)
+
+    def _release(self) -> None:
+        while self._waiters:
+            turn = self._waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)  # the slot passes to the next in line; ``active`` stays
+                return
+        self.active -= 1
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one upload slot for the ``async with`` block (waiting for it first, or 503)."""
+        await self._acquire()
+        try:
+            yield
+        finally:
+            self._release()
+
+
+def upload_gate(request: Request, settings: Settings) -> UploadGate:
+    """The app's ``UploadGate``, made on first use from ``settings``."""
+    state = request.app.state
+    gate: UploadGate | None = getattr(state, "upload_gate", None)
+    if gate is None:
+        gate = UploadGate(
+            settings.concurrent_uploads,
+            settings.upload_queue,
+            settings.upload_queue_timeout_s,
+            settings.upload_busy_mb_s * 1024 * 1024,
+        )
+        state.upload_gate = gate
+    return gate
+
+
+class ReadBudget:
+    """The bytes a second that one API process's uploads read together while it is busy: a token
+    bucket holding at most one second's worth; a read past it owes the rest, and waits it off."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.at = time.perf_counter()
+
+    def take(self, n: int) -> float:
+        """Take ``n`` bytes; the seconds to wait before reading on (0: none)."""
+        now = time.perf_counter()
+        self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate) - n
+        self.at = now
+        # owe at most MAX_PAUSE_S: past it a reader waits that long, and the debt is forgiven
+        self.tokens = max(self.tokens, -self.rate * MAX_PAUSE_S)
+        return max(0.0, -self.tokens / self.rate)
+
+
+class UploadPacer:
+    """Pacing of one upload's body. After each chunk the upload lets the event loop run whatever
+    else is ready. When that came back within ``busy_ms`` and no other request's handler is
+    running in the threadpool, the process has nothing better to do, and the upload reads on at
+    once (an idle API takes uploads at full speed, for one ``sleep(0)`` a chunk). Otherwise (status
+    polls and other requests in progress, or the process short of CPU) the chunk is paid for from
+    the process's ``ReadBudget`` of bytes a second while busy, and the upload waits until it is,
+    ``MAX_PAUSE_S`` at most a chunk. The unread body waits in the socket meanwhile: the client's
+    sending pauses. So short requests go first, and uploads take what the budget leaves them."""
+
+    def __init__(self, busy_ms: float, budget: ReadBudget | None) -> None:
+        self.busy_s = busy_ms / 1000
+        self.budget = budget if busy_ms > 0 else None
+        self.paused_s = 0.0  # in all, for this upload
+
+    async def after_chunk(self, size: int) -> None:
+        if self.budget is None:
+            return
+        # perf_counter, not loop.time(): uvloop's clock moves in whole milliseconds
+        start = time.perf_counter()
+        await asyncio.sleep(0)
+        lag = time.perf_counter() - start
+        # other requests' handlers run in the threadpool (a status poll's, for a few ms), where the
+        # event loop does not see them
+        if lag <= self.busy_s and to_thread.current_default_thread_limiter().borrowed_tokens == 0:
+            return
+        pause = self.budget.take(size)
+        if pause > 0:
+            self.paused_s += pause
+            await asyncio.sleep(pause)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +311,7 @@ class _FormReceiver:
                     "send a smaller archive or split the dataset."
                 )
             assert self._out is not None
-            self._out.write(data[start:end])
+            self._out.write(memoryview(data)[start:end])  # no copy of the chunk
         elif self._part is not None:
             buf = self.fields[self._part]
             if len(buf) + end - start > MAX_FIELD_BYTES:
@@ -177,6 +337,12 @@ class _FormReceiver:
             self._out = None
 
 
+async def remove_upload(path: Path) -> None:
+    """Delete a received upload's file, in a thread: the kernel takes long enough to free a large
+    file's pages (90 ms for 200 MB, 0.5 s for 1 GB) to stall every request on the event loop."""
+    await run_in_threadpool(path.unlink, missing_ok=True)
+
+
 async def receive_upload(request: Request, settings: Settings) -> ReceivedUpload:
     """Stream a ``multipart/form-data`` body with a ``file`` field (and optional ``name``) to disk."""
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
@@ -200,6 +366,7 @@ async def receive_upload(request: Request, settings: Settings) -> ReceivedUpload
     os.close(fd)
     dest = Path(tmp_name)
     receiver = _FormReceiver(dest, limit)
+    pacer = UploadPacer(settings.upload_pace_ms, upload_gate(request, settings).budget)
     try:
         parser = MultipartParser(boundary, cast(Any, receiver.callbacks()))
         body_bytes = 0
@@ -208,6 +375,7 @@ async def receive_upload(request: Request, settings: Settings) -> ReceivedUpload
             if body_bytes > limit + MULTIPART_OVERHEAD:
                 raise TooLarge(f"The request body is larger than the upload limit of {limit} bytes.")
             parser.write(chunk)
+            await pacer.after_chunk(len(chunk))
         parser.finalize()
         if parser.state != MultipartState.END:
             raise BadRequest(
@@ -216,18 +384,22 @@ async def receive_upload(request: Request, settings: Settings) -> ReceivedUpload
             )
     except MultipartParseError as err:
         receiver.close()
-        dest.unlink(missing_ok=True)
+        await remove_upload(dest)
         raise BadRequest(
             f"The multipart body is malformed ({err}); send the dataset as multipart/form-data, "
             "e.g. `curl -F file=@dataset.zip ...`."
         ) from err
-    except BaseException:
+    except Exception:
+        receiver.close()
+        await remove_upload(dest)
+        raise
+    except BaseException:  # cancelled: nothing more to await
         receiver.close()
         dest.unlink(missing_ok=True)
         raise
     receiver.close()
     if not receiver.file_seen:
-        dest.unlink(missing_ok=True)
+        await remove_upload(dest)
         raise Invalid("The multipart form has no `file` field; attach the zip archive as `file`.")
     name_field = receiver.fields.get("name")
     name = name_field.decode("utf-8", "replace").strip() if name_field is not None else None

@@ -103,6 +103,9 @@ def processes(
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+            # what it started and left behind in its session (the API's ingest processes survive it)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
         for fh in handles:
             fh.close()
 

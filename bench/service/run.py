@@ -159,6 +159,9 @@ def api_process(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subp
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+            # what it started and left behind in its session (the API's ingest processes survive it)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:

@@ -75,6 +75,16 @@ class Unavailable(UserError):
     status_code = 503
 
 
+class Overloaded(Unavailable):
+    """This API process has as much of this kind of work as it takes at once (uploads:
+    ``service.uploads.UploadGate``): 503 with ``Retry-After``. Nothing was done, so the same
+    request may be sent again after the wait."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(max(1, int(retry_after_s)))}
+
+
 class Invalid(UserError):
     """The request is well-formed but its content is unusable (corrupt images, one class, ...)."""
 

@@ -72,7 +72,7 @@ from service.ui.auth import (
     safe_next,
 )
 from service.ui.charts import Chart, line_chart
-from service.uploads import receive_upload
+from service.uploads import receive_upload, remove_upload, upload_gate
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -966,19 +966,22 @@ async def dataset_upload(
     name = ""
     try:
         await run_in_threadpool(quotas.refuse_if_storage_full, session, settings, tenant)
-        upload = await receive_upload(request, settings)
-        name = upload.name or ""
-        if not form_token_matches(request, upload.fields.get(FORM_TOKEN_FIELD)):
-            upload.path.unlink(missing_ok=True)
-            raise FormRefused(STALE_FORM)
-        if not upload.filename and upload.size == 0:
-            upload.path.unlink(missing_ok=True)
-            raise Invalid("Choose a zip file to upload (the form was sent without one).")
-        dataset = await store_dataset(session, settings, tenant, upload)
+        async with upload_gate(request, settings).slot():  # the API's turns for uploads
+            upload = await receive_upload(request, settings)
+            name = upload.name or ""
+            if not form_token_matches(request, upload.fields.get(FORM_TOKEN_FIELD)):
+                await remove_upload(upload.path)
+                raise FormRefused(STALE_FORM)
+            if not upload.filename and upload.size == 0:
+                await remove_upload(upload.path)
+                raise Invalid("Choose a zip file to upload (the form was sent without one).")
+            dataset = await store_dataset(session, settings, tenant, upload)
     except UserError as err:
         message, code = _form_error(err)
         await run_in_threadpool(session.rollback)
-        return await run_in_threadpool(_datasets_page, request, session, tenant, message, code, name)
+        page = await run_in_threadpool(_datasets_page, request, session, tenant, message, code, name)
+        page.headers.update(getattr(err, "headers", None) or {})  # a busy server's Retry-After
+        return page
     return RedirectResponse(f"/ui/datasets/{dataset.id}", status_code=303)
 
 

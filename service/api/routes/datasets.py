@@ -21,7 +21,7 @@ from service.derived import delete_rows, find_derived, remove_files, unfinished_
 from service.ingest import ingest
 from service.schemas import MAX_OFFSET, DatasetPublic, DatasetsPublic
 from service.settings import Settings
-from service.uploads import ReceivedUpload, receive_upload
+from service.uploads import ReceivedUpload, receive_upload, remove_upload, upload_gate
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -94,7 +94,7 @@ def _get_owned(session: SessionDep, tenant: Tenant, dataset_id: str) -> Dataset:
     status_code=status.HTTP_201_CREATED,
     response_model=DatasetPublic,
     openapi_extra=_UPLOAD_BODY,
-    responses={400: {}, 401: {}, 413: {}, 422: {}},
+    responses={400: {}, 401: {}, 413: {}, 422: {}, 503: {}},
 )
 async def create_dataset(
     request: Request, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
@@ -102,10 +102,13 @@ async def create_dataset(
     """Upload a zip of labeled images; it is validated, every image decoded, and stored. 413 when
     the images would take the tenant's datasets past its storage quota (nothing is kept).
     `task=segmentation`: images + index masks, each mask checked against its image (size, values;
-    a colour mask is refused), 422 naming the file."""
+    a colour mask is refused), 422 naming the file. Each API process takes a few uploads at a time
+    (`KT_CONCURRENT_UPLOADS`); the next ones wait their turn, and past the queue answer 503 with
+    `Retry-After` (nothing read or kept: send the upload again after the wait)."""
     await run_in_threadpool(quotas.refuse_if_storage_full, session, settings, tenant)
-    upload = await receive_upload(request, settings)
-    return await store_dataset(session, settings, tenant, upload)
+    async with upload_gate(request, settings).slot():
+        upload = await receive_upload(request, settings)
+        return await store_dataset(session, settings, tenant, upload)
 
 
 def upload_task(upload: ReceivedUpload) -> str:
@@ -139,7 +142,7 @@ async def store_dataset(
         dest = storage.dataset_dir(settings.data_dir, tenant.id, dataset_id)
         ingested = await ingest(upload.path, dest, settings, task=task, fields=upload.fields)
     finally:
-        upload.path.unlink(missing_ok=True)
+        await remove_upload(upload.path)
     dataset = Dataset(
         id=dataset_id,
         tenant_id=tenant.id,
