@@ -252,6 +252,11 @@ class CurateConfig(_Strict):
     teacher_min_prob: float = Field(
         0.0, ge=0, le=1, description="with teacher_filter: minimum teacher probability"
     )
+    top_up: bool = Field(
+        True,
+        description="when floors leave some queries' quotas unfilled, let the other queries fill the set "
+        "up to size (false: those quotas stay unfilled and the set is smaller than asked)",
+    )
     teacher_rerank: float = Field(
         0.0,
         ge=0,

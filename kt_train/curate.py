@@ -157,6 +157,7 @@ def round_robin_select(
     vectors: np.ndarray | None = None,
     dedup_threshold: float | None = None,
     num_candidates: int | None = None,
+    top_up: bool = True,
 ) -> Selection:
     """Query-balanced selection.
 
@@ -166,7 +167,8 @@ def round_robin_select(
     no query always wins contested items. A candidate that is a near-duplicate (cosine >=
     ``dedup_threshold`` on ``vectors``) of one already selected is skipped and the query tries its
     next one in the same turn. When some queries run out of candidates, the others keep taking
-    turns until ``size`` items are selected (or every list is exhausted).
+    turns until ``size`` items are selected (or every list is exhausted); with ``top_up=False`` no
+    query takes more than its quota, so the set holds what the queries' own candidates fill.
     """
     if size < 0:
         raise ConfigError(f"transfer-set size must be >= 0, got {size}")
@@ -222,6 +224,8 @@ def round_robin_select(
             if filling:
                 break
             if all(counts[q] >= target[q] or ptr[q] >= len(ranked[q]) for q in range(nq)):
+                if not top_up:
+                    break
                 filling = True
     return sel
 
@@ -692,7 +696,7 @@ def curate_transfer_set(
     owner_is_query = True
     if cfg.method == "query_balanced":
         ranked = [cands.ranked_for(q, mask, cfg.min_score) for q in range(nq)]
-        sel = round_robin_select(ranked, cfg.size, **dedup)  # type: ignore[arg-type]
+        sel = round_robin_select(ranked, cfg.size, top_up=cfg.top_up, **dedup)  # type: ignore[arg-type]
     elif cfg.method == "class_balanced":
         label_arr = np.asarray(labels)
         groups = sorted(set(labels), key=labels.index)
@@ -706,7 +710,7 @@ def curate_transfer_set(
                 s = np.where(s >= cfg.min_score, s, -np.inf)
             idx = np.flatnonzero(np.isfinite(s))
             ranked.append(idx[np.argsort(-s[idx], kind="stable")])
-        sel = round_robin_select(ranked, cfg.size, **dedup)  # type: ignore[arg-type]
+        sel = round_robin_select(ranked, cfg.size, top_up=cfg.top_up, **dedup)  # type: ignore[arg-type]
         owner_is_query = False
     else:  # knn, random
         s = np.where(mask if mask.ndim == 2 else mask[:, None], cands.scores, -np.inf).max(1)

@@ -247,6 +247,12 @@ class CurateRecipe(_Request):
         le=1,
         description="With `teacher_filter`: the teacher's minimum probability." + _FROM_BUDGET,
     )
+    top_up: bool | None = Field(
+        None,
+        description="When the floors (`min_score`, `teacher_min_prob`) leave some classes' quotas unfilled, "
+        "let the other queries fill the set up to `size`; `false` keeps every query to its quota and the "
+        "set is smaller than asked." + _FROM_BUDGET,
+    )
     teacher_rerank: float | None = Field(
         None,
         ge=0,
@@ -530,6 +536,11 @@ class TransferSetCreate(_Request):
     )
     teacher_min_prob: float | None = Field(
         None, ge=0, le=1, description="With `teacher`: the confidence floor (default: the recipe's)."
+    )
+    top_up: bool | None = Field(
+        None,
+        description="When the floors leave some quotas unfilled, let the other queries fill the set up to "
+        "`size`; `false` keeps every query to its quota (default: the recipe's).",
     )
     seed: int = Field(0, ge=0, le=2**31 - 1)
     device: str | None = _DEVICE

@@ -70,6 +70,17 @@ def test_exhausted_queries_leave_their_budget_to_the_others() -> None:
     assert np.bincount(sel.owners, minlength=2).tolist() == [1, 9]
 
 
+def test_without_top_up_an_unfilled_quota_stays_unfilled() -> None:
+    # query 0 has one candidate past the floors; with top_up (the default) query 1 takes its place
+    ranked = [np.array([0]), np.arange(1, 50)]
+    sel = round_robin_select(ranked, 10, top_up=False)
+    assert len(sel) == 6
+    assert np.bincount(sel.owners, minlength=2).tolist() == [1, 5]
+    # every quota met: the same set with or without top-up
+    full = [np.arange(0, 20), np.arange(20, 40)]
+    assert round_robin_select(full, 10, top_up=False).items == round_robin_select(full, 10).items
+
+
 def test_selection_stops_when_every_candidate_is_used() -> None:
     sel = round_robin_select([np.array([0, 1]), np.array([1, 2])], 10)
     assert sorted(sel.items) == [0, 1, 2]

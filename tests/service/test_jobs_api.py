@@ -511,6 +511,7 @@ def test_per_job_recipe_overrides_land_in_the_config(japi: Api, tenant: dict[str
             "teacher_filter": False,
             "teacher_rerank": 0.5,
             "dedup_threshold": 0.9,
+            "top_up": False,
         },
         "finetune_student": {"steps": 9, "lr": 0.002, "after_distillation": True},
     }
@@ -734,7 +735,8 @@ def test_transfer_set_curates_with_the_recipe_and_an_optional_teacher(
         assert (cur["crops"], cur["dedup_threshold"]) == (3, 0.9)
 
         taught = client.post(
-            "/v1/transfer-sets", json={**body, "teacher": "timm:resnet10t", "teacher_min_prob": 0.7}
+            "/v1/transfer-sets",
+            json={**body, "teacher": "timm:resnet10t", "teacher_min_prob": 0.7, "top_up": False},
         )
         assert taught.status_code == 202, taught.text
         cfg = stored_config(japi, taught.json()["job_id"])
@@ -742,6 +744,7 @@ def test_transfer_set_curates_with_the_recipe_and_an_optional_teacher(
         assert cfg["teacher"]["model"] == "timm:resnet10t"
         assert cfg["finetune_teacher"] == recipe()["finetune_teacher"]
         assert cfg["curate"]["teacher_filter"] is True and cfg["curate"]["teacher_min_prob"] == 0.7
+        assert cfg["curate"]["top_up"] is False
 
         for bad, field in (
             ({"teacher": "timm:resnet10t@/etc/passwd"}, "teacher"),

@@ -147,6 +147,7 @@ def create_transfer_set(
             "leakage_threshold": body.leakage_threshold,
             "min_score": body.min_score,
             "teacher_min_prob": body.teacher_min_prob,
+            "top_up": body.top_up,
             "seed": body.seed,
             "formats": ["jsonl", "csv", "parquet"],
             "report": True,
