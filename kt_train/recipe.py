@@ -37,12 +37,10 @@ _BASE: dict[str, Any] = {
             "weight_decay": 0.0,
             "augment": _AUGMENT,
         },
-        # lr 1e-3 for 400 steps: val_tune 84.45 (2 seeds) against 82.75 at the old 3e-4 x 150; 3e-3
-        # collapses (27.5 / 21.2), so this is near the top of the stable range (FINDINGS.md round 4)
         "full_finetune": {
-            "steps": 400,
+            "steps": 150,
             "batch_size": 32,
-            "lr": 1e-3,
+            "lr": 3e-4,
             "weight_decay": 0.05,
             "warmup_steps": 10,
             "augment": _AUGMENT,
