@@ -106,6 +106,12 @@ class Settings(BaseSettings):
         description="Seconds an upload waits for a turn before it answers 503 with `Retry-After` (0: "
         "none waits). Keep it well below the clients' write timeout (the `kt` client's is 120 s).",
     )
+    upload_idle_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds an upload's body may send nothing before the API stops waiting for it (408, "
+        "nothing kept), so that a stalled client does not keep an upload turn for ever.",
+    )
     upload_pace_ms: float = Field(
         default=2.0,
         ge=0,

@@ -47,7 +47,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from service import cleanup, storage
-from service.api.errors import BadRequest, Invalid, Overloaded, TooLarge
+from service.api.errors import BadRequest, Invalid, Overloaded, TimedOut, TooLarge
 from service.settings import Settings
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -370,7 +370,18 @@ async def receive_upload(request: Request, settings: Settings) -> ReceivedUpload
     try:
         parser = MultipartParser(boundary, cast(Any, receiver.callbacks()))
         body_bytes = 0
-        async for chunk in request.stream():
+        chunks = request.stream()
+        while True:
+            try:  # a client that stops sending must not keep its turn (UploadGate) for ever
+                chunk = await asyncio.wait_for(chunks.__anext__(), settings.upload_idle_timeout_s)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise TimedOut(
+                    f"The upload sent nothing for {settings.upload_idle_timeout_s:g} s, so the server "
+                    f"stopped waiting for it after {body_bytes} bytes; nothing was kept. Send it again "
+                    "(from a connection that keeps up)."
+                ) from None
             body_bytes += len(chunk)
             if body_bytes > limit + MULTIPART_OVERHEAD:
                 raise TooLarge(f"The request body is larger than the upload limit of {limit} bytes.")

@@ -8,7 +8,9 @@ PostgreSQL database and Redis broker; everything on loopback, on this machine:
   connection, ``rate`` GETs a second in all (200: each client once a second), open loop
   (``loadgen.py``, every connection kept in use); the jobs polled are the ones training;
 - ``uploaders`` clients (5), each with its own key, uploading a ``upload_mb`` zip (random-noise
-  PNGs) again and again, deleting each dataset once it is stored (so the disk does not fill);
+  PNGs) again and again, deleting each dataset once it is stored (so the disk does not fill); an
+  upload the API refuses for want of a turn (503 + ``Retry-After``) is sent again after the wait,
+  as ``kt_client`` does, and counted (not an error);
 - ``jobs`` training jobs (tiny timm models, as the end-to-end test uses) queued at the start, two
   running at any time (one per worker) until the queue drains; a watcher polls them every second.
 
@@ -72,6 +74,7 @@ class MixedConfig:
 @dataclass
 class UploadStats:
     done: int = 0
+    busy: int = 0  # answered 503 + Retry-After (every upload turn taken): sent again after the wait
     bytes: int = 0
     seconds: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -126,6 +129,11 @@ def uploader(
                     stats.errors.append(f"upload: {type(err).__name__}")
                 continue
             took = time.perf_counter() - t
+            if resp.status_code == 503 and "Retry-After" in resp.headers:  # as kt_client does
+                with lock:
+                    stats.busy += 1
+                stop.wait(float(resp.headers["Retry-After"]))
+                continue
             if resp.status_code != 201:
                 with lock:
                     stats.errors.append(f"upload: HTTP {resp.status_code} {resp.text[:200]}")
@@ -359,6 +367,7 @@ def run_mixed(
         "upload_s_p50": round(statistics.median(ups.seconds), 2) if ups.seconds else None,
         "upload_s_p99": round(pct(ups.seconds, 99), 2) if ups.seconds else None,
         "upload_errors": ups.errors[:20],
+        "uploads_refused_busy": ups.busy,
         "jobs": cfg.jobs,
         "job_steps": {
             "finetune_teacher": cfg.steps[0],

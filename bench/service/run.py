@@ -453,6 +453,7 @@ def mixed_markdown(m: dict[str, Any]) -> list[str]:
         f"| status polling: errors | {s['errors']} of {s['sent']} |",
         f"| uploads done ({m['uploaders']} at a time, {m['upload_mb']:.1f} MB each) | {m['uploads_done']} |",
         f"| upload MB/s, all uploaders together | {m['upload_mb_s']:.1f} |",
+        f"| uploads refused for want of a turn (503, sent again after `Retry-After`) | {m.get('uploads_refused_busy', 0)} |",
         f"| upload time p50 / p99, s | {m['upload_s_p50']} / {m['upload_s_p99']} |",
         f"| jobs finished (succeeded) / failed in the window | {m['jobs_finished']} / {m['jobs_failed']} |",
         f"| jobs running when sampled (every second): min / mean | {m['jobs_running_min']} / "
@@ -478,7 +479,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"- date: {r['date']}; commit `{r['git_commit']}`; duration {r['duration_s']:.0f} s",
         f"- machine: {r['machine']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
-        f"- command: `{r['command']}`",
+        f"- command: `{r['command']}`"
+        + "".join(f", `{k}={v}`" for k, v in r.get("settings_from_env", {}).items()),
         f"- shape: PostgreSQL (fresh database), Redis broker, {d['uvicorn_workers']} uvicorn worker process(es), "
         "no Celery worker (jobs stay queued); client and server on the same machine.",
         "",
@@ -569,8 +571,13 @@ def main() -> None:
 
         # the service's own settings come from here, except the CPU-sharing knobs, which an A/B run
         # sets from outside (KT_INGEST_PROCESSES=0 KT_WORKER_NICE=0: the API validates uploads
-        # itself and the workers run at its priority)
-        passed = ("KT_INGEST_PROCESSES", "KT_INGEST_NICE", "KT_WORKER_NICE", "KT_WEBHOOK_POLL_INTERVAL_S")
+        # itself and the workers run at its priority; KT_UPLOAD_PACE_MS=0 KT_CONCURRENT_UPLOADS=5:
+        # uploads are neither paced nor kept waiting)
+        passed = (
+            "KT_INGEST_PROCESSES", "KT_INGEST_NICE", "KT_WORKER_NICE", "KT_WEBHOOK_POLL_INTERVAL_S",
+            "KT_CONCURRENT_UPLOADS", "KT_UPLOAD_QUEUE", "KT_UPLOAD_QUEUE_TIMEOUT_S", "KT_UPLOAD_PACE_MS",
+            "KT_UPLOAD_BUSY_MB_S",
+        )  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("KT_") or k in passed}
         env.update(
             PYTHONUNBUFFERED="1",
@@ -715,6 +722,7 @@ def main() -> None:
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "git_commit": git_commit(),
             "note": args.note,
+            "settings_from_env": {k: v for k, v in env.items() if k in passed},
             "duration_s": 0.0,
             "details": {
                 "uvicorn_workers": args.workers,

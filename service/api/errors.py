@@ -52,6 +52,12 @@ class TooLarge(UserError):
     status_code = 413
 
 
+class TimedOut(UserError):
+    """The client stopped sending the request's body (an upload that sent nothing for a while)."""
+
+    status_code = 408
+
+
 class Conflict(UserError):
     """The resource is not in a state that allows this (a job already finished, a set not ready)."""
 

@@ -254,6 +254,25 @@ def test_an_upload_that_waits_too_long_or_finds_the_queue_full_answers_503(queue
     assert tmp == [] and len(stored) == datasets_before + 1  # the held upload's dataset only
 
 
+def test_a_stalled_upload_gives_its_turn_up_after_the_idle_timeout(tmp_path: Path) -> None:
+    with running(tmp_path, concurrent_uploads=1, upload_queue=0, upload_idle_timeout_s=1) as server:
+        held = hold_a_turn(server)
+        try:
+            wait_until(lambda: server.gate().active == 0, "the stalled upload to lose its turn")  # type: ignore[union-attr]
+            assert server.kept() == ([], [])
+            with server.client() as client:  # the turn is free for the next upload
+                taken = client.post(
+                    "/v1/datasets",
+                    files={"file": ("d.zip", imagefolder_zip({"a": 2, "b": 2}), "application/zip")},
+                )
+                assert taken.status_code == 201, taken.text
+        finally:
+            held.release()
+        stalled = held.result()
+        assert stalled.status_code == 408, stalled.text
+        assert "sent nothing for 1 s" in stalled.json()["detail"]
+
+
 # --- without a server ----------------------------------------------------------------------------
 
 
