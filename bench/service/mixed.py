@@ -68,6 +68,11 @@ class MixedConfig:
     steps: tuple[int, int, int] = (30, 400, 30)  # finetune_teacher, distill, finetune_student
     workers: int = 2
     worker_nice: int = 0  # > 0: the workers run at a lower CPU priority than the API
+    # Linux autogroups (/proc/sys/kernel/sched_autogroup_enabled): each worker runs in a session of its
+    # own (as under `kt serve`), and the kernel shares the CPU between sessions by the session's
+    # niceness, whatever the niceness of the processes in it (their KT_WORKER_NICE): not None, the
+    # workers' sessions take this niceness, as if KT_WORKER_NICE reached across sessions
+    worker_autogroup_nice: int | None = None
     api_workers: int = 1  # uvicorn --workers
 
 
@@ -78,6 +83,19 @@ class UploadStats:
     bytes: int = 0
     seconds: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+
+
+def session_nice(pid: int, nice: int | None = None) -> None:
+    """Give the session that ``pid`` leads (started with ``start_new_session``) the niceness ``nice``,
+    by default this process's own. With Linux autogroups the kernel shares the CPU between sessions
+    first and a process's niceness counts only inside its session, so a benchmark started with
+    ``nice -n 10`` would otherwise run its API and workers at full priority beside other work."""
+    if nice is None:
+        nice = os.nice(0)
+        if nice == 0:
+            return
+    with contextlib.suppress(OSError):  # no autogroups here: niceness works as it says
+        Path(f"/proc/{pid}/autogroup").write_text(str(nice))
 
 
 @contextlib.contextmanager
@@ -95,6 +113,7 @@ def processes(
                 start_new_session=True,
             )  # fmt: skip
             procs.append(cmd_proc)
+            session_nice(cmd_proc.pid)
         yield procs
     finally:
         for proc in procs:
@@ -249,6 +268,9 @@ def run_mixed(
         processes([api_cmd], env, logs[:1]) as (api,),
         processes(worker_cmds, worker_env, logs[1:]) as workers,
     ):
+        if cfg.worker_autogroup_nice is not None:
+            for proc in workers:
+                session_nice(proc.pid, cfg.worker_autogroup_nice)
         wait_ready(f"{base}/readyz", api, logs[0])
         with httpx.Client(
             base_url=base, headers={"Authorization": f"Bearer {admin_key}"}, timeout=60
@@ -385,6 +407,10 @@ def run_mixed(
         "watch_errors": watched.get("errors", [])[:20],
         "celery_workers": cfg.workers,
         "worker_nice": cfg.worker_nice,
+        "worker_autogroup_nice": cfg.worker_autogroup_nice,
+        "autogroups": Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+        if Path("/proc/sys/kernel/sched_autogroup_enabled").exists()
+        else False,
         "api_workers": cfg.api_workers,
         "api_alive_after": api_alive,
         "workers_alive_after": workers_alive,

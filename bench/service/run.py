@@ -58,7 +58,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import open_loop
-from mixed import MixedConfig, run_mixed
+from mixed import MixedConfig, run_mixed, session_nice
 
 REPO = Path(__file__).resolve().parents[2]
 BARS = {"status_p99_ms": 50.0, "status_rps": 200.0, "upload_rss_growth_mb": 100.0, "submit_ms": 100.0}
@@ -91,6 +91,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mixed-upload-mb", type=float, default=4.0, help="mixed load: size of each upload, MB")
     p.add_argument("--mixed-workers", type=int, default=2, help="mixed load: Celery worker processes")
     p.add_argument("--mixed-worker-nice", type=int, default=0, help="mixed load: nice of the Celery workers")
+    p.add_argument(
+        "--mixed-worker-autogroup-nice",
+        type=int,
+        default=None,
+        help="mixed load: niceness of the Celery workers' sessions (Linux autogroups; see mixed.py)",
+    )
     p.add_argument("--mixed-api-workers", type=int, default=1, help="mixed load: uvicorn --workers")
     p.add_argument("--mixed-jobs", type=int, default=12, help="mixed load: training jobs queued at the start")
     p.add_argument(
@@ -149,6 +155,7 @@ def api_process(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subp
             cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
+        session_nice(proc.pid)
         try:
             yield proc
         finally:
@@ -436,8 +443,19 @@ def mixed_markdown(m: dict[str, Any]) -> list[str]:
         f"## Mixed load ({m['duration_s']:g} s, `bench/service/mixed.py`)",
         "",
         f"Its own uvicorn API ({m['api_workers']} process(es); rate limit {m['rate_limit']}), {m['celery_workers']} "
-        f"Celery worker processes (solo pool, 1 torch thread each, nice {m['worker_nice']}), the same PostgreSQL "
-        "and Redis; all on this machine. "
+        f"Celery worker processes (solo pool, 1 torch thread each, nice {m['worker_nice']}; each in a session of "
+        "its own, as under `kt serve`"
+        + (
+            f", its session's niceness {m['worker_autogroup_nice']}"
+            if m.get("worker_autogroup_nice") is not None
+            else ""
+        )
+        + (
+            "; the kernel shares the CPU between sessions (autogroups) before niceness counts"
+            if m.get("autogroups")
+            else ""
+        )
+        + "), the same PostgreSQL and Redis; all on this machine. "
         f"{m['pollers']} pollers, each with its own API key and keep-alive connection, poll job status "
         f"({s['sent']} GETs in all, open loop); {m['uploaders']} uploaders each upload a {m['upload_mb']:.1f} MB zip "
         f"again and again (and delete it); {m['jobs']} training jobs ({m['job_models']}, steps "
@@ -480,7 +498,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"- machine: {r['machine']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
         f"- command: `{r['command']}`"
-        + "".join(f", `{k}={v}`" for k, v in r.get("settings_from_env", {}).items()),
+        + "".join(f", `{k}={v}`" for k, v in r.get("settings_from_env", {}).items())
+        + (f"; at nice {r['nice']}, its API's and workers' sessions too" if r.get("nice") else ""),
         f"- shape: PostgreSQL (fresh database), Redis broker, {d['uvicorn_workers']} uvicorn worker process(es), "
         "no Celery worker (jobs stay queued); client and server on the same machine.",
         "",
@@ -669,6 +688,7 @@ def main() -> None:
                 jobs=args.mixed_jobs,
                 workers=args.mixed_workers,
                 worker_nice=args.mixed_worker_nice,
+                worker_autogroup_nice=args.mixed_worker_autogroup_nice,
                 api_workers=args.mixed_api_workers,
                 steps=tuple(int(x) for x in args.mixed_steps.split(",")),  # type: ignore[arg-type]
             )
@@ -723,6 +743,7 @@ def main() -> None:
             "git_commit": git_commit(),
             "note": args.note,
             "settings_from_env": {k: v for k, v in env.items() if k in passed},
+            "nice": os.nice(0),  # the benchmark's, and its API's and workers' sessions' (session_nice)
             "duration_s": 0.0,
             "details": {
                 "uvicorn_workers": args.workers,
