@@ -94,7 +94,7 @@ def _get_owned(session: SessionDep, tenant: Tenant, dataset_id: str) -> Dataset:
     status_code=status.HTTP_201_CREATED,
     response_model=DatasetPublic,
     openapi_extra=_UPLOAD_BODY,
-    responses={400: {}, 401: {}, 413: {}, 422: {}, 503: {}},
+    responses={400: {}, 401: {}, 408: {}, 413: {}, 422: {}, 503: {}},
 )
 async def create_dataset(
     request: Request, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
@@ -104,7 +104,8 @@ async def create_dataset(
     `task=segmentation`: images + index masks, each mask checked against its image (size, values;
     a colour mask is refused), 422 naming the file. Each API process takes a few uploads at a time
     (`KT_CONCURRENT_UPLOADS`); the next ones wait their turn, and past the queue answer 503 with
-    `Retry-After` (nothing read or kept: send the upload again after the wait)."""
+    `Retry-After` (nothing read or kept: send the upload again after the wait); a body that sends
+    nothing for `KT_UPLOAD_IDLE_TIMEOUT_S` answers 408."""
     await run_in_threadpool(quotas.refuse_if_storage_full, session, settings, tenant)
     async with upload_gate(request, settings).slot():
         upload = await receive_upload(request, settings)
