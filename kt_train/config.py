@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 from .formats import refuse_unsupported
@@ -52,6 +60,29 @@ class OptimConfig(_Strict):
     warmup_steps: int = Field(0, ge=0, description="linear warmup steps")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy loss")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="training augmentation")
+    ema_decay: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="keep an exponential moving average of the weights (each step: avg = decay x avg + "
+        "(1 - decay) x weights) and end the phase with it; averages over the last ~1/(1 - decay) steps "
+        "(null or 0: off, the phase ends with its last step's weights)",
+    )
+    ema_start: int = Field(
+        0,
+        ge=0,
+        description="with ema_decay: the average starts from the weights after this many steps (0: the "
+        "phase's starting weights, which keep a share of decay^(steps - ema_start) in the result)",
+    )
+
+    @model_validator(mode="after")
+    def _ema_starts_before_the_end(self) -> OptimConfig:
+        if self.ema_decay and self.steps > 0 and self.ema_start >= self.steps:
+            raise ValueError(
+                f"ema_start ({self.ema_start}) must be below steps ({self.steps}): the average would be "
+                "the last step's weights; lower ema_start or drop ema_decay"
+            )
+        return self
 
 
 def _image_size(value: Any) -> int | str | None:

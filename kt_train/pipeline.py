@@ -275,6 +275,8 @@ def _fit(
         device=device,
         reporter=reporter,
         autocast_dtype=resolve_precision(cfg.precision, device),
+        ema_decay=opt.ema_decay,
+        ema_start=opt.ema_start,
         **loop,
     )
 

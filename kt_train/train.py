@@ -2,7 +2,8 @@
 
 Step-based, resumable to the exact step: the sampler is an endless stream of seeded permutations,
 so the batches after a resume are the ones the interrupted run would have drawn; ``last.ckpt``
-holds the trainable modules, the optimizer, the step and the loss history.
+holds the trainable modules, the optimizer, the step and the loss history (and, with weight
+averaging on, the running average: ``WeightAverage``).
 """
 
 from __future__ import annotations
@@ -229,6 +230,61 @@ def find_batch_size(
     return max(multiple_of, best // multiple_of * multiple_of)
 
 
+class WeightAverage:
+    """An exponential moving average of a phase's weights, which the phase ends with.
+
+    Tracked: the parameters the optimizer updates and every floating-point buffer (batch-norm
+    running statistics, averaged as timm's ModelEma does; under ``norm_eval`` they do not move, so
+    their average is themselves). Frozen parameters and integer buffers (``num_batches_tracked``)
+    are left as they are. The average lives beside the weights (same device and memory format) and
+    goes into ``last.ckpt``, so a resumed phase ends with the average of an uninterrupted one.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], trainable: set[int], decay: float, start: int = 0):
+        if not 0 < decay < 1:
+            raise ConfigError(f"weight averaging needs 0 < ema_decay < 1, got {decay}")
+        self.decay, self.start = decay, start
+        self.live: dict[str, torch.Tensor] = {}
+        for name, m in modules.items():
+            for k, p in m.named_parameters():
+                if id(p) in trainable:
+                    self.live[f"{name}.{k}"] = p
+            for k, b in m.named_buffers():
+                if b.is_floating_point():
+                    self.live[f"{name}.{k}"] = b
+        self.average = {k: t.detach().clone() for k, t in self.live.items()}
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """After optimizer step ``step`` (1-based): up to ``start`` the average is the weights."""
+        average, live = list(self.average.values()), [t.detach() for t in self.live.values()]
+        if step <= self.start:
+            for a, w in zip(average, live, strict=True):
+                a.copy_(w)
+        else:
+            torch._foreach_lerp_(average, live, 1.0 - self.decay)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """The modules' weights become the average."""
+        for k, t in self.live.items():
+            t.copy_(self.average[k])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "start": self.start, "average": self.average}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["average"]
+        if set(saved) != set(self.average):
+            raise TrainingError(
+                "the weight average in the checkpoint tracks other weights than this phase "
+                f"({len(saved)} vs {len(self.average)} tensors); delete the stage's last.ckpt to restart it"
+            )
+        for k, a in self.average.items():
+            a.copy_(saved[k])
+
+
 @dataclass
 class LoopResult:
     steps: int
@@ -264,11 +320,15 @@ def train_loop(
     autocast_dtype: torch.dtype | None = None,
     data_parallel: bool = False,
     sync_every: int | None = None,
+    ema_decay: float | None = None,
+    ema_start: int = 0,
 ) -> LoopResult:
     """Run ``steps`` optimizer steps of ``step_fn`` over seeded batches of ``dataset``.
 
     ``modules`` are what the checkpoint holds (the trainable parts); ``train_mode`` puts them in
     the right mode (e.g. train mode with batch norm frozen). Resumes from ``ckpt_path`` if present.
+    With ``ema_decay`` (0 < decay < 1) the modules end with an exponential moving average of their
+    weights (``WeightAverage``, starting after ``ema_start`` steps) instead of the last step's.
     """
     from .distributed import rank as _rank
 
@@ -279,14 +339,24 @@ def train_loop(
     # fp16 needs loss scaling; bf16 has fp32's range and does not.
     scaler = torch.amp.GradScaler(device_type, enabled=autocast_dtype == torch.float16)
     start, history = 0, []
-    if ckpt_path.exists():
-        ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
+    ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=False) if ckpt_path.exists() else None
+    if ckpt is not None:
         for name, m in modules.items():
             m.load_state_dict(ckpt["modules"][name])
         optimizer.load_state_dict(ckpt["optimizer"])
         start, history = int(ckpt["step"]), list(ckpt["history"])
         torch.set_rng_state(ckpt["rng"])
         log.info("%s: resuming from step %d (%s)", task, start, ckpt_path)
+    average = None
+    if ema_decay:
+        trainable = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        average = WeightAverage(modules, trainable, ema_decay, ema_start)
+        if ckpt is not None and "ema" in ckpt:
+            average.load_state_dict(ckpt["ema"])
+        elif start > 0:
+            log.warning(
+                "%s: %s holds no weight average; it starts from the step-%d weights", task, ckpt_path, start
+            )
     n = len(dataset)  # type: ignore[arg-type]
     every = checkpoint_every or max(1, math.ceil(n / batch_size))
 
@@ -298,6 +368,7 @@ def train_loop(
                 "step": step,
                 "history": history,
                 "rng": torch.get_rng_state(),
+                **({"ema": average.state_dict()} if average is not None else {}),
             },
             ckpt_path,
         )
@@ -305,6 +376,8 @@ def train_loop(
     result = LoopResult(steps=steps, resumed_from=start, history=history)
     reporter.start(task, steps)
     if start >= steps:
+        if average is not None:  # a finished phase, rerun: it ends as it did the first time
+            average.apply()
         reporter.finish(task)
         return result
     # the history's rows as TensorBoard curves too, in the stage directory (kt_train.tensorboard)
@@ -349,6 +422,8 @@ def train_loop(
         scaler.step(optimizer)
         scaler.update()
         step += 1
+        if average is not None:
+            average.update(step)
         seen += batch_size
         if seen == batch_size:
             t_first = time.perf_counter()
@@ -375,6 +450,8 @@ def train_loop(
             save(step)
             last_save = time.perf_counter()
         t_data = time.perf_counter()
+    if average is not None:  # after the last save: last.ckpt keeps the last step's weights and the average
+        average.apply()
     curves.close()
     reporter.finish(task)
     result.seconds = time.perf_counter() - t0
