@@ -384,75 +384,81 @@ def train_loop(
     curves = (
         ScalarLog(ckpt_path.parent / "tensorboard" / run_name(task), history) if is_main else ScalarLog.off()
     )
-    if start > 0:  # resumed: progress picks up where the interrupted run saved, not at step 0
-        last = {k: float(v) for k, v in (history[-1] if history else {}).items() if k not in ("step", "lr")}
-        reporter.update(task, start, last)
-    (train_mode or (lambda: [m.train() for m in modules.values()]))()
-    loader = batches(
-        dataset,
-        batch_size,
-        seed=seed,
-        start_step=start,
-        steps=steps,
-        num_workers=num_workers,
-        pin_memory=device is not None and device.type == "cuda",
-        data_parallel=data_parallel,
-    )
-    step, t0, wait, seen = start, time.perf_counter(), 0.0, 0
-    t_first = t0
-    running: dict[str, float] = {}
-    running_t: dict[str, torch.Tensor] = {}
-    # Host syncs (reading the loss): every step on CPU, where they cost nothing; every log_every
-    # steps, checkpoint and last step on an accelerator.
-    sync_every = sync_every or (1 if device_type == "cpu" else log_every)
-    t_data = last_save = time.perf_counter()
-    # Creating the iterator draws the loader's base seed from the global RNG; undo that draw so a
-    # resumed run continues the augmentation stream of the interrupted one exactly (rng in last.ckpt).
-    rng = torch.get_rng_state()
-    batch_iter = iter(loader)
-    torch.set_rng_state(rng)
-    for batch in batch_iter:
-        wait += time.perf_counter() - t_data
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup_steps) * g.get("lr_scale", 1.0)
-        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss, metrics = step_fn(batch)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        step += 1
-        if average is not None:
-            average.update(step)
-        seen += batch_size
-        if seen == batch_size:
-            t_first = time.perf_counter()
-        # Running means stay on the device; reading them forces a host sync, which on a GPU stalls
-        # the queue of kernels, so that happens every log_every steps (every step on CPU, where it
-        # costs nothing). A NaN anywhere turns the running loss NaN, so no bad step goes unseen.
-        for k, v in {"loss": loss.detach(), **metrics}.items():
-            v = v.float() if isinstance(v, torch.Tensor) else torch.tensor(float(v), device=loss.device)
-            running_t[k] = v if k not in running_t else running_t[k] * 0.9 + v * 0.1
-        due = step % every == 0 and (checkpoint_every is not None or time.perf_counter() - last_save >= 30)
-        if step % sync_every == 0 or step % log_every == 0 or step == steps or due:
-            running = {k: float(v) for k, v in running_t.items()}
-            if not math.isfinite(running["loss"]):
-                raise TrainingError(
-                    f"{task}: the loss became {running['loss']} by step {step}; lower the learning rate"
-                )
-        if step % log_every == 0 or step == steps:
-            history.append({"step": step, "lr": optimizer.param_groups[0]["lr"], **running})
-            curves.add(history[-1])
-        reporter.update(task, step, running)
-        # Checkpoint cadence (``due`` above): every epoch, but not more often than every 30 s (tiny
-        # labeled sets have epochs of a step or two); an explicit checkpoint_every is honored exactly.
-        if (due or step == steps) and is_main:
-            save(step)
-            last_save = time.perf_counter()
-        t_data = time.perf_counter()
+    try:
+        if start > 0:  # resumed: progress picks up where the interrupted run saved, not at step 0
+            last = {
+                k: float(v) for k, v in (history[-1] if history else {}).items() if k not in ("step", "lr")
+            }
+            reporter.update(task, start, last)
+        (train_mode or (lambda: [m.train() for m in modules.values()]))()
+        loader = batches(
+            dataset,
+            batch_size,
+            seed=seed,
+            start_step=start,
+            steps=steps,
+            num_workers=num_workers,
+            pin_memory=device is not None and device.type == "cuda",
+            data_parallel=data_parallel,
+        )
+        step, t0, wait, seen = start, time.perf_counter(), 0.0, 0
+        t_first = t0
+        running: dict[str, float] = {}
+        running_t: dict[str, torch.Tensor] = {}
+        # Host syncs (reading the loss): every step on CPU, where they cost nothing; every log_every
+        # steps, checkpoint and last step on an accelerator.
+        sync_every = sync_every or (1 if device_type == "cpu" else log_every)
+        t_data = last_save = time.perf_counter()
+        # Creating the iterator draws the loader's base seed from the global RNG; undo that draw so a
+        # resumed run continues the augmentation stream of the interrupted one exactly (rng in last.ckpt).
+        rng = torch.get_rng_state()
+        batch_iter = iter(loader)
+        torch.set_rng_state(rng)
+        for batch in batch_iter:
+            wait += time.perf_counter() - t_data
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, steps, lr, warmup_steps) * g.get("lr_scale", 1.0)
+            with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss, metrics = step_fn(batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            if average is not None:
+                average.update(step)
+            seen += batch_size
+            if seen == batch_size:
+                t_first = time.perf_counter()
+            # Running means stay on the device; reading them forces a host sync, which on a GPU stalls
+            # the queue of kernels, so that happens every log_every steps (every step on CPU, where it
+            # costs nothing). A NaN anywhere turns the running loss NaN, so no bad step goes unseen.
+            for k, v in {"loss": loss.detach(), **metrics}.items():
+                v = v.float() if isinstance(v, torch.Tensor) else torch.tensor(float(v), device=loss.device)
+                running_t[k] = v if k not in running_t else running_t[k] * 0.9 + v * 0.1
+            due = step % every == 0 and (
+                checkpoint_every is not None or time.perf_counter() - last_save >= 30
+            )
+            if step % sync_every == 0 or step % log_every == 0 or step == steps or due:
+                running = {k: float(v) for k, v in running_t.items()}
+                if not math.isfinite(running["loss"]):
+                    raise TrainingError(
+                        f"{task}: the loss became {running['loss']} by step {step}; lower the learning rate"
+                    )
+            if step % log_every == 0 or step == steps:
+                history.append({"step": step, "lr": optimizer.param_groups[0]["lr"], **running})
+                curves.add(history[-1])
+            reporter.update(task, step, running)
+            # Checkpoint cadence (``due`` above): every epoch, but not more often than every 30 s (tiny
+            # labeled sets have epochs of a step or two); an explicit checkpoint_every is honored exactly.
+            if (due or step == steps) and is_main:
+                save(step)
+                last_save = time.perf_counter()
+            t_data = time.perf_counter()
+    finally:  # an interrupted loop closes its event file too, before a resume in this process deletes it
+        curves.close()
     if average is not None:  # after the last save: last.ckpt keeps the last step's weights and the average
         average.apply()
-    curves.close()
     reporter.finish(task)
     result.seconds = time.perf_counter() - t0
     result.images_per_s = seen / max(result.seconds, 1e-9)
