@@ -241,13 +241,16 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
                 )
         for thread in threads:
             thread.start()
-        await run_in_threadpool(ingest.warm_up, settings)  # the upload processes (service.ingest)
+        await ingest.warm_up(settings)  # the upload processes (service.ingest), from this thread
         freeze_startup_objects()
         try:
             yield
         finally:
             stop.set()
-            engine.dispose()
+            try:
+                await run_in_threadpool(ingest.shutdown)  # no ingest process outlives the app
+            finally:
+                engine.dispose()
 
     app = FastAPI(
         title="vfm-kt",
