@@ -340,11 +340,14 @@ def build_shard(
     *,
     device: str | torch.device | None = None,
     num_workers: int | None = None,
+    embedded: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Step 2 for shard ``k``: embed it (unless done) and fill its copy of the trained index with
     ids ``k * shard_size + row`` (unless done). Safe to run twice or concurrently: every file is
     written whole and renamed into place. Reads only shard ``k``'s listing file.
-    ``num_workers``: the loader's decoding processes (default: the plan's)."""
+    ``num_workers``: the loader's decoding processes (default: the plan's). ``embedded``: called
+    once the shard's embeddings are on disk, before its index part is made (the half-way point,
+    where the tests hold a shard task to kill its worker)."""
     out, doc, dist = _load(out_dir)
     n_shards, stride = int(dist["shards"]), int(dist["shard_size"])
     if not 0 <= k < n_shards:
@@ -361,6 +364,8 @@ def build_shard(
         buf = _embed(rows, _encoder(doc, device), range(stop - start), int(dist["batch_size"]), workers)
         buf.start, buf.stop = start, stop
         info = _write_shard(shard_dir, buf, rows, k * stride)
+    if embedded is not None:
+        embedded()
     if dist["index_plan"] is not None and not _part_path(out, k).is_file():
         trained = out / "index" / TRAINED_INDEX
         if not trained.is_file():

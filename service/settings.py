@@ -180,7 +180,8 @@ class Settings(BaseSettings):
         default=30.0,
         gt=0,
         description="A worker process that wrote no heartbeat (`workers` table, written every quarter of "
-        "this) for this long is not counted as alive by `/readyz`.",
+        "this) for this long is not counted as alive by `/readyz`; a distributed gallery build's step "
+        "whose beat was silent this long is sent back to its queue (`worker.gallery_tasks.Watch`).",
     )
     ready_min_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         default="auto",

@@ -807,7 +807,7 @@ def _run_build_gallery(
         "device": None if device in (None, "auto") else str(device),
     }
     if raw.get("distributed"):
-        gallery = _build_distributed(job, [str(s) for s in sources], out, options, reporter, joblog)
+        gallery = _build_distributed(job, [str(s) for s in sources], out, options, reporter, joblog, settings)
     else:
         gallery = build_gallery([str(s) for s in sources], out, progress=progress, **options)
     reporter.end_stage(stage)
@@ -841,13 +841,21 @@ DISTRIBUTED_POLL_S = 1.0
 
 
 def _build_distributed(
-    job: Job, sources: list[str], out: Path, options: dict[str, Any], reporter: JobReporter, joblog: JobLog
+    job: Job,
+    sources: list[str],
+    out: Path,
+    options: dict[str, Any],
+    reporter: JobReporter,
+    joblog: JobLog,
+    settings: Settings,
 ) -> Gallery:
     """A ``distributed`` gallery build: plan it here, send the Celery canvas of
     ``worker.gallery_tasks`` (train the quantizer, one task per shard, merge) to the job's queue,
     and hold the job (heartbeat, progress = shards done / total, cancel) until the canvas has marked
     the gallery complete. A retried job plans the same build again and sends the canvas again: its
-    finished steps are kept (every step is idempotent). Needs a free worker slot besides this one."""
+    finished steps are kept (every step is idempotent). A step whose worker died (no beat for
+    ``KT_WORKER_HEARTBEAT_TIMEOUT_S``) is sent back to its queue (``gallery_tasks.Watch``) and noted
+    in the job log. Needs a free worker slot besides this one."""
     from kt_train import gallery_shards
     from worker import gallery_tasks
 
@@ -859,11 +867,14 @@ def _build_distributed(
             f"distributed build: {info['listed']} images in {info['shards']} shard task(s) on queue "
             f"{job.queue}, index {info['index']}"
         )
+        watch = gallery_tasks.Watch(result, settings.worker_heartbeat_timeout_s)
         try:
             while not ((out / SUCCESS).is_file() and gallery_shards.shards_done(out)[0] == info["shards"]):
                 done, total = gallery_shards.shards_done(out)
                 reporter.report_units(EMBED, done, max(total, 1), f"{done}/{total} shards")
-                why = gallery_tasks.failure(result)
+                why, sent_back = watch.poll()  # a step whose worker died goes back to its queue
+                for line in sent_back:
+                    joblog.write(f"distributed build: {line}")
                 if why is not None:
                     raise ConfigError(f"distributed gallery build: {why}")
                 time.sleep(DISTRIBUTED_POLL_S)
