@@ -56,7 +56,7 @@ def tenant_id(db: Session) -> str:
 
 
 def test_the_plan_is_the_budgets_steps_and_batch_sizes() -> None:
-    for budget, distill_steps in (("fast", 1000), ("balanced", 4000), ("best", 10000)):
+    for budget, distill_steps in (("fast", 1000), ("balanced", 8000), ("best", 16000)):
         plan = estimates.planned(budget)
         assert plan.steps["distill"] == distill_steps
         assert plan.batch_size["distill"] == 64
@@ -100,7 +100,7 @@ def test_the_time_is_the_plan_at_the_measured_speed(db: Session, tenant_id: str)
         "250 teacher steps of 45, 1,000 distillation steps of 64"
     )
     best = estimates.estimate(db, "best", teacher=TEACHER, student=STUDENT, evaluate=True)
-    assert best.seconds == pytest.approx(14.0 + 800.0 + 6.0 + 2.0)  # 10x the distillation, + evaluate
+    assert best.seconds == pytest.approx(14.0 + 1280.0 + 6.0 + 2.0)  # 16x the distillation, + evaluate
     assert best.seconds > fast.seconds
 
 

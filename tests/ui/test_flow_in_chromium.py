@@ -162,7 +162,7 @@ def test_upload_curate_review_train_predict_cancel_retry_in_chromium(tmp_path: P
         estimate = driver.find_element(By.ID, "train-estimate")
         assert (
             estimate.text.startswith("no measurement yet: ")
-            and "4,000 distillation steps of 64" in estimate.text
+            and "8,000 distillation steps of 64" in estimate.text
         )
 
         def fill(field_id: str, value: str) -> None:

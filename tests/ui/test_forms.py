@@ -272,11 +272,11 @@ def test_train_form_shows_the_estimate_and_trains_on_exactly_this_set(
                 s, "balanced", teacher="timm:vit_small_patch14_dinov2.lvd142m", student="timm:resnet18"
             )
         assert expected.seconds is not None and expected.measured_jobs >= 1
-        assert shown == expected.text() and "4,000 distillation steps of 64" in shown
+        assert shown == expected.text() and "8,000 distillation steps of 64" in shown
         # the form's script asks the server again when the budget or the steps change
         fast = client.get(f"/ui/transfer-sets/{world.transfer_set_id}/estimate?budget=fast").json()
         best = client.get(f"/ui/transfer-sets/{world.transfer_set_id}/estimate?budget=best").json()
-        assert fast["steps"]["distill"] == 1000 and best["steps"]["distill"] == 10000
+        assert fast["steps"]["distill"] == 1000 and best["steps"]["distill"] == 16000
         assert 0 < fast["seconds"] < expected.seconds < best["seconds"]
         short = client.get(
             f"/ui/transfer-sets/{world.transfer_set_id}/estimate?budget=fast&distill_steps=7"
