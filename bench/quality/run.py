@@ -437,9 +437,12 @@ def write_results(result: dict[str, Any], out: Path) -> None:
     if result.get("merged_arms"):
         lines += [
             "",
-            "Arms not measured by this run, kept from an earlier run with the same recipe for them: "
+            "Arms not measured by this run, kept from earlier runs (each with the recipe of its commit; "
+            "an arm that depends on a recipe key changed since is to be re-run): "
             + ", ".join(
-                f"{a} (commit {m.get('git_commit')}, {m.get('date')})"
+                f"{a} (commit {m.get('git_commit')}, {m.get('date')}"
+                + (f", {m['distill_steps']:,} distillation steps" if m.get("distill_steps") else "")
+                + ")"
                 for a, m in result["merged_arms"].items()
             ),
         ]
@@ -804,7 +807,11 @@ def main(argv: list[str] | None = None) -> int:
                 arms_res[arm] = {
                     **r,
                     "from_run": r.get("from_run")
-                    or {"git_commit": old.get("git_commit"), "date": old.get("date")},
+                    or {
+                        "git_commit": old.get("git_commit"),
+                        "date": old.get("date"),
+                        "distill_steps": ((old.get("config") or {}).get("distill") or {}).get("steps"),
+                    },
                 }
                 merged_from[arm] = arms_res[arm]["from_run"]
         arms_res = {a: arms_res[a] for a in ARMS if a in arms_res}
