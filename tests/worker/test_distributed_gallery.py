@@ -29,19 +29,10 @@ from worker import gallery_tasks, runner
 from worker.app import make_celery
 
 
-def test_two_workers_build_one_gallery_as_a_canvas(
-    tmp_path: Path, redis_url: str, session_factory, worker_settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    src = tmp_path / "src"
-    for i in range(60):
-        write_image(src / f"img_{i:03d}.png", 24, 20, seed=i)
-    (src / "img_999.png").write_bytes(b"broken")  # skipped: the planned ids get a gap, mapped away
-    settings = worker_settings.model_copy(update={"broker_url": redis_url, "result_backend": redis_url})
-    app = make_celery(settings)
-    monkeypatch.setattr(gallery_tasks, "celery_app", app)
-    tenant = add_tenant(session_factory)
+def queue_distributed_build(session_factory, tenant: str, src: Path, name: str) -> str:
+    """A queued distributed ``build_gallery`` job over ``src`` (tiny encoder, 10 images a shard)."""
     config = {
-        "name": "web-dist",
+        "name": name,
         "sources": [str(src)],
         "encoder": "timm:test_resnet",
         "image_size": 32,
@@ -55,7 +46,21 @@ def test_two_workers_build_one_gallery_as_a_canvas(
         job = Job(tenant_id=tenant, kind="build_gallery", params={"config": config})
         s.add(job)
         s.commit()
-        job_id = job.id
+        return str(job.id)
+
+
+def test_two_workers_build_one_gallery_as_a_canvas(
+    tmp_path: Path, redis_url: str, session_factory, worker_settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "src"
+    for i in range(60):
+        write_image(src / f"img_{i:03d}.png", 24, 20, seed=i)
+    (src / "img_999.png").write_bytes(b"broken")  # skipped: the planned ids get a gap, mapped away
+    settings = worker_settings.model_copy(update={"broker_url": redis_url, "result_backend": redis_url})
+    app = make_celery(settings)
+    monkeypatch.setattr(gallery_tasks, "celery_app", app)
+    tenant = add_tenant(session_factory)
+    job_id = queue_distributed_build(session_factory, tenant, src, "web-dist")
     env = worker_env(settings.data_dir, settings.database_url, redis_url, KT_THREADS="1")
     logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
     with running(start_worker(env, logs[0], "w1")), running(start_worker(env, logs[1], "w2")):
@@ -126,22 +131,7 @@ def test_a_shard_whose_worker_is_killed_is_redone_by_another_worker_without_dupl
     app = make_celery(settings)
     monkeypatch.setattr(gallery_tasks, "celery_app", app)
     tenant = add_tenant(session_factory)
-    config = {
-        "name": "web-kill",
-        "sources": [str(src)],
-        "encoder": "timm:test_resnet",
-        "image_size": 32,
-        "index_kind": "ivf_flat",
-        "batch_size": 8,
-        "shard_size": 10,
-        "device": "cpu",
-        "distributed": True,
-    }
-    with session_factory() as s:
-        job = Job(tenant_id=tenant, kind="build_gallery", params={"config": config})
-        s.add(job)
-        s.commit()
-        job_id = job.id
+    job_id = queue_distributed_build(session_factory, tenant, src, "web-kill")
     out = runner.gallery_dir(settings, job_id)
     held = tmp_path / "held"
     common = {"KT_THREADS": "1", "KT_WORKER_HEARTBEAT_TIMEOUT_S": str(LOST_AFTER_S)}
