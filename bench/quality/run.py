@@ -589,7 +589,18 @@ def bars(arms: dict[str, dict[str, Any]], task: str = "eurosat") -> list[tuple[s
     return out
 
 
-def _one_thread() -> None:
+def _one_thread(parent: int | None = None) -> None:
+    """A seed process's initializer: one intra-op thread, and (Linux) SIGKILL when the run's main
+    process dies, so a killed run leaves no orphan seed process training on."""
+    if parent is not None and sys.platform.startswith("linux"):
+        import contextlib
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):  # no libc prctl: orphans stay possible
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the main process died before the prctl call
+            os._exit(1)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("kt_train.train").setLevel(logging.WARNING)
@@ -739,7 +750,9 @@ def main(argv: list[str] | None = None) -> int:
         # intra-op thread, and two processes use both cores fully.
         import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(jobs, initializer=_one_thread, maxtasksperchild=1) as pool:
+        with mp.get_context("spawn").Pool(
+            jobs, initializer=_one_thread, initargs=(os.getpid(),), maxtasksperchild=1
+        ) as pool:
             per_task = pool.starmap(run_seed, run_args, chunksize=1)
     per_seed = [r for r, (_, a) in zip(per_task, tasks, strict=True) if a is arms]
     arms_res = aggregate(per_seed)
