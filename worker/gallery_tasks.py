@@ -200,7 +200,9 @@ class Watch:
                 state, info = meta.get("status"), meta.get("result")
                 if state == states.FAILURE:
                     why = why or f"{child.name or 'a step'} failed: {info!r}"
-                elif state == states.STARTED and isinstance(info, dict) and BEAT in info:
+                elif state == states.STARTED and isinstance(info, dict) and (BEAT in info or "pid" in info):
+                    # Celery's own STARTED meta (pid, hostname) counts as beat 0: a worker killed
+                    # between starting the step and its first beat is caught the same way
                     line = self._check(child.id, info, now)
                     if line is not None:
                         sent.append(line)

@@ -258,3 +258,25 @@ def test_the_watch_sends_a_silent_steps_message_back_once_per_run(
         backend.mark_as_failure(step.id, ValueError("bad shard"))
         why, sent = watch.poll()
         assert sent == [] and why is not None and "bad shard" in why
+
+
+def test_the_watch_sends_back_a_step_whose_worker_died_before_its_first_beat(
+    redis_url: str, worker_settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step with only Celery's STARTED meta (pid, hostname: ``task_track_started``), its worker
+    killed before ``_beating`` wrote beat 0, is sent back too once that meta is silent."""
+    settings = worker_settings.model_copy(update={"broker_url": redis_url, "result_backend": redis_url})
+    app = make_celery(settings)
+    monkeypatch.setattr(gallery_tasks, "celery_app", app)
+    step = app.signature(gallery_tasks.SHARD, args=("/nowhere", 2, None), queue="cpu").apply_async()
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        message = channel.basic_get("cpu", no_ack=False)
+        assert message is not None and message.headers["id"] == step.id
+        app.backend.store_result(step.id, {"pid": 9, "hostname": "w5@h"}, "STARTED")
+        watch = gallery_tasks.Watch(step, lost_after_s=0.3)
+        assert watch.poll() == (None, [])
+        time.sleep(0.4)
+        why, sent = watch.poll()
+        assert why is None and len(sent) == 1 and f"[{step.id}] lost its worker w5@h (pid 9" in sent[0]
+        assert channel.client.llen("cpu") == 1 and channel.client.hlen(channel.unacked_key) == 0
