@@ -589,18 +589,22 @@ def bars(arms: dict[str, dict[str, Any]], task: str = "eurosat") -> list[tuple[s
     return out
 
 
-def _one_thread(parent: int | None = None) -> None:
-    """A seed process's initializer: one intra-op thread, and (Linux) SIGKILL when the run's main
-    process dies, so a killed run leaves no orphan seed process training on."""
-    if parent is not None and sys.platform.startswith("linux"):
-        import contextlib
-        import ctypes
-        import signal
+def _exit_when_orphaned(parent: int, every_s: float = 2.0) -> None:
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)  # the run's main process died: stop training for nobody
 
-        with contextlib.suppress(OSError, AttributeError):  # no libc prctl: orphans stay possible
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the main process died before the prctl call
-            os._exit(1)
+
+def _one_thread(parent: int | None = None) -> None:
+    """A seed process's initializer: one intra-op thread, and a thread that ends the process within
+    2 s of the run's main process dying, so a killed run leaves no orphan training on. (Not
+    PR_SET_PDEATHSIG: the kernel sends it when the *thread* that started the process ends, and the
+    pool starts its replacement processes from a thread that ends at ``terminate()``; killed there,
+    an idle replacement holding the task queue's lock hangs the pool's shutdown.)"""
+    if parent is not None:
+        import threading
+
+        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True, name="orphan-watch").start()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("kt_train.train").setLevel(logging.WARNING)
