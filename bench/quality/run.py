@@ -763,6 +763,14 @@ def main(argv: list[str] | None = None) -> int:
     for arm, text in task.get("arm_text", {}).items():
         if arm in arms_res:
             arms_res[arm]["what"] = text
+    if base.get("finetune_student", {}).get("after_distillation") is True:  # say what ran, not the default
+        for arm in ("A3", "A4", "A5"):
+            if arm in arms_res:
+                what = arms_res[arm]["what"].split("; kept as distilled")[0]
+                arms_res[arm]["what"] = (
+                    f"{what}; then the student finetune (finetune_student.after_distillation: true, "
+                    "the protocol's 'then finetune')"
+                )
     steps_res = [
         {
             "arm": k.split("@")[0],
