@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -195,8 +196,17 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     """A new application. ``migrate`` runs ``alembic upgrade head`` at startup (off when the
     schema is managed separately, or to serve ``/readyz`` while the database is down)."""
     settings = settings or get_settings()
+    if settings.gil_switch_interval_ms is not None:
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     # PostgreSQL: connect timeout, keepalives and a gate after failures (service.db.session)
-    engine = make_engine(settings.database_url)
+    engine = make_engine(
+        settings.database_url,
+        **(
+            {"pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow}
+            if settings.database_url.startswith("postgresql")
+            else {}
+        ),
+    )
     schema = SchemaState(ready=not migrate)
 
     @asynccontextmanager

@@ -87,6 +87,30 @@ class Settings(BaseSettings):
         le=19,
         description="CPU niceness of the ingest processes: the API's requests go first.",
     )
+    db_pool_size: int = Field(
+        default=20,
+        ge=1,
+        le=200,
+        description="PostgreSQL connections each API process keeps open. Status requests run in a "
+        "threadpool of 40; with too few connections the overflow ones are opened and closed per "
+        "request (a new server process each) and requests queue for them under load.",
+    )
+    db_max_overflow: int = Field(
+        default=20,
+        ge=0,
+        le=200,
+        description="PostgreSQL connections an API process may open past `KT_DB_POOL_SIZE` at a peak "
+        "(closed again when returned). Size both with the server's `max_connections` and the number "
+        "of API processes in mind.",
+    )
+    gil_switch_interval_ms: float | None = Field(
+        default=None,
+        gt=0,
+        le=100,
+        description="The API process's `sys.setswitchinterval`, ms (null: Python's 5 ms). How long a "
+        "thread that wants the GIL waits for the running one to let go: status requests run in the "
+        "threadpool beside the event loop and take the GIL back after each database round trip.",
+    )
     concurrent_uploads: int = Field(
         default=2,
         ge=1,

@@ -595,7 +595,8 @@ def main() -> None:
         passed = (
             "KT_INGEST_PROCESSES", "KT_INGEST_NICE", "KT_WORKER_NICE", "KT_WEBHOOK_POLL_INTERVAL_S",
             "KT_CONCURRENT_UPLOADS", "KT_UPLOAD_QUEUE", "KT_UPLOAD_QUEUE_TIMEOUT_S", "KT_UPLOAD_PACE_MS",
-            "KT_UPLOAD_BUSY_MB_S",
+            "KT_UPLOAD_BUSY_MB_S", "KT_GIL_SWITCH_INTERVAL_MS",
+            "KT_DB_POOL_SIZE", "KT_DB_MAX_OVERFLOW",
         )  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("KT_") or k in passed}
         env.update(

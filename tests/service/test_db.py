@@ -365,3 +365,34 @@ def test_migration_0002_keeps_rows_postgres() -> None:
 
     with fresh_postgres_database("kt_mig") as url:
         upgrade_with_rows(url)
+
+
+def test_the_api_sizes_its_postgres_pool_and_gil_switch_interval_from_settings(
+    postgres_url: str, sqlite_url: str, tmp_path: Path
+) -> None:
+    """KT_DB_POOL_SIZE / KT_DB_MAX_OVERFLOW reach the API's PostgreSQL pool (SQLAlchemy's 5 + 10
+    queued status requests for connections and reopened one per request under the mixed load:
+    bench/results/service.md), SQLite keeps its own pool; KT_GIL_SWITCH_INTERVAL_MS sets the
+    process's switch interval."""
+    from service.app import create_app
+
+    before = sys.getswitchinterval()
+    try:
+        app = create_app(
+            Settings(
+                data_dir=tmp_path / "pg",
+                database_url=postgres_url,
+                db_pool_size=7,
+                db_max_overflow=3,
+                gil_switch_interval_ms=2,
+            ),
+            migrate=False,
+        )
+        pool = app.state.session_factory.kw["bind"].pool
+        assert pool.size() == 7 and pool._max_overflow == 3
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+        assert Settings(data_dir=tmp_path / "d").db_pool_size == 20  # not SQLAlchemy's 5
+        lite = create_app(Settings(data_dir=tmp_path / "lite", database_url=sqlite_url), migrate=False)
+        assert lite.state.session_factory.kw["bind"].dialect.name == "sqlite"
+    finally:
+        sys.setswitchinterval(before)
