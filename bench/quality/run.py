@@ -595,16 +595,15 @@ def _exit_when_orphaned(parent: int, every_s: float = 2.0) -> None:
     os._exit(1)  # the run's main process died: stop training for nobody
 
 
-def _one_thread(parent: int | None = None) -> None:
+def _one_thread(parent: int) -> None:
     """A seed process's initializer: one intra-op thread, and a thread that ends the process within
     2 s of the run's main process dying, so a killed run leaves no orphan training on. (Not
     PR_SET_PDEATHSIG: the kernel sends it when the *thread* that started the process ends, and the
     pool starts its replacement processes from a thread that ends at ``terminate()``; killed there,
     an idle replacement holding the task queue's lock hangs the pool's shutdown.)"""
-    if parent is not None:
-        import threading
+    import threading
 
-        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True, name="orphan-watch").start()
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True, name="orphan-watch").start()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("kt_train.train").setLevel(logging.WARNING)
